@@ -1,0 +1,18 @@
+"""cellvae: variational autoencoders for single-cell data.
+
+Main entry points:
+
+- :class:`cellvae.CountVAE`: scVI-style count VAE on an AnnData (train, latent representation, normalized
+  expression, save/load).
+- :class:`cellvae.CVAE`, :class:`cellvae.CVAE_NB`, :class:`cellvae.CVAE_ZINB`: conditional VAEs as plain torch
+  modules.
+- ``cellvae fit DATA.h5ad --out DIR`` on the command line.
+"""
+
+__version__ = "0.1.0"
+
+from .cvae import CVAE, CVAE_NB, CVAE_ZINB  # noqa: E402
+from .data import CellvaeInputError, read_data  # noqa: E402
+from .model import CountVAE  # noqa: E402
+
+__all__ = ["CountVAE", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "read_data", "__version__"]

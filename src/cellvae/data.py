@@ -1,0 +1,475 @@
+"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
+
+Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
+:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
+no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+__all__ = [
+    "CellvaeInputError",
+    "read_data",
+    "resolve_data_path",
+    "get_counts",
+    "check_values",
+    "select_highly_variable_genes",
+    "DataSpec",
+    "TensorData",
+    "split_indices",
+    "minibatch_slices",
+]
+
+DENSE_MAX_ELEMENTS = 300_000_000  # ~1.2 GB float32: above this, minibatches are densified from CSR per batch
+DATA_DIR_ENV = "CELLVAE_DATA_DIR"
+
+
+class CellvaeInputError(ValueError):
+    """Bad input data or arguments; the message says what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+def resolve_data_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Find a dataset given as a path, a bare file name in ``$CELLVAE_DATA_DIR``, or an http(s) URL.
+
+    URLs are downloaded once into ``cache_dir`` (default ``$CELLVAE_DATA_DIR`` or ``~/.cache/cellvae``),
+    written to a temporary file and renamed, so an interrupted download never leaves a partial file.
+
+    Raises:
+        CellvaeInputError: if the file exists nowhere.
+    """
+    s = str(path)
+    if s.startswith(("http://", "https://")):
+        cache = Path(cache_dir or os.environ.get(DATA_DIR_ENV) or Path.home() / ".cache" / "cellvae")
+        name = Path(urllib.parse.urlparse(s).path).name or "download.h5ad"
+        target = cache / name
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{name}.part{os.getpid()}")
+            try:
+                with urllib.request.urlopen(s, timeout=120) as r, open(tmp, "wb") as f:  # noqa: S310
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        return target
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir and (Path(data_dir) / s).exists():
+        return Path(data_dir) / s
+    where = f" or in ${DATA_DIR_ENV}={data_dir}" if data_dir else f" (set ${DATA_DIR_ENV} to a data directory)"
+    raise CellvaeInputError(f"Data file {s!r} not found as a path{where}.")
+
+
+def read_data(path: str | os.PathLike) -> ad.AnnData:
+    """Read single-cell data into memory as an AnnData (cells x genes).
+
+    Supported: ``.h5ad`` (anndata), 10x ``.h5`` and 10x directories (``matrix.mtx[.gz]``; scanpy readers),
+    ``.csv`` / ``.tsv`` / ``.txt`` (cells as rows, genes as columns, first column cell names; a file with genes
+    as rows can be transposed by the caller), ``.loom``, and URLs to any of these (see :func:`resolve_data_path`).
+    The file itself is never modified.
+
+    Raises:
+        CellvaeInputError: unknown format, or a file that is not readable as its format.
+    """
+    import scanpy as sc
+
+    p = resolve_data_path(path)
+    suffixes = "".join(p.suffixes[-2:]).lower()
+    try:
+        if p.is_dir():
+            adata = sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=True)
+        elif suffixes.endswith(".h5ad"):
+            adata = ad.read_h5ad(p)
+        elif suffixes.endswith(".h5"):
+            adata = sc.read_10x_h5(p)
+            adata.var_names_make_unique()
+        elif suffixes.endswith((".csv", ".csv.gz")):
+            adata = ad.AnnData(pd.read_csv(p, index_col=0))
+        elif suffixes.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            adata = ad.AnnData(pd.read_csv(p, sep="\t", index_col=0))
+        elif suffixes.endswith(".loom"):
+            adata = ad.read_loom(p)
+        else:
+            raise CellvaeInputError(
+                f"Unknown data format for {p.name!r}: use .h5ad, 10x .h5, a 10x directory, .csv, .tsv or .loom."
+            )
+    except CellvaeInputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise CellvaeInputError(f"Could not read {str(p)!r} as {suffixes or 'a 10x directory'}: {e}") from e
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise CellvaeInputError(f"{str(p)!r} holds an empty matrix ({adata.n_obs} cells x {adata.n_vars} genes).")
+    return adata
+
+
+# ------------------------------------------------------------------------------------------- checking
+def get_counts(adata: ad.AnnData, layer: str | None = None):
+    """The matrix the model is fitted on: ``adata.layers[layer]`` or ``adata.X`` (n_cells, n_genes).
+
+    Raises:
+        CellvaeInputError: a missing layer, or no ``X``.
+    """
+    if layer is not None:
+        if layer not in adata.layers:
+            raise CellvaeInputError(
+                f"Layer {layer!r} not found; available layers: {list(adata.layers.keys()) or 'none'}. "
+                "Pass --layer with one of them, or omit it to use X."
+            )
+        return adata.layers[layer]
+    if adata.X is None:
+        raise CellvaeInputError("adata.X is empty; pass the layer holding raw counts (layer=... / --layer).")
+    return adata.X
+
+
+def _values(X) -> np.ndarray:
+    if sp.issparse(X):
+        return X.data if X.format in ("csr", "csc", "coo") else X.tocsr().data
+    return np.asarray(X)
+
+
+def check_values(X, count_likelihood: bool, where: str = "X") -> None:
+    """Check a data matrix before training.
+
+    Args:
+        X: (n_cells, n_genes) dense or sparse.
+        count_likelihood: True for zinb/nb/poisson: values must be non-negative integers.
+        where: name of the matrix, for messages.
+
+    Raises:
+        CellvaeInputError: NaN or inf anywhere; negative or non-integer values for a count likelihood.
+    """
+    v = _values(X)
+    if not np.issubdtype(v.dtype, np.number):
+        raise CellvaeInputError(f"{where} has non-numeric dtype {v.dtype}.")
+    if np.issubdtype(v.dtype, np.floating):
+        bad = ~np.isfinite(v)
+        if bad.any():
+            raise CellvaeInputError(
+                f"{where} contains {int(bad.sum())} NaN or infinite values; remove or fix those cells/genes first."
+            )
+    if not count_likelihood:
+        return
+    if v.size and v.min() < 0:
+        raise CellvaeInputError(
+            f"{where} contains negative values (min {v.min():g}): a count likelihood needs raw counts. "
+            "Pass the raw-count layer (layer=... / --layer counts) or use gene_likelihood='normal'."
+        )
+    if np.issubdtype(v.dtype, np.floating) and v.size:
+        frac = np.abs(v - np.round(v)) > 1e-6 * np.maximum(1.0, np.abs(v))
+        if frac.any():
+            ex = v[frac][:3]
+            raise CellvaeInputError(
+                f"{where} contains non-integer values (e.g. {', '.join(f'{e:g}' for e in ex)}): a count likelihood "
+                "needs raw counts, not normalized or log-transformed data. Pass the raw-count layer "
+                "(layer=... / --layer counts) or use gene_likelihood='normal' (--gene-likelihood normal)."
+            )
+
+
+def select_highly_variable_genes(
+    adata: ad.AnnData, n_top_genes: int, layer: str | None = None, batch_key: str | None = None
+) -> np.ndarray:
+    """Highly variable genes on raw counts with scanpy's ``seurat_v3`` flavour (Stuart et al. 2019).
+
+    Works on a copy of the matrix; ``adata`` is not modified.
+
+    Returns:
+        Boolean mask over genes, shape (n_genes,).
+    """
+    import scanpy as sc
+
+    if n_top_genes >= adata.n_vars:
+        return np.ones(adata.n_vars, dtype=bool)
+    X = get_counts(adata, layer)
+    tmp = ad.AnnData(X=X, obs=adata.obs[[batch_key]] if batch_key else None)
+    tmp.var_names = adata.var_names
+    df = sc.pp.highly_variable_genes(
+        tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes), batch_key=batch_key, inplace=False
+    )
+    return np.asarray(df["highly_variable"], dtype=bool)
+
+
+# --------------------------------------------------------------------------------------- covariates
+def _categories(adata: ad.AnnData, key: str) -> list[str]:
+    col = _obs_column(adata, key)
+    if col.isna().any():
+        raise CellvaeInputError(
+            f"obs[{key!r}] has {int(col.isna().sum())} missing values; fill them (e.g. 'unknown') or drop those cells."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = [str(c) for c in col.cat.categories if (col == c).any()]
+    else:
+        cats = sorted(pd.unique(col.astype(str)).tolist())
+    return cats
+
+
+def _obs_column(adata: ad.AnnData, key: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise CellvaeInputError(
+            f"obs key {key!r} not found; available obs columns: {list(adata.obs.columns) or 'none'}."
+        )
+    return adata.obs[key]
+
+
+def _encode(adata: ad.AnnData, key: str, categories: Sequence[str]) -> np.ndarray:
+    col = _obs_column(adata, key)
+    if col.isna().any():
+        raise CellvaeInputError(f"obs[{key!r}] has missing values; fill or drop them.")
+    values = col.astype(str).to_numpy()
+    codes = pd.Index(categories).get_indexer(values)
+    if (codes < 0).any():
+        unknown = sorted(set(values[codes < 0]))[:5]
+        raise CellvaeInputError(
+            f"obs[{key!r}] has categories unseen at training time: {unknown}; the model knows {list(categories)}. "
+            "Rename them to known categories or train a model that includes them."
+        )
+    return codes.astype(np.int64)
+
+
+@dataclass
+class DataSpec:
+    """How an AnnData becomes tensors: the genes, the matrix, and the covariate encodings (fixed at training).
+
+    Attributes:
+        gene_names: modelled genes, in model order.
+        layer: layer holding the data, or None for ``X``.
+        gene_likelihood: determines checks and the ``normal`` transform.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys: obs columns.
+        batch_categories: categories of ``batch_key`` (``["0"]`` without one).
+        categorical_categories: categories per categorical covariate key.
+        normal_transform: for ``normal``: ``"log1p_cp10k"`` (counts normalized to 10,000 per cell, then log1p)
+            or ``"none"`` (data used as given).
+    """
+
+    gene_names: list[str]
+    layer: str | None = None
+    gene_likelihood: str = "zinb"
+    batch_key: str | None = None
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    batch_categories: list[str] = field(default_factory=lambda: ["0"])
+    categorical_categories: dict[str, list[str]] = field(default_factory=dict)
+    normal_transform: str = "none"
+
+    @classmethod
+    def from_adata(
+        cls,
+        adata: ad.AnnData,
+        gene_names: Sequence[str],
+        layer: str | None = None,
+        gene_likelihood: str = "zinb",
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        normal_transform: str = "none",
+    ) -> "DataSpec":
+        """Record genes and covariate categories from the training AnnData."""
+        cat_keys = list(categorical_covariate_keys or [])
+        cont_keys = list(continuous_covariate_keys or [])
+        batch_categories = _categories(adata, batch_key) if batch_key else ["0"]
+        return cls(
+            gene_names=[str(g) for g in gene_names],
+            layer=layer,
+            gene_likelihood=gene_likelihood,
+            batch_key=batch_key,
+            categorical_covariate_keys=cat_keys,
+            continuous_covariate_keys=cont_keys,
+            batch_categories=batch_categories,
+            categorical_categories={k: _categories(adata, k) for k in cat_keys},
+            normal_transform=normal_transform,
+        )
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(self.categorical_categories[k]) for k in self.categorical_covariate_keys)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(**d)
+
+    # ----------------------------------------------------------------------------------------------
+    def gene_indexer(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Column indices of the model's genes in ``adata`` (None when identical and in order).
+
+        Raises:
+            CellvaeInputError: genes of the model missing from ``adata``.
+        """
+        names = pd.Index(adata.var_names.astype(str))
+        model = pd.Index(self.gene_names)
+        if len(names) == len(model) and names.equals(model):
+            return None
+        if not names.is_unique:
+            raise CellvaeInputError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
+        idx = names.get_indexer(model)
+        if (idx < 0).any():
+            missing = model[idx < 0]
+            raise CellvaeInputError(
+                f"{len(missing)} of the model's {len(model)} genes are missing from the data "
+                f"(e.g. {list(missing[:5])}). Use data with the same genes (var_names) as the training data."
+            )
+        return idx
+
+    def counts_matrix(self, adata: ad.AnnData):
+        """The model's genes, in model order, from ``X`` or the layer (dense or CSR, not yet transformed)."""
+        X = get_counts(adata, self.layer)
+        idx = self.gene_indexer(adata)
+        if idx is not None:
+            X = X[:, idx]
+        if sp.issparse(X):
+            X = sp.csr_matrix(X)
+        return X
+
+    def prepare(self, adata: ad.AnnData, check: bool = True) -> "TensorData":
+        """Encode ``adata`` once into :class:`TensorData`.
+
+        Raises:
+            CellvaeInputError: bad values, missing genes or obs keys, unknown categories, NaN/inf covariates.
+        """
+        X = self.counts_matrix(adata)
+        if check:
+            check_values(X, self.gene_likelihood != "normal", where=f"layers[{self.layer!r}]" if self.layer else "X")
+        if self.gene_likelihood == "normal" and self.normal_transform == "log1p_cp10k":
+            X = log1p_cp10k(X)
+        n = adata.n_obs
+        cols = [_encode(adata, self.batch_key, self.batch_categories) if self.batch_key else np.zeros(n, np.int64)]
+        cols += [_encode(adata, k, self.categorical_categories[k]) for k in self.categorical_covariate_keys]
+        cat = torch.from_numpy(np.stack(cols, axis=1))
+        cont = None
+        if self.continuous_covariate_keys:
+            arr = np.stack(
+                [pd.to_numeric(_obs_column(adata, k), errors="coerce").to_numpy(np.float32)
+                 for k in self.continuous_covariate_keys], axis=1,
+            )
+            if not np.isfinite(arr).all():
+                raise CellvaeInputError(
+                    f"Continuous covariates {self.continuous_covariate_keys} contain NaN, inf or non-numbers; "
+                    "fix them or drop those cells."
+                )
+            cont = torch.from_numpy(arr)
+        return TensorData(X, cat, cont)
+
+
+def log1p_cp10k(X):
+    """``log1p(x / total * 1e4)`` per cell (scanpy ``normalize_total`` + ``log1p``), sparse-preserving."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        tot = np.asarray(X.sum(1)).ravel()
+        tot[tot == 0] = 1.0
+        X = sp.csr_matrix(sp.diags((1e4 / tot).astype(np.float32)) @ X)
+        np.log1p(X.data, out=X.data)
+        return X
+    X = np.asarray(X, dtype=np.float32)
+    tot = X.sum(1, keepdims=True)
+    tot[tot == 0] = 1.0
+    return np.log1p(X / tot * 1e4)
+
+
+# --------------------------------------------------------------------------------------- minibatches
+class TensorData:
+    """Prepared tensors for n cells: data (dense tensor or CSR), covariate codes and continuous covariates.
+
+    Args:
+        X: (n_cells, n_genes) numpy array or scipy sparse matrix; stored densely as float32 when
+            n_cells * n_genes <= ``DENSE_MAX_ELEMENTS``, else kept as CSR and densified per minibatch.
+        cat: (n_cells, 1 + n_cat_covariates) int64 codes (batch first).
+        cont: (n_cells, n_cont) float32 or None.
+    """
+
+    def __init__(self, X, cat: torch.Tensor, cont: torch.Tensor | None = None):
+        n, g = X.shape
+        self.n_cells, self.n_genes = n, g
+        if n * g <= DENSE_MAX_ELEMENTS:
+            dense = X.toarray() if sp.issparse(X) else np.asarray(X)
+            self.X = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+            self.csr = None
+        else:
+            self.X = None
+            self.csr = sp.csr_matrix(X, dtype=np.float32)
+        self.cat = cat
+        self.cont = cont
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def batch(self, idx: torch.Tensor):
+        """Rows ``idx`` (int64 tensor) as ``(x, cat, cont)`` tensors."""
+        if self.X is not None:
+            x = self.X.index_select(0, idx)
+        else:
+            x = torch.from_numpy(self.csr[idx.numpy()].toarray())
+        cont = self.cont.index_select(0, idx) if self.cont is not None else None
+        return x, self.cat.index_select(0, idx), cont
+
+    def iterate(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple]:
+        """Yield ``(x, cat, cont)`` minibatches over ``indices``; see :func:`minibatch_slices`."""
+        if shuffle:
+            indices = indices[torch.randperm(len(indices), generator=generator)]
+        for a, b in minibatch_slices(len(indices), batch_size):
+            yield self.batch(indices[a:b])
+
+
+def minibatch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Start/stop pairs covering ``range(n)`` in batches of ``batch_size``.
+
+    A last batch of a single cell is merged into the one before (batch normalisation cannot train on one cell:
+    scvi-tools issues #426, #2214), so no batch has size 1 unless n == 1.
+    """
+    if n <= 0:
+        return []
+    bounds = list(range(0, n, batch_size)) + [n]
+    pairs = list(zip(bounds[:-1], bounds[1:]))
+    if len(pairs) > 1 and pairs[-1][1] - pairs[-1][0] == 1:
+        pairs[-2] = (pairs[-2][0], n)
+        pairs.pop()
+    return pairs
+
+
+def split_indices(n: int, train_size: float = 0.9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of ``range(n)`` into train and validation indices (sorted).
+
+    ``train_size`` of 1.0 gives no validation cells. With fewer than 2 validation cells and ``train_size < 1``,
+    at least one cell is kept for validation when n >= 2.
+    """
+    if not 0.0 < train_size <= 1.0:
+        raise CellvaeInputError(f"train_size must be in (0, 1], got {train_size}.")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_train = int(np.ceil(train_size * n))
+    if train_size < 1.0 and n_train >= n and n >= 2:
+        n_train = n - 1
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def warn(msg: str) -> None:
+    warnings.warn(msg, UserWarning, stacklevel=3)

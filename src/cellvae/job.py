@@ -1,0 +1,262 @@
+"""The main job behind ``cellvae fit``: read data, fit a CountVAE, annotate, plot and report.
+
+Outputs in ``out_dir``:
+
+- ``model/``: the trained model (:meth:`cellvae.CountVAE.load`);
+- ``cellvae.h5ad``: the input cells and genes with ``obsm['X_cellvae']`` (latent mean, (n_cells, n_latent)),
+  ``obsm['X_umap']``, ``obs['cellvae_leiden']``, ``layers['cellvae_normalized']`` (normalized expression, counts
+  per 10,000 per cell, of the modelled genes; zero for genes not modelled), ``var['cellvae_modelled']`` and
+  ``uns['cellvae']`` (settings and metrics);
+- ``figures/*.png``, ``report.html`` (figures embedded), ``metrics.json``.
+
+The input file is never modified; every output file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .data import CellvaeInputError, get_counts, read_data, resolve_data_path, select_highly_variable_genes
+from .metrics import clustering_agreement, kmeans_agreement, silhouette_labels
+from .model import CountVAE
+from .plot import plot_embedding, plot_training_curves, save_figure
+from .report import render_report
+
+__all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE"]
+
+NORMALIZED_LIBRARY_SIZE = 1e4
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, inputs: list[Path], overwrite: bool) -> Path:
+    """Check and create the output directory.
+
+    Raises:
+        CellvaeInputError: ``out_dir`` is an input path or contains one, or it exists and is not empty while
+            ``overwrite`` is False.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for p in inputs:
+        p = p.resolve()
+        if p == out or out in p.parents:
+            raise CellvaeInputError(f"The input {str(p)!r} lies in the output directory {str(out)!r}, where it "
+                                    "could be overwritten; choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise CellvaeInputError(f"--out {str(out)!r} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CellvaeInputError(f"Output directory {str(out)!r} exists and is not empty; "
+                                "pass --overwrite to replace its contents or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _uns_safe(obj):
+    """Make a nested structure writable to .h5ad ``uns`` (no None, plain types)."""
+    if isinstance(obj, dict):
+        return {str(k): _uns_safe(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        vals = [_uns_safe(v) for v in obj if v is not None]
+        return vals if all(isinstance(v, (int, float, bool, np.number)) for v in vals) else [str(v) for v in vals]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    return obj
+
+
+def fit_job(
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    gene_likelihood: str = "zinb",
+    dispersion: str = "gene",
+    n_latent: int = 10,
+    n_hidden: int = 128,
+    n_layers: int = 1,
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    n_top_genes: int | None = None,
+    latent_library: bool = False,
+    early_stopping: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+    log=print,
+) -> dict:
+    """Run the main job end to end; return the metrics dict (also written to ``metrics.json``).
+
+    Args mirror ``cellvae fit`` (see ``cellvae fit --help``). ``data`` is a path, a name in
+    ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines.
+
+    Raises:
+        CellvaeInputError: unreadable data, bad values, missing keys or layers, a bad output directory; raised
+            before any training.
+    """
+    import scanpy as sc
+
+    t_start = time.perf_counter()
+    path = resolve_data_path(data)
+    out = prepare_out_dir(out_dir, [path], overwrite)
+    adata = read_data(path)
+    log(f"read {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
+    get_counts(adata, layer)  # missing layer -> clear error now
+    for key, what in ((batch_key, "--batch-key"), (labels_key, "--labels-key")):
+        if key is not None and key not in adata.obs.columns:
+            raise CellvaeInputError(f"{what} {key!r} is not an obs column; available: {list(adata.obs.columns)}.")
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    if not adata.obs_names.is_unique:
+        adata.obs_names_make_unique()
+
+    modelled = np.ones(adata.n_vars, dtype=bool)
+    if n_top_genes:
+        modelled = select_highly_variable_genes(adata, n_top_genes, layer=layer, batch_key=batch_key)
+        log(f"selected {int(modelled.sum())} highly variable genes (seurat_v3)")
+    adata_model = adata[:, modelled].copy() if not modelled.all() else adata
+
+    model = CountVAE(
+        adata_model, layer=layer, batch_key=batch_key, labels_key=labels_key, gene_likelihood=gene_likelihood,
+        dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+        use_observed_lib_size=not latent_library,
+    )
+    log(f"training {model!r}")
+    t0 = time.perf_counter()
+    model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
+                progress_bar=progress_bar)
+    train_seconds = time.perf_counter() - t0
+    hist = model.history
+    log(f"trained {len(hist['epoch'])} epochs in {train_seconds:.1f} s "
+        f"({hist['train_cells_per_second']:.0f} cells/s); best epoch {hist['best_epoch']}")
+
+    # ---- annotate
+    res = adata.copy()
+    res.obsm["X_cellvae"] = model.get_latent_representation()
+    norm = model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE, return_numpy=True)
+    if modelled.all() and len(model.spec.gene_names) == adata.n_vars:
+        res.layers["cellvae_normalized"] = norm
+    else:
+        # Sparse layer: the modelled genes' columns filled, the other columns empty (implicit zeros).
+        cols = adata.var_names.astype(str).get_indexer(model.spec.gene_names)
+        coo = sp.coo_matrix(norm)
+        full = sp.csr_matrix((coo.data, (coo.row, cols[coo.col])), shape=(adata.n_obs, adata.n_vars))
+        res.layers["cellvae_normalized"] = full
+    res.var["cellvae_modelled"] = np.isin(res.var_names.astype(str), model.spec.gene_names)
+    sc.pp.neighbors(res, use_rep="X_cellvae", random_state=seed)
+    sc.tl.umap(res, random_state=seed)
+    sc.tl.leiden(res, key_added="cellvae_leiden", flavor="igraph", n_iterations=2, directed=False,
+                 random_state=seed)
+    log(f"{res.obs['cellvae_leiden'].nunique()} Leiden clusters")
+
+    # ---- metrics
+    val = hist.get("validation_elbo") or []
+    best = hist.get("best_epoch", len(val))
+    metrics: dict = {
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_genes_modelled": len(model.spec.gene_names),
+        "n_epochs": len(hist["epoch"]),
+        "best_epoch": int(best),
+        "stopped_early": bool(hist.get("stopped_early", False)),
+        "validation_elbo": float(val[best - 1]) if val else None,
+        "train_elbo": float(hist["train_elbo"][best - 1]),
+        "train_seconds": round(train_seconds, 2),
+        "train_cells_per_second": round(float(hist["train_cells_per_second"]), 1),
+        "n_leiden_clusters": int(res.obs["cellvae_leiden"].nunique()),
+    }
+    if labels_key:
+        labels = res.obs[labels_key].astype(str).to_numpy()
+        lei = clustering_agreement(labels, res.obs["cellvae_leiden"].to_numpy())
+        km = kmeans_agreement(res.obsm["X_cellvae"], labels, seed=0)
+        metrics.update(
+            leiden_ari=lei["ari"], leiden_nmi=lei["nmi"], kmeans_ari=km["ari"], kmeans_nmi=km["nmi"],
+            silhouette_labels=silhouette_labels(res.obsm["X_cellvae"], labels),
+        )
+
+    # ---- figures
+    fig_dir = out / "figures"
+    figures = [(save_figure(plot_training_curves(hist), fig_dir / "training_curves.png"),
+                "Training and validation ELBO per epoch; KL warm-up.")]
+    colors = [("cellvae_leiden", "Leiden clusters on the cellvae latent space")]
+    if labels_key:
+        colors.append((labels_key, f"UMAP of the latent space colored by labels ({labels_key})"))
+    if batch_key:
+        colors.append((batch_key, f"UMAP of the latent space colored by batch ({batch_key})"))
+    for key, caption in colors:
+        p = save_figure(plot_embedding(res, key), fig_dir / f"umap_{key}.png")
+        figures.append((p, caption))
+
+    # ---- write
+    settings = {
+        "data": str(path), "layer": layer, "batch_key": batch_key, "labels_key": labels_key,
+        "gene_likelihood": gene_likelihood, "dispersion": dispersion, "n_latent": n_latent,
+        "n_hidden": n_hidden, "n_layers": n_layers, "max_epochs": hist["plan"]["max_epochs"],
+        "batch_size": batch_size, "kl_warmup_epochs": hist["plan"].get("n_epochs_kl_warmup")
+        or max(1, min(400, hist["plan"]["max_epochs"] // 4)),
+        "n_top_genes": n_top_genes, "library_size": "latent" if latent_library else "observed",
+        "early_stopping": early_stopping, "seed": seed,
+    }
+    res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
+                                    "normalized_library_size": NORMALIZED_LIBRARY_SIZE})
+    model.save(out / "model", overwrite=True)
+    tmp_h5ad = out / f".cellvae.h5ad.tmp{os.getpid()}"
+    res.write_h5ad(tmp_h5ad, compression="gzip")
+    os.replace(tmp_h5ad, out / "cellvae.h5ad")
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    _write_atomic(out / "metrics.json", json.dumps({"settings": settings, "metrics": metrics}, indent=2))
+
+    data_summary = {
+        "file": path.name, "cells": adata.n_obs, "genes": adata.n_vars,
+        "genes modelled": len(model.spec.gene_names),
+        "median counts per cell": float(np.median(np.asarray(get_counts(adata, layer).sum(1)).ravel())),
+        "batches": f"{batch_key}: {', '.join(model.spec.batch_categories)}" if batch_key else "none",
+        "labels": f"{labels_key}: {res.obs[labels_key].nunique()} categories" if labels_key else "none",
+    }
+    training = {
+        "epochs run": metrics["n_epochs"], "best epoch (weights kept)": metrics["best_epoch"],
+        "stopped early": metrics["stopped_early"], "training time (s)": metrics["train_seconds"],
+        "throughput (cells/s)": metrics["train_cells_per_second"],
+        "validation ELBO (nats/cell)": metrics["validation_elbo"],
+    }
+    shown = {k: v for k, v in metrics.items() if k not in training and k not in ("n_cells", "n_genes")}
+    notes = [
+        "Latent representation: posterior mean of q(z|x), stored in obsm['X_cellvae'].",
+        f"layers['cellvae_normalized']: decoded normalized expression scaled to {NORMALIZED_LIBRARY_SIZE:g} "
+        "counts per cell (genes not modelled are zero).",
+        "ARI/NMI: agreement of clusters with the labels (KMeans with k = number of labels, seed 0; Leiden at "
+        "resolution 1).",
+    ]
+    _write_atomic(out / "report.html",
+                  render_report(path.name, data_summary, settings, training, shown, figures, notes))
+    log(f"wrote {out / 'report.html'}")
+    return metrics
+
+
+def demo_data_path() -> Path:
+    """The demo dataset: ``kang2018_ifnb_pbmc_muscat.h5ad`` in ``$CELLVAE_DATA_DIR``, else scanpy's pbmc3k
+    (10x Genomics 3k PBMCs, downloaded by ``scanpy.datasets.pbmc3k()`` into ``$CELLVAE_DATA_DIR`` or the cache)."""
+    data_dir = os.environ.get("CELLVAE_DATA_DIR")
+    if data_dir and (Path(data_dir) / "kang2018_ifnb_pbmc_muscat.h5ad").exists():
+        return Path(data_dir) / "kang2018_ifnb_pbmc_muscat.h5ad"
+    import scanpy as sc
+
+    cache = Path(data_dir or Path.home() / ".cache" / "cellvae")
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / "pbmc3k_raw.h5ad"
+    if not target.exists():
+        sc.settings.datasetdir = cache
+        a = sc.datasets.pbmc3k()
+        tmp = cache / ".pbmc3k_raw.h5ad.tmp"
+        a.write_h5ad(tmp)
+        os.replace(tmp, target)
+    return target

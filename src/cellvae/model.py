@@ -1,0 +1,484 @@
+"""User-facing, AnnData-aware models: :class:`CountVAE` (scVI on counts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import __version__
+from .data import (
+    CellvaeInputError,
+    DataSpec,
+    TensorData,
+    check_values,
+    get_counts,
+    split_indices,
+    warn,
+)
+from .module import DISPERSIONS, GENE_LIKELIHOODS, VAEModule
+from .train import TrainingPlan, default_max_epochs, evaluate_elbo, train_module
+
+__all__ = ["CountVAE", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_WEIGHTS = "model.pt"
+
+
+def _is_integer_valued(X) -> bool:
+    v = X.data if sp.issparse(X) else np.asarray(X)
+    return bool(v.size == 0 or (np.all(v >= 0) and np.all(np.abs(v - np.round(v)) <= 1e-6 * np.maximum(1, v))))
+
+
+class CountVAE:
+    """scVI-style variational autoencoder for single-cell counts (Lopez et al. 2018, Nat. Methods 15:1053).
+
+    Encoder q(z | x) on log1p counts; decoder ``rho = softmax(f(z, s))`` times the library size gives the mean of
+    a ZINB / NB / Poisson likelihood per gene; or a Gaussian VAE on log1p-normalized data
+    (``gene_likelihood="normal"``). See :mod:`cellvae.module` for the model.
+
+    Args:
+        adata: AnnData (n_cells, n_genes) with raw counts in ``X`` or ``layers[layer]``. Not modified.
+        layer: layer with raw counts (None: ``X``).
+        batch_key: obs column of the batch (a categorical covariate of the decoder, and the library prior).
+        labels_key: obs column of known cell types (kept for reports and metrics; not used in training).
+        categorical_covariate_keys: further categorical obs columns injected into the decoder.
+        continuous_covariate_keys: numeric obs columns injected into the decoder.
+        gene_likelihood: ``"zinb"`` (default), ``"nb"``, ``"poisson"``, ``"normal"``.
+        dispersion: ``"gene"`` (default), ``"gene-batch"``, ``"gene-cell"``.
+        n_hidden, n_latent, n_layers, dropout_rate: 128, 10, 1, 0.1 (scvi-tools defaults).
+        use_observed_lib_size: True: library size = total counts of the cell; False: latent log-normal.
+        encode_covariates: also inject covariates into the encoder.
+        **module_kwargs: passed to :class:`cellvae.module.VAEModule`.
+
+    Cells with zero counts are left out of training, and genes with zero counts in every cell are left out of
+    the model, each with a warning.
+
+    Raises:
+        CellvaeInputError: NaN/inf, negative or non-integer values for a count likelihood, a missing layer or
+            obs key, missing values in covariates, or nothing left after removing empty cells and genes.
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        gene_likelihood: str = "zinb",
+        dispersion: str = "gene",
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        use_observed_lib_size: bool = True,
+        encode_covariates: bool = False,
+        **module_kwargs,
+    ):
+        if gene_likelihood not in GENE_LIKELIHOODS:
+            raise CellvaeInputError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
+        if dispersion not in DISPERSIONS:
+            raise CellvaeInputError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        if not adata.var_names.is_unique:
+            raise CellvaeInputError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise CellvaeInputError(f"Empty data: {adata.n_obs} cells x {adata.n_vars} genes.")
+        X = get_counts(adata, layer)
+        count_lik = gene_likelihood != "normal"
+        check_values(X, count_lik, where=f"layers[{layer!r}]" if layer else "X")
+        if labels_key is not None and labels_key not in adata.obs.columns:
+            raise CellvaeInputError(f"labels_key {labels_key!r} not found in obs columns {list(adata.obs.columns)}.")
+
+        # Empty genes and cells.
+        gene_tot = np.asarray(abs(X).sum(0)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(0)
+        cell_tot = np.asarray(abs(X).sum(1)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(1)
+        keep_genes = gene_tot > 0
+        if not keep_genes.any():
+            raise CellvaeInputError("Every gene has zero counts in every cell: nothing to model.")
+        if not keep_genes.all():
+            warn(f"{int((~keep_genes).sum())} genes with zero counts in every cell are left out of the model.")
+        if sp.issparse(X):
+            X = sp.csr_matrix(X)
+        cell_tot = np.asarray(X[:, keep_genes].sum(1)).ravel() if not keep_genes.all() else cell_tot
+        self._train_cells = cell_tot > 0
+        if not self._train_cells.any():
+            raise CellvaeInputError("Every cell has zero counts: nothing to train on.")
+        if not self._train_cells.all():
+            warn(f"{int((~self._train_cells).sum())} cells with zero counts are left out of training.")
+
+        normal_transform = "none"
+        if gene_likelihood == "normal" and _is_integer_valued(X):
+            normal_transform = "log1p_cp10k"
+        self.spec = DataSpec.from_adata(
+            adata,
+            gene_names=adata.var_names[keep_genes],
+            layer=layer,
+            gene_likelihood=gene_likelihood,
+            batch_key=batch_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            normal_transform=normal_transform,
+        )
+        self.labels_key = labels_key
+        self.module_kwargs = dict(
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+            dispersion=dispersion, gene_likelihood=gene_likelihood,
+            use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates, **module_kwargs,
+        )
+        self.adata = adata
+        self._data: TensorData | None = None
+        lib_means, lib_vars = None, None
+        if not use_observed_lib_size and gene_likelihood != "normal":
+            lib_means, lib_vars = self._library_prior(adata)
+        self.module = self._build_module(lib_means, lib_vars)
+        self.history: dict = {}
+        self.is_trained = False
+        self.train_indices: np.ndarray | None = None
+        self.validation_indices: np.ndarray | None = None
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def _build_module(self, lib_means=None, lib_vars=None) -> VAEModule:
+        return VAEModule(
+            n_input=len(self.spec.gene_names),
+            n_batch=self.spec.n_batch,
+            n_cats_per_cov=self.spec.n_cats_per_cov,
+            n_continuous_cov=len(self.spec.continuous_covariate_keys),
+            library_log_means=lib_means,
+            library_log_vars=lib_vars,
+            **self.module_kwargs,
+        )
+
+    def _library_prior(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and variance of log library size over cells with counts (scVI's l prior)."""
+        data = self._tensors(adata)
+        X = data.X if data.X is not None else data.csr
+        tot = np.asarray(X.sum(1)).ravel() if data.X is None else X.sum(1).numpy()
+        logl = np.log(np.maximum(tot, 1.0))
+        b = data.cat[:, 0].numpy()
+        means = np.zeros(self.spec.n_batch, np.float32)
+        vars_ = np.ones(self.spec.n_batch, np.float32)
+        for i in range(self.spec.n_batch):
+            sel = logl[(b == i) & self._train_cells]
+            if len(sel):
+                means[i] = sel.mean()
+                vars_[i] = max(sel.var(), 1e-4)
+        return means, vars_
+
+    def _tensors(self, adata: ad.AnnData | None) -> TensorData:
+        if adata is None and self.adata is None:
+            raise CellvaeInputError("No AnnData attached to this model: pass adata=... to this method.")
+        if adata is None or adata is self.adata:
+            if self._data is None:
+                self._data = self.spec.prepare(self.adata)
+            return self._data
+        return self.spec.prepare(adata)
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 45,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        eps: float = 0.01,
+        n_epochs_kl_warmup: int | None = None,
+        seed: int = 0,
+        progress_bar: bool = True,
+    ) -> "CountVAE":
+        """Fit the model by maximising the ELBO with Adam (see :class:`cellvae.train.TrainingPlan`).
+
+        Args:
+            max_epochs: passes over the training cells; None: ``min(400, round(20000 / n_cells * 400))``.
+            batch_size: cells per minibatch.
+            train_size: fraction of cells used for training; the rest (seeded split) is the validation set
+                for early stopping and the reported validation ELBO.
+            early_stopping: stop when the validation ELBO stalls for ``early_stopping_patience`` epochs after
+                KL warm-up, keeping the best weights.
+            lr, weight_decay, eps: Adam settings.
+            n_epochs_kl_warmup: KL warm-up length in epochs (None: a quarter of ``max_epochs``, at most 400).
+            seed: seeds initialisation, split, minibatch order, dropout and sampling.
+            progress_bar: show progress.
+
+        Returns:
+            self, trained; ``self.history`` holds the per-epoch losses.
+
+        Raises:
+            CellvaeInputError: fewer training cells than needed for one minibatch of 2 cells.
+        """
+        cells = np.flatnonzero(self._train_cells)
+        if len(cells) < 3:
+            raise CellvaeInputError(f"Only {len(cells)} cells with counts: at least 3 are needed to train.")
+        torch.manual_seed(seed)
+        self.module = self._build_module(
+            getattr(self.module, "library_log_means", None), getattr(self.module, "library_log_vars", None)
+        )
+        tr, va = split_indices(len(cells), train_size, seed)
+        tr, va = cells[tr], cells[va]
+        if len(tr) < 2:
+            raise CellvaeInputError(f"Only {len(tr)} training cells; lower train_size or use more cells.")
+        if max_epochs is None:
+            max_epochs = default_max_epochs(len(cells))
+        plan = TrainingPlan(
+            max_epochs=int(max_epochs), batch_size=int(batch_size), lr=lr, weight_decay=weight_decay, eps=eps,
+            n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
+        )
+        data = self._tensors(None)
+        self.history = train_module(self.module, data, tr, va, plan)
+        self.history["plan"] = {k: getattr(plan, k) for k in plan.__dataclass_fields__}
+        self.history["plan"]["train_size"] = train_size
+        self.train_indices, self.validation_indices = tr, va
+        self.is_trained = True
+        return self
+
+    # --------------------------------------------------------------------------------------- inference
+    def _check_trained(self):
+        if not self.is_trained:
+            warn("The model has not been trained; results come from random weights. Call .train() first.")
+
+    @torch.no_grad()
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, give_mean: bool = True, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Latent representation of each cell.
+
+        Args:
+            adata: cells to embed (default: the training AnnData); genes are matched to the model by name.
+            give_mean: the mean of q(z | x) (default) or one sample from it.
+            batch_size: cells per forward pass.
+
+        Returns:
+            float32 array (n_cells, n_latent).
+
+        Raises:
+            CellvaeInputError: genes missing from ``adata``, unknown covariate categories, bad values.
+        """
+        self._check_trained()
+        data = self._tensors(adata)
+        self.module.eval()
+        out = []
+        for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
+            inf = self.module.inference(x, cat, cont)
+            out.append(inf["qz_m"] if give_mean else inf["z"])
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        library_size: float | str = 1.0,
+        n_samples: int = 1,
+        transform_batch: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int = 1024,
+        return_numpy: bool = False,
+    ):
+        """Normalized (denoised) expression: the decoder's ``rho`` (rows sum to 1) times ``library_size``.
+
+        Args:
+            adata: cells (default: the training AnnData).
+            library_size: a number (1.0 gives proportions, 1e4 counts per 10k) or ``"latent"`` for the model's
+                mean counts ``l_n * rho_ng`` at each cell's own (observed or inferred) library size.
+            n_samples: z samples from q(z | x) averaged (1: the posterior mean of z is decoded).
+            transform_batch: decode every cell as if from this batch category (counterfactual expression).
+            gene_list: return only these genes.
+            batch_size: cells per forward pass.
+            return_numpy: return a numpy array instead of a DataFrame.
+
+        Returns:
+            DataFrame (n_cells, n_genes) indexed by cell and gene names, or float32 array. For
+            ``gene_likelihood="normal"``, the decoded mean in log1p units, and ``library_size`` is ignored.
+
+        Raises:
+            CellvaeInputError: unknown ``transform_batch`` or genes, or the causes of
+                :meth:`get_latent_representation`.
+        """
+        self._check_trained()
+        adata_ = adata if adata is not None else self.adata
+        data = self._tensors(adata)
+        if transform_batch is not None:
+            if str(transform_batch) not in self.spec.batch_categories:
+                raise CellvaeInputError(
+                    f"transform_batch {transform_batch!r} is not a batch of the model: {self.spec.batch_categories}."
+                )
+            b = self.spec.batch_categories.index(str(transform_batch))
+        if isinstance(library_size, str) and library_size != "latent":
+            raise CellvaeInputError(f"library_size must be a number or 'latent', got {library_size!r}.")
+        genes = pd.Index(self.spec.gene_names)
+        gidx = None
+        if gene_list is not None:
+            gidx = genes.get_indexer(list(gene_list))
+            if (gidx < 0).any():
+                raise CellvaeInputError(f"Genes not in the model: {list(np.asarray(gene_list)[gidx < 0][:5])}.")
+            genes = genes[gidx]
+        self.module.eval()
+        out = []
+        for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
+            inf = self.module.inference(x, cat, cont, n_samples=n_samples)
+            z = inf["qz_m"] if n_samples == 1 else inf["z"]
+            lib = inf["ql_m"] if (n_samples == 1 and "ql_m" in inf) else inf["library"]
+            gcat = cat
+            if transform_batch is not None:
+                gcat = cat.clone()
+                gcat[:, 0] = b
+            gen = self.module.generative(z, lib, gcat, cont)
+            if self.spec.gene_likelihood == "normal":
+                val = gen["rho"]
+            elif library_size == "latent":
+                val = gen["px"].mu
+            else:
+                val = gen["rho"] * float(library_size)
+            if n_samples > 1:
+                val = val.mean(0)
+            if gidx is not None:
+                val = val[:, torch.as_tensor(gidx)]
+            out.append(val)
+        arr = torch.cat(out).numpy()
+        if return_numpy:
+            return arr
+        return pd.DataFrame(arr, index=adata_.obs_names, columns=genes)
+
+    @torch.no_grad()
+    def get_elbo(self, adata: ad.AnnData | None = None, indices: np.ndarray | None = None,
+                 return_mean: bool = True, batch_size: int = 1024):
+        """ELBO per cell (nats, higher is better), one z sample per cell, as scvi-tools' ``get_elbo``.
+
+        Args:
+            adata: cells (default: the training AnnData).
+            indices: subset of cells (e.g. ``model.validation_indices``).
+            return_mean: the mean over cells (float) instead of the (n_cells,) array.
+        """
+        data = self._tensors(adata)
+        idx = torch.as_tensor(np.arange(data.n_cells) if indices is None else np.asarray(indices), dtype=torch.int64)
+        if return_mean:
+            return evaluate_elbo(self.module, data, idx, batch_size)["elbo"]
+        self.module.eval()
+        vals = [self.module(x, c, u).elbo for x, c, u in data.iterate(idx, batch_size)]
+        return torch.cat(vals).numpy()
+
+    # ----------------------------------------------------------------------------------- save / load
+    def _config(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "cellvae_version": __version__,
+            "model_class": type(self).__name__,
+            "data_spec": self.spec.to_dict(),
+            "labels_key": self.labels_key,
+            "module_kwargs": self.module_kwargs,
+            "is_trained": self.is_trained,
+        }
+
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save to a directory: ``config.json`` (format version, genes, covariate categories, settings),
+        ``model.pt`` (a plain state dict, loadable with ``torch.load(weights_only=True)``) and
+        ``history.json``. Written into a temporary directory beside the target and renamed, so a crash never
+        leaves a half-written model.
+
+        Raises:
+            FileExistsError: the directory exists and ``overwrite`` is False.
+        """
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp.chmod(0o755)
+        try:
+            (tmp / _CONFIG).write_text(json.dumps(self._config(), indent=2))
+            (tmp / "history.json").write_text(json.dumps(_jsonable(self.history)))
+            torch.save(self.module.state_dict(), tmp / _WEIGHTS)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None) -> "CountVAE":
+        """Load a model saved by :meth:`save`.
+
+        Args:
+            dir_path: the model directory.
+            adata: data to attach (genes are matched to the model by name); None attaches none, and the
+                ``get_*`` methods then need ``adata``.
+
+        Raises:
+            CellvaeInputError: missing files, a newer format version, weights that do not match the config,
+                or ``adata`` without the model's genes.
+        """
+        d = Path(dir_path)
+        if not (d / _CONFIG).exists() or not (d / _WEIGHTS).exists():
+            raise CellvaeInputError(f"{str(d)!r} is not a cellvae model directory (needs {_CONFIG} and {_WEIGHTS}).")
+        cfg = json.loads((d / _CONFIG).read_text())
+        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+            raise CellvaeInputError(
+                f"Model format version {cfg['format_version']} is newer than this cellvae supports "
+                f"({FORMAT_VERSION}); upgrade cellvae."
+            )
+        self = cls.__new__(cls)
+        self.spec = DataSpec.from_dict(cfg["data_spec"])
+        self.labels_key = cfg.get("labels_key")
+        self.module_kwargs = cfg["module_kwargs"]
+        state = torch.load(d / _WEIGHTS, weights_only=True, map_location="cpu")
+        lib_means = state.get("library_log_means")
+        lib_vars = state.get("library_log_vars")
+        self.module = self._build_module(lib_means, lib_vars)
+        try:
+            self.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise CellvaeInputError(f"Weights in {str(d / _WEIGHTS)!r} do not match its config: {e}") from e
+        self.module.eval()
+        hist = d / "history.json"
+        self.history = json.loads(hist.read_text()) if hist.exists() else {}
+        self.is_trained = bool(cfg.get("is_trained", True))
+        self.train_indices = self.validation_indices = None
+        self._data = None
+        self.adata = None
+        if adata is not None:
+            self.spec.gene_indexer(adata)  # fail early on missing genes
+            self.adata = adata
+        self._train_cells = None
+        return self
+
+    def __repr__(self) -> str:
+        k = self.module_kwargs
+        return (
+            f"CountVAE({len(self.spec.gene_names)} genes, n_latent={k['n_latent']}, n_hidden={k['n_hidden']}, "
+            f"n_layers={k['n_layers']}, gene_likelihood={k['gene_likelihood']!r}, dispersion={k['dispersion']!r}, "
+            f"n_batch={self.spec.n_batch}, trained={self.is_trained})"
+        )
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,268 @@
+"""The scVI generative model as a pure torch module (no AnnData).
+
+Generative model (Lopez et al. 2018, Nat. Methods 15:1053, Methods):
+
+- ``z_n ~ N(0, I)`` (n_latent), library ``l_n`` observed (``log sum_g x_ng``) or ``log l_n ~ N(mu_s, sigma_s^2)``
+  with the per-batch mean and variance of the training data's log library size;
+- ``rho_n = softmax(f(z_n, s_n))`` (normalized expression, sums to 1 over genes), ``mu_ng = l_n rho_ng``;
+- ``x_ng ~ ZINB(mu_ng, theta_g, pi_ng)`` (or NB, Poisson); ``theta`` per gene, per gene and batch, or per gene
+  and cell.
+- ``gene_likelihood="normal"``: ``x`` is log1p-normalized expression and ``x_ng ~ N(f(z_n, s_n)_g, sigma_g^2)``.
+
+Inference: ``q(z | x) = N(m(log1p x), diag v(log1p x))`` (and ``q(log l | x)`` when the library is latent),
+sampled with the reparameterization trick (Kingma & Welling 2014).
+
+Tensors passed in: ``x`` (n_cells, n_genes) float counts; ``cat`` (n_cells, 1 + n_cat_covariates) int64 codes
+whose first column is the batch; ``cont`` (n_cells, n_cont) float or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
+from .nn import DecoderSCVI, Encoder
+
+__all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS"]
+
+GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
+DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+
+
+@dataclass
+class LossOutput:
+    """Loss parts of one minibatch.
+
+    Attributes:
+        loss: scalar to minimise: mean over cells of ``reconstruction_loss + kl_weight * kl_z + kl_library``.
+        reconstruction_loss: (n_cells,) ``-log p(x | z, l)`` in nats per cell.
+        kl_local: (n_cells,) ``KL(q(z|x) || p(z)) + KL(q(l|x) || p(l))`` in nats per cell (unweighted).
+    """
+
+    loss: torch.Tensor
+    reconstruction_loss: torch.Tensor
+    kl_local: torch.Tensor
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """(n_cells,) evidence lower bound, nats per cell (higher is better)."""
+        return -(self.reconstruction_loss + self.kl_local)
+
+
+def _kl_normal(m: torch.Tensor, v: torch.Tensor, pm, pv) -> torch.Tensor:
+    """KL(N(m, v) || N(pm, pv)) summed over the last axis (nats)."""
+    return 0.5 * (torch.log(pv / v) + (v + (m - pm) ** 2) / pv - 1.0).sum(-1)
+
+
+class VAEModule(nn.Module):
+    """scVI variational autoencoder on counts (or a Gaussian VAE on log1p-normalized data).
+
+    Args:
+        n_input: number of genes.
+        n_batch: number of batches (1 = no batch covariate).
+        n_cats_per_cov: categories of each extra categorical covariate.
+        n_continuous_cov: number of continuous covariates.
+        n_hidden, n_latent, n_layers, dropout_rate: network sizes (scVI defaults 128, 10, 1, 0.1).
+        dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-cell"`` (inverse dispersion theta).
+        gene_likelihood: ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+        use_observed_lib_size: observed library size (default) or latent log-normal library size.
+        library_log_means, library_log_vars: (n_batch,) prior of log library size per batch; required when
+            the library is latent.
+        encode_covariates: inject covariates into the encoder too.
+        deeply_inject_covariates: inject covariates into every hidden layer, not only the first.
+        use_batch_norm: ``"both"``, ``"encoder"``, ``"decoder"`` or ``"none"``.
+        use_layer_norm: same choices.
+
+    Raises:
+        ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous_cov: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_lib_size: bool = True,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+    ):
+        super().__init__()
+        if gene_likelihood not in GENE_LIKELIHOODS:
+            raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        self.gene_likelihood = gene_likelihood
+        self.dispersion = dispersion
+        self.n_latent = n_latent
+        self.n_batch = max(int(n_batch), 1)
+        self.use_observed_lib_size = use_observed_lib_size or gene_likelihood == "normal"
+        self.encode_covariates = encode_covariates
+
+        n_cats = (self.n_batch, *[int(n) for n in n_cats_per_cov])
+        enc_cats = n_cats if encode_covariates else ()
+        enc_cont = n_continuous_cov if encode_covariates else 0
+        bn_enc = use_batch_norm in ("both", "encoder")
+        bn_dec = use_batch_norm in ("both", "decoder")
+        ln_enc = use_layer_norm in ("both", "encoder")
+        ln_dec = use_layer_norm in ("both", "decoder")
+
+        self.z_encoder = Encoder(
+            n_input, n_latent, enc_cats, enc_cont, n_layers, n_hidden, dropout_rate,
+            bn_enc, ln_enc, deeply_inject_covariates,
+        )
+        if not self.use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("A latent library size needs library_log_means and library_log_vars (per batch).")
+            self.l_encoder = Encoder(
+                n_input, 1, enc_cats, enc_cont, 1, n_hidden, dropout_rate, bn_enc, ln_enc, deeply_inject_covariates,
+            )
+            self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).view(-1))
+            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).view(-1))
+        self.decoder = DecoderSCVI(
+            n_latent, n_input, n_cats, n_continuous_cov, n_layers, n_hidden, bn_dec, ln_dec,
+            deeply_inject_covariates, gene_cell_dispersion=dispersion == "gene-cell",
+            softmax=gene_likelihood != "normal",
+        )
+        if dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_input))
+        elif dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(self.n_batch, n_input))
+
+    # ------------------------------------------------------------------ inference
+    def inference(
+        self,
+        x: torch.Tensor,
+        cat: torch.Tensor,
+        cont: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict:
+        """Encode a minibatch.
+
+        Args:
+            x: (n_cells, n_genes) counts (or log1p-normalized values for ``"normal"``).
+            cat: (n_cells, 1 + n_cat_covariates) int64 codes, batch first.
+            cont: (n_cells, n_cont) continuous covariates or None.
+            n_samples: number of z samples; > 1 adds a leading sample axis.
+
+        Returns:
+            dict with ``qz_m``, ``qz_v`` (n_cells, n_latent), ``z`` ((n_samples,) n_cells, n_latent),
+            ``library`` ((n_samples,) n_cells, 1) log library size, and ``ql_m``, ``ql_v`` when it is latent.
+        """
+        x_in = x if self.gene_likelihood == "normal" else torch.log1p(x)
+        ecat = cat if self.encode_covariates else None
+        econt = cont if self.encode_covariates else None
+        qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
+        shape = (n_samples, *qz_m.shape) if n_samples > 1 else qz_m.shape
+        z = qz_m + qz_v.sqrt() * torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
+        out = {"qz_m": qz_m, "qz_v": qz_v, "z": z}
+        if self.use_observed_lib_size:
+            library = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))
+            out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library
+        else:
+            ql_m, ql_v = self.l_encoder(x_in, ecat, econt)
+            lshape = (n_samples, *ql_m.shape) if n_samples > 1 else ql_m.shape
+            out.update(ql_m=ql_m, ql_v=ql_v)
+            out["library"] = ql_m + ql_v.sqrt() * torch.randn(lshape, dtype=ql_m.dtype, device=ql_m.device)
+        return out
+
+    # ----------------------------------------------------------------- generative
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        cat: torch.Tensor,
+        cont: torch.Tensor | None = None,
+    ) -> dict:
+        """Decode latent codes into the likelihood p(x | z, l).
+
+        Args:
+            z: (n_cells, n_latent) or (n_samples, n_cells, n_latent).
+            library: log library size, (n_cells, 1) or (n_samples, n_cells, 1).
+            cat, cont: covariates for the n_cells, as in :meth:`inference`.
+
+        Returns:
+            dict with ``px`` (a distribution from :mod:`cellvae.distributions` of shape (..., n_cells, n_genes))
+            and ``rho`` (normalized expression, rows sum to 1; the Gaussian mean for ``"normal"``).
+        """
+        lead = z.shape[:-2]
+        if lead:
+            n = z.shape[-2]
+            s = int(np.prod(lead))
+            z = z.reshape(s * n, -1)
+            library = library.reshape(s * n, 1)
+            cat = cat.repeat(s, 1)
+            cont = cont.repeat(s, 1) if cont is not None else None
+        rho, log_theta_cell, zi_logits = self.decoder(z, cat, cont)
+        if self.dispersion == "gene":
+            log_disp = self.px_r
+        elif self.dispersion == "gene-batch":
+            log_disp = self.px_r[cat[:, 0]]
+        else:
+            log_disp = log_theta_cell
+        if self.gene_likelihood == "normal":
+            px = Normal(rho, torch.exp(0.5 * log_disp))
+        else:
+            mu = torch.exp(library) * rho
+            theta = torch.exp(log_disp)
+            if self.gene_likelihood == "zinb":
+                px = ZeroInflatedNegativeBinomial(mu, theta, zi_logits)
+            elif self.gene_likelihood == "nb":
+                px = NegativeBinomial(mu, theta)
+            else:
+                px = Poisson(mu)
+        if lead:
+            px = _reshape_dist(px, (*lead, -1, rho.shape[-1]))
+            rho = rho.reshape(*lead, -1, rho.shape[-1])
+        return {"px": px, "rho": rho}
+
+    # ----------------------------------------------------------------------- loss
+    def loss(self, x: torch.Tensor, inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0,
+             cat: torch.Tensor | None = None) -> LossOutput:
+        """Negative ELBO (Kingma & Welling 2014; scVI Eq. for the ELBO), KL of z weighted by ``kl_weight``.
+
+        Returns a :class:`LossOutput` with per-cell parts in nats.
+        """
+        px = generative_outputs["px"]
+        recon = -px.log_prob(x).sum(-1)
+        qz_m, qz_v = inference_outputs["qz_m"], inference_outputs["qz_v"]
+        kl_z = 0.5 * (qz_v + qz_m * qz_m - 1.0 - torch.log(qz_v)).sum(-1)
+        if self.use_observed_lib_size:
+            kl_l = torch.zeros_like(kl_z)
+        else:
+            b = cat[:, 0]
+            kl_l = _kl_normal(
+                inference_outputs["ql_m"], inference_outputs["ql_v"],
+                self.library_log_means[b].unsqueeze(-1), self.library_log_vars[b].unsqueeze(-1),
+            )
+        loss = (recon + kl_weight * kl_z + kl_l).mean()
+        return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl_z + kl_l)
+
+    def forward(self, x: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None = None,
+                kl_weight: float = 1.0) -> LossOutput:
+        """Inference, generative pass and loss for one minibatch (one z sample)."""
+        inf = self.inference(x, cat, cont)
+        gen = self.generative(inf["z"], inf["library"], cat, cont)
+        return self.loss(x, inf, gen, kl_weight, cat)
+
+
+def _reshape_dist(px, shape):
+    """Reshape every parameter tensor of a distribution that has a full (cells x genes) shape."""
+    for name, val in list(vars(px).items()):
+        if isinstance(val, torch.Tensor) and val.dim() == 2:
+            setattr(px, name, val.reshape(shape))
+    return px

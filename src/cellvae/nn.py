@@ -1,0 +1,191 @@
+"""Neural-network building blocks: fully connected layers with covariate injection, encoders and decoders.
+
+Covariates are injected as in scVI (Lopez et al. 2018): every hidden layer receives the one-hot categorical
+covariates and the continuous covariates next to its input. A one-hot vector times a weight matrix is a row
+lookup, so :class:`CovariateLinear` adds an embedding row per categorical covariate instead of concatenating
+one-hot columns: the same function, without building one-hot tensors in the training step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI"]
+
+
+class CovariateLinear(nn.Module):
+    """``y = W x + b + sum_k E_k[c_k] + V u``: a linear layer on ``[x, onehot(c_1), ..., onehot(c_K), u]``.
+
+    Args:
+        n_in: input features.
+        n_out: output features.
+        n_cats: number of categories of each categorical covariate (batch first, by convention).
+        n_cont: number of continuous covariates.
+        bias: whether ``W x`` has a bias.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cats: Sequence[int] = (), n_cont: int = 0, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out, bias=bias)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats if n > 1)
+        self._use = [n > 1 for n in n_cats]
+        self.cont = nn.Linear(n_cont, n_out, bias=False) if n_cont > 0 else None
+        bound = 1.0 / (n_in + sum(n for n in n_cats if n > 1) + n_cont) ** 0.5
+        for emb in self.embeddings:
+            nn.init.uniform_(emb.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        """x: (n, n_in); cat: (n, n_cat_covariates) int64 codes; cont: (n, n_cont) float."""
+        y = self.linear(x)
+        if len(self.embeddings):
+            j = 0
+            for k, use in enumerate(self._use):
+                if use:
+                    y = y + self.embeddings[j](cat[:, k])
+                    j += 1
+        if self.cont is not None:
+            y = y + self.cont(cont)
+        return y
+
+
+class FCLayers(nn.Module):
+    """A stack of ``CovariateLinear -> BatchNorm -> ReLU -> Dropout`` layers.
+
+    Args:
+        n_in: input features.
+        n_out: output features of the last layer.
+        n_cats: categories per categorical covariate; covariates are injected into the first layer, and into
+            every layer when ``inject_covariates`` is True (scVI's ``deeply_inject_covariates``).
+        n_cont: number of continuous covariates.
+        n_layers: number of layers (>= 1).
+        n_hidden: width of the hidden layers.
+        dropout_rate: dropout after each activation.
+        use_batch_norm: batch normalisation (momentum 0.01, eps 1e-3, as scVI) after each linear map.
+        use_layer_norm: layer normalisation instead.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cats: Sequence[int] = (),
+        n_cont: int = 0,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+    ):
+        super().__init__()
+        dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+        self.linears = nn.ModuleList()
+        self.post = nn.ModuleList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            inject = i == 0 or inject_covariates
+            self.linears.append(
+                CovariateLinear(a, b, n_cats if inject else (), n_cont if inject else 0)
+            )
+            parts: list[nn.Module] = []
+            if use_batch_norm:
+                parts.append(nn.BatchNorm1d(b, momentum=0.01, eps=1e-3))
+            if use_layer_norm:
+                parts.append(nn.LayerNorm(b, elementwise_affine=False))
+            parts.append(nn.ReLU())
+            if dropout_rate > 0:
+                parts.append(nn.Dropout(dropout_rate))
+            self.post.append(nn.Sequential(*parts))
+
+    def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        for lin, post in zip(self.linears, self.post):
+            x = post(lin(x, cat, cont))
+        return x
+
+
+class Encoder(nn.Module):
+    """Gaussian encoder q(z | x) = N(mean, var) with ``var = exp(h) + var_eps`` (scVI).
+
+    Args:
+        n_in: input features (genes).
+        n_out: latent dimension.
+        var_eps: minimum variance, for numerical stability.
+        Other arguments as :class:`FCLayers` (hidden part).
+
+    ``forward`` returns ``(mean, var)``, each (n_cells, n_out).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cats: Sequence[int] = (),
+        n_cont: int = 0,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+        var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        self.encoder = FCLayers(
+            n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, dropout_rate,
+            use_batch_norm, use_layer_norm, inject_covariates,
+        )
+        self.mean_encoder = nn.Linear(n_hidden, n_out)
+        self.var_encoder = nn.Linear(n_hidden, n_out)
+        self.var_eps = var_eps
+
+    def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        h = self.encoder(x, cat, cont)
+        return self.mean_encoder(h), torch.exp(self.var_encoder(h)) + self.var_eps
+
+
+class DecoderSCVI(nn.Module):
+    """scVI decoder: ``rho = softmax(f(z, s))`` (normalized expression, rows sum to 1), optional per-cell
+    dispersion head and zero-inflation logits head.
+
+    Args:
+        n_in: latent dimension.
+        n_out: genes.
+        gene_cell_dispersion: add a head returning log theta per cell and gene.
+        softmax: if False, the first output is the raw linear output (a Gaussian mean on log1p data).
+        Other arguments as :class:`FCLayers`.
+
+    ``forward`` returns ``(rho, log_theta or None, zi_logits)``, each (n_cells, n_genes).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_cats: Sequence[int] = (),
+        n_cont: int = 0,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+        gene_cell_dispersion: bool = False,
+        softmax: bool = True,
+    ):
+        super().__init__()
+        self.softmax = softmax
+        self.px_decoder = FCLayers(
+            n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, 0.0,
+            use_batch_norm, use_layer_norm, inject_covariates,
+        )
+        self.scale_decoder = nn.Linear(n_hidden, n_out)
+        self.dropout_decoder = nn.Linear(n_hidden, n_out)
+        self.dispersion_decoder = nn.Linear(n_hidden, n_out) if gene_cell_dispersion else None
+
+    def forward(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        h = self.px_decoder(z, cat, cont)
+        out = self.scale_decoder(h)
+        rho = torch.softmax(out, dim=-1) if self.softmax else out
+        log_theta = self.dispersion_decoder(h) if self.dispersion_decoder is not None else None
+        return rho, log_theta, self.dropout_decoder(h)

@@ -1,0 +1,76 @@
+"""A self-contained HTML report: data summary, settings, training curves, embeddings and metrics.
+
+Figures are embedded as base64 PNG so the file stands alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+__all__ = ["render_report"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:0.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:0.5em 0} td,th{border:1px solid #ddd;padding:3px 10px;text-align:left}
+th{background:#f4f4f4} .figs img{max-width:100%;margin:0.5em 0;border:1px solid #eee}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em} .muted{color:#777;font-size:0.9em}
+"""
+
+
+def _table(rows: dict) -> str:
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items()
+    )
+    return f"<table>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v) if len(v) <= 12 else f"{len(v)} items"
+    return str(v)
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption class=muted>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_report(
+    title: str,
+    data_summary: dict,
+    settings: dict,
+    training: dict,
+    metrics: dict,
+    figures: list[tuple[Path, str]],
+    notes: list[str] | None = None,
+) -> str:
+    """Return the report as an HTML string.
+
+    Args:
+        title: page title (e.g. the input file name).
+        data_summary, settings, training, metrics: flat dicts shown as two-column tables.
+        figures: (PNG path, caption) pairs; the first is shown full width (training curves), the rest in a grid.
+        notes: free-text lines shown at the end.
+    """
+    figs = [_img(p, c) for p, c in figures if Path(p).exists()]
+    first, rest = (figs[0], figs[1:]) if figs else ("", [])
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in (notes or []))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cellvae report: {html.escape(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>cellvae report</h1><p class=muted>{html.escape(title)}</p>
+<h2>Data</h2>{_table(data_summary)}
+<h2>Settings</h2>{_table(settings)}
+<h2>Training</h2>{_table(training)}<div class=figs>{first}</div>
+<h2>Metrics</h2>{_table(metrics)}
+<h2>Latent space</h2><div class="figs grid">{''.join(rest)}</div>
+{f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes_html else ''}
+</body></html>
+"""
