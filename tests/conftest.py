@@ -1,0 +1,63 @@
+"""Shared fixtures: small subsets of real datasets from ../shared/data (or $CELLVAE_DATA_DIR)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+DATA_DIR = Path(os.environ.get("CELLVAE_DATA_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+
+torch.set_num_threads(1)  # deterministic and quick on small tensors; avoids oversubscription on shared machines
+warnings.filterwarnings("ignore", message=".*ImplicitModificationWarning.*")
+
+
+def _read(name: str) -> ad.AnnData:
+    path = DATA_DIR / name
+    if not path.exists():
+        pytest.skip(f"dataset {name} not found in {DATA_DIR}")
+    return ad.read_h5ad(path)
+
+
+def _subset(adata: ad.AnnData, n_cells: int, n_genes: int, seed: int = 0) -> ad.AnnData:
+    """Random cells, then the most frequently detected genes (so every gene has counts)."""
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(adata.n_obs, size=min(n_cells, adata.n_obs), replace=False))
+    sub = adata[cells]
+    detected = np.asarray((sub.X > 0).sum(0)).ravel()
+    genes = np.sort(np.argsort(-detected, kind="stable")[:n_genes])
+    return sub[:, genes].copy()
+
+
+@pytest.fixture(scope="session")
+def zeisel() -> ad.AnnData:
+    """Full Zeisel et al. 2015 subset: 1464 cells x 1095 genes, 3 cell types."""
+    return _read("zeisel2015_cortex_subset_1464cells.h5ad")
+
+
+@pytest.fixture()
+def zeisel_small(zeisel) -> ad.AnnData:
+    """300 cells x 200 genes of Zeisel (fresh copy per test)."""
+    return _subset(zeisel, 300, 200)
+
+
+@pytest.fixture(scope="session")
+def kang() -> ad.AnnData:
+    """Kang et al. 2018 IFN-beta PBMCs (muscat subset): 1556 cells x 1267 genes, donors, conditions, types."""
+    return _read("kang2018_ifnb_pbmc_muscat.h5ad")
+
+
+@pytest.fixture()
+def kang_small(kang) -> ad.AnnData:
+    """250 cells x 150 genes of Kang (fresh copy per test)."""
+    return _subset(kang, 250, 150, seed=1)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
