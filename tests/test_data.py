@@ -25,7 +25,7 @@ from cellvae.data import (
 )
 
 
-def test_read_h5ad_and_data_dir(monkeypatch, data_dir):
+def test_read_h5ad_and_data_dir(monkeypatch, data_dir, zeisel):
     monkeypatch.setenv("CELLVAE_DATA_DIR", str(data_dir))
     a = read_data("zeisel2015_cortex_subset_1464cells.h5ad")  # bare name found in $CELLVAE_DATA_DIR
     assert a.shape == (1464, 1095)

@@ -54,6 +54,8 @@ def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         Tensor of the broadcast shape (nats).
     """
     big = theta > _STIRLING_MIN
+    if not bool(big.any()):  # common case in training: skip the Stirling branch entirely
+        return torch.lgamma(x + theta) - torch.lgamma(theta)
     theta_big = torch.where(big, theta, torch.full_like(theta, 2 * _STIRLING_MIN))
     xt = x + theta_big
     stirling = (
