@@ -13,6 +13,9 @@ labels by ARI and NMI (scikit-learn). Training wall time and throughput
 Datasets with more than 5000 genes are first reduced to 2000 highly variable genes with
 ``scanpy.pp.highly_variable_genes(flavor="seurat_v3", n_top_genes=2000)`` on the raw counts, so both
 tools see exactly the same genes (needs ``scikit-misc``). The report says which datasets were reduced.
+If skmisc's loess fails on very shallow data (``ValueError: reciprocal condition number``, seen on
+``worm_neuron_cao2017``), genes detected in fewer than 3 cells are dropped and the HVG call is retried;
+the report says so for that dataset.
 
 Setup (a separate venv so the reference tool does not touch the project's environment; the torch
 wheel is installed first and pinned so pip never pulls a CUDA build)::
@@ -114,8 +117,18 @@ def load_dataset(data_dir: Path, name: str, label_key: str):
         raise KeyError(f"{name}: no obs column {label_key!r} (columns: {list(adata.obs.columns)})")
     n_genes_orig = adata.n_vars
     hvg = False
+    prefilter = None
     if adata.n_vars > HVG_GENE_THRESHOLD:
-        sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
+        try:
+            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
+        except ValueError as e:
+            # skmisc's loess can fail on very shallow data (many genes seen in 1-2 cells,
+            # "reciprocal condition number ..."): drop genes detected in < 3 cells and retry.
+            print(f"  [hvg] seurat_v3 failed on {name} ({e!r}); retrying after dropping genes "
+                  "detected in < 3 cells", flush=True)
+            sc.pp.filter_genes(adata, min_cells=3)
+            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
+            prefilter = 3
         adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
         hvg = True
     # keep only what the tools need: counts + labels
@@ -129,6 +142,7 @@ def load_dataset(data_dir: Path, name: str, label_key: str):
         "n_genes_file": int(n_genes_orig),
         "n_genes": int(adata.n_vars),
         "hvg_seurat_v3": hvg,
+        "hvg_prefilter_min_cells": prefilter,
         "n_labels": int(len(np.unique(labels))),
     }
     return adata, labels, info
@@ -262,6 +276,9 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         r0 = drows[0]
         genes = (f"{r0['n_genes']} HVG of {r0['n_genes_file']} genes" if r0.get("hvg_seurat_v3")
                  else f"{r0['n_genes']} genes")
+        if r0.get("hvg_prefilter_min_cells"):
+            genes += (f" (seurat_v3 loess failed on all genes, so genes detected in < "
+                      f"{r0['hvg_prefilter_min_cells']} cells were dropped before the HVG call)")
         out.append(f"## {d}")
         out.append("")
         out.append(f"{r0['n_cells']} cells, {genes}, labels `{r0['label_key']}` ({r0['n_labels']} categories).")

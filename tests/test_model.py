@@ -206,3 +206,14 @@ def test_latent_space_separates_cell_types_on_real_data(zeisel):
     m.train(max_epochs=15, progress_bar=False, seed=0)
     scores = kmeans_agreement(m.get_latent_representation(), zeisel.obs["cell_type"], seed=0)
     assert scores["ari"] > 0.8 and scores["nmi"] > 0.75, scores
+
+
+def test_train_again_continues_and_loaded_model_trains(tmp_path, zeisel_small):
+    m = _fit(zeisel_small, epochs=3)
+    before = m.history["train_elbo"][-1]
+    m.train(max_epochs=2, progress_bar=False, n_epochs_kl_warmup=0)
+    assert m.history["train_elbo"][0] > before - 50  # continued, not restarted from random weights
+    d = m.save(tmp_path / "m")
+    loaded = CountVAE.load(d, adata=zeisel_small)
+    loaded.train(max_epochs=1, progress_bar=False, n_epochs_kl_warmup=0)
+    assert np.isfinite(loaded.history["validation_elbo"]).all()

@@ -214,19 +214,27 @@ class CountVAE:
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
 
+        The first call initialises the weights from ``seed``; a later call continues from the current weights
+        (with a fresh optimizer and warm-up) and replaces ``self.history``.
+
         Returns:
             self, trained; ``self.history`` holds the per-epoch losses.
 
         Raises:
             CellvaeInputError: fewer training cells than needed for one minibatch of 2 cells.
         """
+        if self._train_cells is None:  # a loaded model: train on the attached cells that have counts
+            data = self._tensors(None)
+            tot = data.X.abs().sum(1).numpy() if data.X is not None else np.asarray(abs(data.csr).sum(1)).ravel()
+            self._train_cells = tot > 0
         cells = np.flatnonzero(self._train_cells)
         if len(cells) < 3:
             raise CellvaeInputError(f"Only {len(cells)} cells with counts: at least 3 are needed to train.")
-        torch.manual_seed(seed)
-        self.module = self._build_module(
-            getattr(self.module, "library_log_means", None), getattr(self.module, "library_log_vars", None)
-        )
+        if not self.is_trained:  # first fit: initialise the weights from the seed, for reproducibility
+            torch.manual_seed(seed)
+            self.module = self._build_module(
+                getattr(self.module, "library_log_means", None), getattr(self.module, "library_log_vars", None)
+            )
         tr, va = split_indices(len(cells), train_size, seed)
         tr, va = cells[tr], cells[va]
         if len(tr) < 2:
