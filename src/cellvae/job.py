@@ -27,6 +27,7 @@ from .metrics import clustering_agreement, kmeans_agreement, silhouette_labels
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
 from .report import render_report
+from .train import torch_threads
 
 __all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE"]
 
@@ -135,14 +136,16 @@ def fit_job(
     model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
                 progress_bar=progress_bar)
     train_seconds = time.perf_counter() - t0
+    with torch_threads(None):
+        latent = model.get_latent_representation()
+        norm = model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE, return_numpy=True)
     hist = model.history
     log(f"trained {len(hist['epoch'])} epochs in {train_seconds:.1f} s "
         f"({hist['train_cells_per_second']:.0f} cells/s); best epoch {hist['best_epoch']}")
 
     # ---- annotate
     res = adata.copy()
-    res.obsm["X_cellvae"] = model.get_latent_representation()
-    norm = model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE, return_numpy=True)
+    res.obsm["X_cellvae"] = latent
     if modelled.all() and len(model.spec.gene_names) == adata.n_vars:
         res.layers["cellvae_normalized"] = norm
     else:

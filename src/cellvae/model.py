@@ -199,6 +199,7 @@ class CountVAE:
         n_epochs_kl_warmup: int | None = None,
         seed: int = 0,
         progress_bar: bool = True,
+        n_threads: int | None = None,
     ) -> "CountVAE":
         """Fit the model by maximising the ELBO with Adam (see :class:`cellvae.train.TrainingPlan`).
 
@@ -213,6 +214,8 @@ class CountVAE:
             n_epochs_kl_warmup: KL warm-up length in epochs (None: a quarter of ``max_epochs``, at most 400).
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
+            n_threads: torch threads while training (None: half the CPUs; see
+                :func:`cellvae.train.default_n_threads`).
 
         The first call initialises the weights from ``seed``; a later call continues from the current weights
         (with a fresh optimizer and warm-up) and replaces ``self.history``.
@@ -245,6 +248,7 @@ class CountVAE:
             max_epochs=int(max_epochs), batch_size=int(batch_size), lr=lr, weight_decay=weight_decay, eps=eps,
             n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
+            n_threads=n_threads,
         )
         data = self._tensors(None)
         self.history = train_module(self.module, data, tr, va, plan)
