@@ -25,7 +25,8 @@ test: install
 .venv-bench/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip -q install torch==2.13.0
-	.venv-bench/bin/python -m pip -q install -e '.[bench]'
+	echo "torch==2.13.0" > .venv-bench/constraints.txt
+	.venv-bench/bin/python -m pip -q install -c .venv-bench/constraints.txt -e '.[bench]'
 	touch $@
 
 bench-install: .venv-bench/.installed

@@ -202,7 +202,7 @@ def run_cellvae(cellvae, adata, seed: int, max_epochs: int, threads: int) -> dic
     adata = adata.copy()
     model = cellvae.CountVAE(adata, gene_likelihood="zinb")
     t0 = time.perf_counter()
-    model.train(max_epochs=max_epochs, train_size=0.9, seed=seed, progress_bar=False)
+    model.train(max_epochs=max_epochs, train_size=0.9, seed=seed, progress_bar=False, n_threads=threads)
     secs = time.perf_counter() - t0
     n_train = None
     for attr in ("train_indices", "train_indices_"):

@@ -83,4 +83,4 @@ def test_kl_warmup_reaches_full_weight_within_run():
     assert kl_weight_at(3, 0) == 1.0
     for epochs in (1, 3, 10, 100, 400, 5000):
         warm = TrainingPlan(max_epochs=epochs).warmup_epochs
-        assert warm == max(1, min(400, epochs // 4))  # full KL weight within the first quarter of the run
+        assert warm == max(1, min(400, epochs // 2))  # full KL weight by the middle of the run

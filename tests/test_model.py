@@ -217,3 +217,12 @@ def test_train_again_continues_and_loaded_model_trains(tmp_path, zeisel_small):
     loaded = CountVAE.load(d, adata=zeisel_small)
     loaded.train(max_epochs=1, progress_bar=False, n_epochs_kl_warmup=0)
     assert np.isfinite(loaded.history["validation_elbo"]).all()
+
+
+def test_library_normalized_encoder_input(zeisel_small):
+    m = _fit(zeisel_small, epochs=2, encoder_input="log1p_cp10k")
+    x = torch.from_numpy(zeisel_small.X[:4].toarray())
+    doubled = m.module.inference(2 * x, torch.zeros(4, 1, dtype=torch.int64))["qz_m"]
+    torch.testing.assert_close(doubled, m.module.inference(x, torch.zeros(4, 1, dtype=torch.int64))["qz_m"])
+    with pytest.raises(ValueError, match="encoder_input"):
+        CountVAE(zeisel_small, encoder_input="raw")

@@ -205,7 +205,7 @@ def fit_job(
         "gene_likelihood": gene_likelihood, "dispersion": dispersion, "n_latent": n_latent,
         "n_hidden": n_hidden, "n_layers": n_layers, "max_epochs": hist["plan"]["max_epochs"],
         "batch_size": batch_size, "kl_warmup_epochs": hist["plan"].get("n_epochs_kl_warmup")
-        or max(1, min(400, hist["plan"]["max_epochs"] // 4)),
+        or max(1, min(400, hist["plan"]["max_epochs"] // 2)),
         "n_top_genes": n_top_genes, "library_size": "latent" if latent_library else "observed",
         "early_stopping": early_stopping, "seed": seed,
     }

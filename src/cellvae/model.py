@@ -211,7 +211,7 @@ class CountVAE:
             early_stopping: stop when the validation ELBO stalls for ``early_stopping_patience`` epochs after
                 KL warm-up, keeping the best weights.
             lr, weight_decay, eps: Adam settings.
-            n_epochs_kl_warmup: KL warm-up length in epochs (None: a quarter of ``max_epochs``, at most 400).
+            n_epochs_kl_warmup: KL warm-up length in epochs (None: half of ``max_epochs``, at most 400).
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
             n_threads: torch threads while training (None: half the CPUs; see

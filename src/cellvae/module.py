@@ -76,6 +76,8 @@ class VAEModule(nn.Module):
         deeply_inject_covariates: inject covariates into every hidden layer, not only the first.
         use_batch_norm: ``"both"``, ``"encoder"``, ``"decoder"`` or ``"none"``.
         use_layer_norm: same choices.
+        encoder_input: ``"log1p"`` (scVI: ``log1p(x)``) or ``"log1p_cp10k"`` (``log1p`` of counts scaled to
+            10,000 per cell, so the encoder does not have to learn to ignore library size).
 
     Raises:
         ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
@@ -100,18 +102,22 @@ class VAEModule(nn.Module):
         deeply_inject_covariates: bool = True,
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
+        encoder_input: str = "log1p",
     ):
         super().__init__()
         if gene_likelihood not in GENE_LIKELIHOODS:
             raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
         if dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        if encoder_input not in ("log1p", "log1p_cp10k"):
+            raise ValueError(f"encoder_input must be 'log1p' or 'log1p_cp10k', got {encoder_input!r}.")
         self.gene_likelihood = gene_likelihood
         self.dispersion = dispersion
         self.n_latent = n_latent
         self.n_batch = max(int(n_batch), 1)
         self.use_observed_lib_size = use_observed_lib_size or gene_likelihood == "normal"
         self.encode_covariates = encode_covariates
+        self.encoder_input = encoder_input
 
         n_cats = (self.n_batch, *[int(n) for n in n_cats_per_cov])
         enc_cats = n_cats if encode_covariates else ()
@@ -163,7 +169,7 @@ class VAEModule(nn.Module):
             dict with ``qz_m``, ``qz_v`` (n_cells, n_latent), ``z`` ((n_samples,) n_cells, n_latent),
             ``library`` ((n_samples,) n_cells, 1) log library size, and ``ql_m``, ``ql_v`` when it is latent.
         """
-        x_in = x if self.gene_likelihood == "normal" else torch.log1p(x)
+        x_in = self._encoder_input(x)
         ecat = cat if self.encode_covariates else None
         econt = cont if self.encode_covariates else None
         qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
@@ -179,6 +185,13 @@ class VAEModule(nn.Module):
             out.update(ql_m=ql_m, ql_v=ql_v)
             out["library"] = ql_m + ql_v.sqrt() * torch.randn(lshape, dtype=ql_m.dtype, device=ql_m.device)
         return out
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gene_likelihood == "normal":
+            return x
+        if self.encoder_input == "log1p_cp10k":
+            return torch.log1p(x * (1e4 / x.sum(-1, keepdim=True).clamp(min=1.0)))
+        return torch.log1p(x)
 
     # ----------------------------------------------------------------- generative
     def generative(
