@@ -144,6 +144,8 @@ def test_bad_inputs(zeisel_small):
         CountVAE(_all_zero(a))
     with pytest.raises(CellvaeInputError, match="at least 3"):
         CountVAE(a[:2].copy()).train(max_epochs=1, progress_bar=False)
+    with pytest.raises(CellvaeInputError, match="fewer than one minibatch.*smaller batch_size"):
+        CountVAE(a[:100].copy()).train(max_epochs=1, progress_bar=False)  # 90 training cells < 128
 
 
 def _all_zero(a):

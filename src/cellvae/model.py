@@ -224,7 +224,7 @@ class CountVAE:
             self, trained; ``self.history`` holds the per-epoch losses.
 
         Raises:
-            CellvaeInputError: fewer training cells than needed for one minibatch of 2 cells.
+            CellvaeInputError: fewer than 3 cells with counts, or fewer training cells than one minibatch.
         """
         if self._train_cells is None:  # a loaded model: train on the attached cells that have counts
             data = self._tensors(None)
@@ -240,8 +240,11 @@ class CountVAE:
             )
         tr, va = split_indices(len(cells), train_size, seed)
         tr, va = cells[tr], cells[va]
-        if len(tr) < 2:
-            raise CellvaeInputError(f"Only {len(tr)} training cells; lower train_size or use more cells.")
+        if len(tr) < max(2, int(batch_size)):
+            raise CellvaeInputError(
+                f"Only {len(tr)} training cells, fewer than one minibatch of batch_size={batch_size}: pass a smaller "
+                f"batch_size (e.g. {max(2, len(tr) // 4)}, --batch-size on the CLI), a larger train_size, or more cells."
+            )
         if max_epochs is None:
             max_epochs = default_max_epochs(len(cells))
         plan = TrainingPlan(
