@@ -146,6 +146,16 @@ def _values(X) -> np.ndarray:
     return np.asarray(X)
 
 
+def _non_integer(v: np.ndarray) -> np.ndarray:
+    return np.abs(v - np.round(v)) > 1e-6 * np.maximum(1.0, np.abs(v))
+
+
+def is_count_matrix(X) -> bool:
+    """True when every value of ``X`` (dense or sparse) is a non-negative integer (up to 1e-6 relative)."""
+    v = _values(X)
+    return bool(v.size == 0 or (v.min() >= 0 and not _non_integer(v).any()))
+
+
 def check_values(X, count_likelihood: bool, where: str = "X") -> None:
     """Check a data matrix before training.
 
@@ -174,7 +184,7 @@ def check_values(X, count_likelihood: bool, where: str = "X") -> None:
             "Pass the raw-count layer (layer=... / --layer counts) or use gene_likelihood='normal'."
         )
     if np.issubdtype(v.dtype, np.floating) and v.size:
-        frac = np.abs(v - np.round(v)) > 1e-6 * np.maximum(1.0, np.abs(v))
+        frac = _non_integer(v)
         if frac.any():
             ex = v[frac][:3]
             raise CellvaeInputError(

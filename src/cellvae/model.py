@@ -22,6 +22,7 @@ from .data import (
     TensorData,
     check_values,
     get_counts,
+    is_count_matrix,
     split_indices,
     warn,
 )
@@ -33,11 +34,6 @@ __all__ = ["CountVAE", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
 _WEIGHTS = "model.pt"
-
-
-def _is_integer_valued(X) -> bool:
-    v = X.data if sp.issparse(X) else np.asarray(X)
-    return bool(v.size == 0 or (np.all(v >= 0) and np.all(np.abs(v - np.round(v)) <= 1e-6 * np.maximum(1, v))))
 
 
 class CountVAE:
@@ -119,7 +115,7 @@ class CountVAE:
             warn(f"{int((~self._train_cells).sum())} cells with zero counts are left out of training.")
 
         normal_transform = "none"
-        if gene_likelihood == "normal" and _is_integer_valued(X):
+        if gene_likelihood == "normal" and is_count_matrix(X):
             normal_transform = "log1p_cp10k"
         self.spec = DataSpec.from_adata(
             adata,
