@@ -6,7 +6,9 @@ Main entry points:
   expression, save/load).
 - :class:`cellvae.CVAE`, :class:`cellvae.CVAE_NB`, :class:`cellvae.CVAE_ZINB`: conditional VAEs as plain torch
   modules.
-- ``cellvae fit DATA.h5ad --out DIR`` on the command line.
+- ``cellvae fit DATA.h5ad --out DIR`` and ``cellvae evaluate DIR/model DATA.h5ad`` on the command line.
+- :mod:`cellvae.metrics`: held-out ELBO, IWAE marginal log-likelihood, reconstruction error, clustering and
+  batch-mixing scores.
 """
 
 __version__ = "0.1.0"

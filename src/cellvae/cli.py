@@ -1,4 +1,4 @@
-"""Command line: ``cellvae fit DATA --out DIR`` and ``cellvae demo``."""
+"""Command line: ``cellvae fit DATA --out DIR``, ``cellvae evaluate MODEL_DIR DATA`` and ``cellvae demo``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,39 @@ def demo(out_dir, max_epochs, overwrite, quiet):
         n_top_genes=None if kang else 2000, progress_bar=not quiet, log=log,
     )
     _summary(metrics, out_dir, time.perf_counter() - t0)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--labels-key", default=None, help="obs column of known cell types: KMeans/Leiden ARI and NMI, ASW.")
+@click.option("--batch-key", default=None,
+              help="obs column of batches: scib-metrics batch mixing (needs --labels-key and the bench extra).")
+@click.option("--n-samples", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Importance samples per cell for the marginal log-likelihood (scvi-tools uses 1000).")
+@click.option("--cells", type=click.Choice(["auto", "validation", "all"]), default="auto", show_default=True,
+              help="Cells for the likelihood metrics; auto: the model's held-out validation cells when DATA "
+                   "holds them, else all.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory for evaluation.json and evaluation.md (default: MODEL_DIR_evaluation.json/.md "
+                   "next to MODEL_DIR).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def evaluate(model_dir, data, labels_key, batch_key, n_samples, cells, out_dir, seed, quiet):
+    """Evaluate the model in MODEL_DIR on DATA: ELBO, reconstruction error, marginal log-likelihood (nats per
+    cell), clustering agreement with --labels-key and batch mixing with --batch-key. Prints a Markdown table and
+    writes JSON and Markdown files."""
+    from .evaluate import evaluate_job, markdown_table
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    result, json_path, md_path = _run(
+        evaluate_job, model_dir=model_dir, data=data, labels_key=labels_key, batch_key=batch_key,
+        n_samples=n_samples, cells=cells, out_dir=out_dir, seed=seed, log=log,
+    )
+    click.echo(markdown_table(result))
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {json_path} and {md_path}")
 
 
 def _summary(metrics: dict, out_dir: str, seconds: float) -> None:

@@ -27,13 +27,15 @@ from .data import (
     warn,
 )
 from .module import DISPERSIONS, GENE_LIKELIHOODS, VAEModule
-from .train import TrainingPlan, default_max_epochs, evaluate_elbo, train_module
+from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
+from .train import TrainingPlan, default_max_epochs, train_module
 
 __all__ = ["CountVAE", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
 _WEIGHTS = "model.pt"
+_SPLIT = "split.json"
 
 
 class CountVAE:
@@ -59,6 +61,12 @@ class CountVAE:
 
     Cells with zero counts are left out of training, and genes with zero counts in every cell are left out of
     the model, each with a warning.
+
+    Attributes:
+        train_indices, validation_indices: sorted positions, in the attached AnnData, of the training and the
+            held-out validation cells of the last :meth:`train` (None before training). :meth:`save` stores
+            their obs names and :meth:`load` restores them when the AnnData it attaches holds all of those cells;
+            evaluate held-out cells with e.g. ``model.get_marginal_ll(indices=model.validation_indices)``.
 
     Raises:
         CellvaeInputError: NaN/inf, negative or non-integer values for a count likelihood, a missing layer or
@@ -143,6 +151,7 @@ class CountVAE:
         self.is_trained = False
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
+        self._saved_split: dict | None = None
 
     # -------------------------------------------------------------------------------------------- set-up
     def _build_module(self, lib_means=None, lib_vars=None) -> VAEModule:
@@ -364,23 +373,76 @@ class CountVAE:
             return arr
         return pd.DataFrame(arr, index=adata_.obs_names, columns=genes)
 
-    @torch.no_grad()
+    def _eval_data(self, adata: ad.AnnData | None, indices) -> tuple[TensorData, torch.Tensor]:
+        self._check_trained()
+        data = self._tensors(adata)
+        return data, as_indices(indices, data.n_cells)
+
     def get_elbo(self, adata: ad.AnnData | None = None, indices: np.ndarray | None = None,
-                 return_mean: bool = True, batch_size: int = 1024):
+                 return_mean: bool = True, batch_size: int = 1024, seed: int | None = None):
         """ELBO per cell (nats, higher is better), one z sample per cell, as scvi-tools' ``get_elbo``.
 
         Args:
-            adata: cells (default: the training AnnData).
-            indices: subset of cells (e.g. ``model.validation_indices``).
-            return_mean: the mean over cells (float) instead of the (n_cells,) array.
+            adata: cells (default: the training AnnData); genes are matched to the model by name.
+            indices: positions (or a boolean mask) of the cells to evaluate in ``adata``; None: all cells.
+                ``model.validation_indices`` gives the held-out cells of the training AnnData.
+            return_mean: the mean over cells (float, default) instead of the (n_cells,) float32 array.
+            batch_size: cells per forward pass.
+            seed: seed for the z samples (None: torch's global generator).
+
+        Returns:
+            float, or (n_cells,) array, of ``E_q[log p(x | z, l)] - KL`` (see
+            :func:`cellvae.metrics.compute_elbo` for the parts).
+
+        Raises:
+            CellvaeInputError: bad ``indices``, or the causes of :meth:`get_latent_representation`.
         """
-        data = self._tensors(adata)
-        idx = torch.as_tensor(np.arange(data.n_cells) if indices is None else np.asarray(indices), dtype=torch.int64)
-        if return_mean:
-            return evaluate_elbo(self.module, data, idx, batch_size)["elbo"]
-        self.module.eval()
-        vals = [self.module(x, c, u).elbo for x, c, u in data.iterate(idx, batch_size)]
-        return torch.cat(vals).numpy()
+        data, idx = self._eval_data(adata, indices)
+        return compute_elbo(self.module, data, idx, batch_size, return_mean=return_mean, seed=seed)["elbo"]
+
+    def get_marginal_ll(self, adata: ad.AnnData | None = None, indices: np.ndarray | None = None,
+                        n_samples: int = 1000, batch_size: int = 128, return_mean: bool = True,
+                        seed: int | None = None):
+        """Marginal log-likelihood ``log p(x)`` per cell (nats, higher is better), estimated by importance sampling
+        with ``n_samples`` draws from q (IWAE, Burda et al. 2016), as scvi-tools' ``get_marginal_ll``.
+
+        Tighter than the ELBO (its expectation is at least the ELBO and grows with ``n_samples``). Computed in
+        chunks of samples, so the default 1000 samples need little memory; the time grows linearly with
+        ``n_samples``. See :func:`cellvae.metrics.compute_marginal_ll`.
+
+        Args:
+            adata, indices: as in :meth:`get_elbo`.
+            n_samples: importance samples per cell (K).
+            batch_size: cells per pass.
+            return_mean: the mean over cells (float, default, as scvi-tools) instead of the (n_cells,) float32 array.
+            seed: seed for the samples (None: torch's global generator).
+
+        Raises:
+            CellvaeInputError: ``n_samples < 1``, bad ``indices``, or the causes of
+                :meth:`get_latent_representation`.
+        """
+        data, idx = self._eval_data(adata, indices)
+        return compute_marginal_ll(self.module, data, idx, n_samples=n_samples, batch_size=batch_size,
+                                   return_mean=return_mean, seed=seed)
+
+    def get_reconstruction_error(self, adata: ad.AnnData | None = None, indices: np.ndarray | None = None,
+                                 batch_size: int = 1024, return_mean: bool = True,
+                                 seed: int | None = None) -> dict:
+        """Reconstruction error ``-log p(x | z, l)`` (nats per cell, lower is better) with one ``z ~ q(z | x)``
+        per cell, as scvi-tools' ``get_reconstruction_error``.
+
+        Args:
+            adata, indices, batch_size, seed: as in :meth:`get_elbo`.
+            return_mean: the mean over cells (float, default) instead of the (n_cells,) array.
+
+        Returns:
+            ``{"reconstruction_loss": value}``.
+
+        Raises:
+            CellvaeInputError: bad ``indices``, or the causes of :meth:`get_latent_representation`.
+        """
+        data, idx = self._eval_data(adata, indices)
+        return compute_reconstruction_error(self.module, data, idx, batch_size, return_mean=return_mean, seed=seed)
 
     # ----------------------------------------------------------------------------------- save / load
     def _config(self) -> dict:
@@ -396,8 +458,9 @@ class CountVAE:
 
     def save(self, dir_path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save to a directory: ``config.json`` (format version, genes, covariate categories, settings),
-        ``model.pt`` (a plain state dict, loadable with ``torch.load(weights_only=True)``) and
-        ``history.json``. Written into a temporary directory beside the target and renamed, so a crash never
+        ``model.pt`` (a plain state dict, loadable with ``torch.load(weights_only=True)``), ``history.json`` and,
+        when the training cells are known and their obs names unique, ``split.json`` (obs names of the training
+        and validation cells). Written into a temporary directory beside the target and renamed, so a crash never
         leaves a half-written model.
 
         Raises:
@@ -412,6 +475,9 @@ class CountVAE:
         try:
             (tmp / _CONFIG).write_text(json.dumps(self._config(), indent=2))
             (tmp / "history.json").write_text(json.dumps(_jsonable(self.history)))
+            split = self._split_names()
+            if split is not None:
+                (tmp / _SPLIT).write_text(json.dumps(split))
             torch.save(self.module.state_dict(), tmp / _WEIGHTS)
             if target.exists():
                 old = target.with_name(f".{target.name}.old{os.getpid()}")
@@ -432,7 +498,9 @@ class CountVAE:
         Args:
             dir_path: the model directory.
             adata: data to attach (genes are matched to the model by name); None attaches none, and the
-                ``get_*`` methods then need ``adata``.
+                ``get_*`` methods then need ``adata``. When it holds every training and validation cell of the
+                saved model (by obs name, from ``split.json``), ``train_indices`` and ``validation_indices`` are
+                set to their positions in it; otherwise they are None.
 
         Raises:
             CellvaeInputError: missing files, a newer format version, weights that do not match the config,
@@ -470,7 +538,21 @@ class CountVAE:
             self.spec.gene_indexer(adata)  # fail early on missing genes
             self.adata = adata
         self._train_cells = None
+        split = d / _SPLIT
+        self._saved_split = json.loads(split.read_text()) if split.exists() else None
+        if adata is not None:
+            self.train_indices, self.validation_indices = _locate_split(self._saved_split, adata)
         return self
+
+    def _split_names(self) -> dict | None:
+        """Obs names of the training and validation cells (None when unknown or the names are not unique)."""
+        if self.train_indices is None or self.validation_indices is None or self.adata is None:
+            return self._saved_split
+        names = self.adata.obs_names
+        if not names.is_unique:
+            return None
+        return {"train": names[self.train_indices].astype(str).tolist(),
+                "validation": names[self.validation_indices].astype(str).tolist()}
 
     def __repr__(self) -> str:
         k = self.module_kwargs
@@ -479,6 +561,17 @@ class CountVAE:
             f"n_layers={k['n_layers']}, gene_likelihood={k['gene_likelihood']!r}, dispersion={k['dispersion']!r}, "
             f"n_batch={self.spec.n_batch}, trained={self.is_trained})"
         )
+
+
+def _locate_split(split: dict | None, adata: ad.AnnData) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Positions of a saved split's cells in ``adata``, matched by obs name; (None, None) unless all are found."""
+    names = adata.obs_names.astype(str)
+    if split is None or not names.is_unique:
+        return None, None
+    pos = [names.get_indexer(split.get(k, [])) for k in ("train", "validation")]
+    if any((p < 0).any() for p in pos):
+        return None, None
+    return np.sort(pos[0]), np.sort(pos[1])
 
 
 def _jsonable(obj):

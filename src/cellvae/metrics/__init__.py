@@ -1,0 +1,50 @@
+"""Evaluation metrics for cellvae models.
+
+Likelihood (:mod:`cellvae.metrics.likelihood`; a module, prepared cells and cell indices; nats per cell):
+
+- :func:`compute_elbo`: ELBO per cell and its reconstruction and KL parts (Kingma & Welling 2014);
+- :func:`compute_marginal_ll`: importance-sampled ``log p(x)``, the IWAE estimator (Burda et al. 2016), batched
+  over cells and samples so K = 1000 samples fit in memory;
+- :func:`compute_reconstruction_error`: ``-log p(x | z)`` with z sampled from q.
+
+Clustering against known labels (:mod:`cellvae.metrics.clustering`; a latent (n_cells, n_latent) and labels):
+
+- :func:`kmeans_agreement`, :func:`leiden_agreement`: ARI and NMI of KMeans / Leiden clusters with as many
+  clusters as labels; :func:`leiden_n_clusters`: the resolution search; :func:`silhouette_labels`: ASW.
+
+Batch mixing (:mod:`cellvae.metrics.integration`, needs the optional ``scib-metrics``):
+
+- :func:`scib_benchmark`: iLISI, kBET, graph connectivity, batch ASW, PCR comparison, bio conservation, total.
+
+:class:`cellvae.CountVAE` wraps the likelihood metrics as ``get_elbo``, ``get_marginal_ll`` and
+``get_reconstruction_error``; ``cellvae evaluate`` (:mod:`cellvae.evaluate`) reports all of them.
+"""
+
+from .clustering import (
+    clustering_agreement,
+    kmeans_agreement,
+    kmeans_clusters,
+    leiden_agreement,
+    leiden_clusters,
+    leiden_n_clusters,
+    silhouette_labels,
+)
+from .integration import SCIB_INSTALL_HINT, scib_available, scib_benchmark
+from .likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
+
+__all__ = [
+    "compute_elbo",
+    "compute_marginal_ll",
+    "compute_reconstruction_error",
+    "as_indices",
+    "kmeans_clusters",
+    "clustering_agreement",
+    "kmeans_agreement",
+    "silhouette_labels",
+    "leiden_clusters",
+    "leiden_n_clusters",
+    "leiden_agreement",
+    "scib_available",
+    "scib_benchmark",
+    "SCIB_INSTALL_HINT",
+]
