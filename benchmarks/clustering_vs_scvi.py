@@ -56,28 +56,27 @@ import time
 import traceback
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# dataset name -> label key (default list, in this order)
-DEFAULT_DATASETS: dict[str, str] = {
-    "pbmc4k_10x_top2000genes": "cell_type",
-    "zeisel2015_cortex_subset_1464cells": "cell_type",
-    "kang2018_ifnb_pbmc_muscat": "cell_type",
-    "pbmc_10x_3chemistries": "cell_type_marker",
-    "pbmc_10x_3tech_savercat_2000cells": "cell_type",
-    "mouse_bladder_mca_2100cells": "cell_type",
-    "worm_neuron_cao2017": "cell_type",
-    "human_kidney_top2000genes": "cell_type",
-    "cbmc_citeseq_rna_top2000genes": "cell_type",
-    "mesc_kolodziejczyk2015_300cells": "cell_type",
-}
-TOOLS = ("scvi", "cellvae")
-HVG_GENE_THRESHOLD = 5000
-N_HVG = 2000
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for _common
+from _common import (  # noqa: E402
+    DEFAULT_DATASETS,
+    HVG_GENE_THRESHOLD,
+    N_HVG,
+    REPO_ROOT,
+    TOOL_LABEL,
+    TOOLS,
+    atomic_write_text,
+    cluster_scores,
+    default_data_dir,
+    fmt_mean_sd as _fmt_ms,
+    import_tool,
+    limit_threads as _limit_threads,
+    load_dataset,
+    mean_sd as _ms,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_data = os.environ.get("CELLVAE_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
+    default_data = default_data_dir()
     p = argparse.ArgumentParser(
         description="Clustering quality (KMeans ARI/NMI on the latent space) of cellvae vs scvi-tools SCVI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,81 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _limit_threads(n: int) -> None:
-    # must happen before numpy / torch are imported to take full effect
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-# ----------------------------------------------------------------------------- data
-def load_dataset(data_dir: Path, name: str, label_key: str):
-    import anndata as ad
-    import numpy as np
-    import scanpy as sc
-
-    path = data_dir / f"{name}.h5ad"
-    adata = ad.read_h5ad(path)
-    if label_key not in adata.obs:
-        raise KeyError(f"{name}: no obs column {label_key!r} (columns: {list(adata.obs.columns)})")
-    n_genes_orig = adata.n_vars
-    hvg = False
-    prefilter = None
-    if adata.n_vars > HVG_GENE_THRESHOLD:
-        try:
-            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
-        except ValueError as e:
-            # skmisc's loess can fail on very shallow data (many genes seen in 1-2 cells,
-            # "reciprocal condition number ..."): drop genes detected in < 3 cells and retry.
-            print(f"  [hvg] seurat_v3 failed on {name} ({e!r}); retrying after dropping genes "
-                  "detected in < 3 cells", flush=True)
-            sc.pp.filter_genes(adata, min_cells=3)
-            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
-            prefilter = 3
-        adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
-        hvg = True
-    # keep only what the tools need: counts + labels
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    adata = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[label_key]].copy(),
-                       var=adata.var[[]].copy())
-    info = {
-        "dataset": name,
-        "label_key": label_key,
-        "n_cells": int(adata.n_obs),
-        "n_genes_file": int(n_genes_orig),
-        "n_genes": int(adata.n_vars),
-        "hvg_seurat_v3": hvg,
-        "hvg_prefilter_min_cells": prefilter,
-        "n_labels": int(len(np.unique(labels))),
-    }
-    return adata, labels, info
-
-
-def cluster_scores(z, labels, n_clusters: int) -> tuple[float, float]:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    pred = KMeans(n_clusters=n_clusters, random_state=0, n_init=10).fit_predict(z)
-    return float(adjusted_rand_score(labels, pred)), float(normalized_mutual_info_score(labels, pred))
-
-
 # ----------------------------------------------------------------------------- tools
-def import_tool(tool: str):
-    """Return (module, version) or raise ImportError with a clear message."""
-    if tool == "scvi":
-        import scvi  # noqa: F401
-        import logging
-        scvi.settings.verbosity = logging.WARNING
-        for lg in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
-            logging.getLogger(lg).setLevel(logging.ERROR)
-        return scvi, scvi.__version__
-    if tool == "cellvae":
-        import cellvae
-        if not hasattr(cellvae, "CountVAE"):
-            raise ImportError("cellvae is importable but has no CountVAE yet")
-        return cellvae, getattr(cellvae, "__version__", "?")
-    raise ValueError(tool)
-
-
 def run_scvi(scvi, adata, seed: int, max_epochs: int, threads: int) -> dict:
     import torch
     import warnings
@@ -231,28 +156,9 @@ def run_cellvae(cellvae, adata, seed: int, max_epochs: int, threads: int) -> dic
 
 
 RUNNERS = {"scvi": run_scvi, "cellvae": run_cellvae}
-TOOL_LABEL = {"scvi": "scvi-tools SCVI", "cellvae": "cellvae CountVAE"}
 
 
 # ----------------------------------------------------------------------------- report
-def _ms(vals):
-    import numpy as np
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None, None
-    a = np.asarray(vals, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def _fmt_ms(vals, digits=3):
-    m, s = _ms(vals)
-    if m is None:
-        return "-"
-    if len([v for v in vals if v is not None]) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def render_markdown(rows: list[dict], meta: dict) -> str:
     ok = [r for r in rows if r.get("error") is None]
     order = {d: i for i, d in enumerate(DEFAULT_DATASETS)}
@@ -364,10 +270,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
 
 
 def write_outputs(rows, meta, md_path: Path, json_path: Path) -> None:
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    md_path.write_text(render_markdown(rows, meta))
+    atomic_write_text(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(md_path, render_markdown(rows, meta))
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,0 +1,232 @@
+"""Pieces shared by the benchmark scripts in this folder (``clustering_vs_scvi.py``, ``vs_scvi.py``).
+
+Everything here is light to import (numpy, scanpy, torch and the tools are imported inside the functions), so
+a script can cap its thread counts with :func:`limit_threads` *before* any numeric library is loaded.
+
+- :data:`DEFAULT_DATASETS`: the labelled datasets of ``../shared/data`` and their label keys.
+- :func:`load_dataset`: read one ``.h5ad`` (raw counts in ``X``), reduce > 5000 genes to 2000 seurat_v3 HVGs.
+- :func:`cluster_scores`: KMeans ARI / NMI on a latent space; :func:`silhouette_scores`: label ASW.
+- :func:`import_tool`: import scvi-tools or cellvae quietly, with its version.
+- :func:`mean_sd`, :func:`fmt_mean_sd`: mean ± sd over seeds for the Markdown reports.
+- :func:`atomic_write_text`: write a file through a temporary file and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# dataset name -> label key (default list, in this order)
+DEFAULT_DATASETS: dict[str, str] = {
+    "pbmc4k_10x_top2000genes": "cell_type",
+    "zeisel2015_cortex_subset_1464cells": "cell_type",
+    "kang2018_ifnb_pbmc_muscat": "cell_type",
+    "pbmc_10x_3chemistries": "cell_type_marker",
+    "pbmc_10x_3tech_savercat_2000cells": "cell_type",
+    "mouse_bladder_mca_2100cells": "cell_type",
+    "worm_neuron_cao2017": "cell_type",
+    "human_kidney_top2000genes": "cell_type",
+    "cbmc_citeseq_rna_top2000genes": "cell_type",
+    "mesc_kolodziejczyk2015_300cells": "cell_type",
+}
+TOOLS = ("scvi", "cellvae")
+TOOL_LABEL = {"scvi": "scvi-tools SCVI", "cellvae": "cellvae CountVAE"}
+HVG_GENE_THRESHOLD = 5000
+N_HVG = 2000
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def default_data_dir() -> str:
+    """``$CELLVAE_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+    return os.environ.get("CELLVAE_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str]:
+    """``NAME`` or ``NAME:LABEL_KEY`` -> (name, label key); the key defaults to the built-in table, else cell_type."""
+    name, _, key = spec.partition(":")
+    return name, key or DEFAULT_DATASETS.get(name, "cell_type")
+
+
+# ----------------------------------------------------------------------------- threads
+def limit_threads(n: int) -> None:
+    """Cap OpenMP / BLAS threads through the environment. Call before numpy / torch are imported (child
+    processes started later inherit the variables)."""
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(n)
+
+
+def cap_loaded_threads(n: int) -> None:
+    """Cap the threads of libraries that may already be loaded: torch (if importable) and threadpoolctl's pools."""
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except Exception:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        pass
+
+
+def machine_description() -> str:
+    """e.g. ``x86_64 (AMD EPYC), 2 logical CPUs, Python 3.11.9, Linux``."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        cpu = platform.processor()
+    return (f"{platform.machine()}{' (' + cpu + ')' if cpu else ''}, {os.cpu_count()} logical CPUs, "
+            f"Python {platform.python_version()}, {platform.system()}")
+
+
+def package_version(dist: str) -> str:
+    """Installed version of a distribution (without importing it), or '?'."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+# ----------------------------------------------------------------------------- data
+def load_dataset(data_dir: Path, name: str, label_key: str):
+    """Read ``<data_dir>/<name>.h5ad`` and keep counts + labels.
+
+    Datasets with more than :data:`HVG_GENE_THRESHOLD` genes are reduced to :data:`N_HVG` genes with
+    ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")`` on the raw counts (needs scikit-misc). If skmisc's
+    loess fails (very shallow data, e.g. ``worm_neuron_cao2017``), genes detected in < 3 cells are dropped and the
+    call is retried; ``info["hvg_prefilter_min_cells"]`` says so.
+
+    Returns:
+        (adata with float32 counts in X and obs[[label_key]], labels as a str array, info dict).
+    """
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+
+    path = Path(data_dir) / f"{name}.h5ad"
+    adata = ad.read_h5ad(path)
+    if label_key not in adata.obs:
+        raise KeyError(f"{name}: no obs column {label_key!r} (columns: {list(adata.obs.columns)})")
+    n_genes_orig = adata.n_vars
+    hvg = False
+    prefilter = None
+    if adata.n_vars > HVG_GENE_THRESHOLD:
+        try:
+            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
+        except ValueError as e:
+            # skmisc's loess can fail on very shallow data (many genes seen in 1-2 cells,
+            # "reciprocal condition number ..."): drop genes detected in < 3 cells and retry.
+            print(f"  [hvg] seurat_v3 failed on {name} ({e!r}); retrying after dropping genes "
+                  "detected in < 3 cells", flush=True)
+            sc.pp.filter_genes(adata, min_cells=3)
+            sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N_HVG)
+            prefilter = 3
+        adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
+        hvg = True
+    # keep only what the tools need: counts + labels
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    adata = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[label_key]].copy(),
+                       var=adata.var[[]].copy())
+    info = {
+        "dataset": name,
+        "label_key": label_key,
+        "n_cells": int(adata.n_obs),
+        "n_genes_file": int(n_genes_orig),
+        "n_genes": int(adata.n_vars),
+        "hvg_seurat_v3": hvg,
+        "hvg_prefilter_min_cells": prefilter,
+        "n_labels": int(len(np.unique(labels))),
+    }
+    return adata, labels, info
+
+
+# ----------------------------------------------------------------------------- metrics
+def cluster_scores(z, labels, n_clusters: int) -> tuple[float, float]:
+    """ARI and NMI of ``KMeans(n_clusters, random_state=0, n_init=10)`` on ``z`` against ``labels``."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    pred = KMeans(n_clusters=n_clusters, random_state=0, n_init=10).fit_predict(z)
+    return float(adjusted_rand_score(labels, pred)), float(normalized_mutual_info_score(labels, pred))
+
+
+def silhouette_scores(z, labels) -> tuple[float, float]:
+    """Label silhouette on ``z`` (Euclidean): (raw mean silhouette in [-1, 1], scib-style ``(s + 1) / 2``)."""
+    from sklearn.metrics import silhouette_score
+
+    s = float(silhouette_score(z, labels))
+    return s, (s + 1.0) / 2.0
+
+
+# ----------------------------------------------------------------------------- tools
+def import_tool(tool: str):
+    """Return (module, version) or raise ImportError with a clear message."""
+    if tool == "scvi":
+        import logging
+
+        import scvi  # noqa: F401
+
+        scvi.settings.verbosity = logging.WARNING
+        for lg in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
+            logging.getLogger(lg).setLevel(logging.ERROR)
+        return scvi, scvi.__version__
+    if tool == "cellvae":
+        import cellvae
+
+        if not hasattr(cellvae, "CountVAE"):
+            raise ImportError("cellvae is importable but has no CountVAE yet")
+        return cellvae, getattr(cellvae, "__version__", "?")
+    raise ValueError(tool)
+
+
+# ----------------------------------------------------------------------------- report helpers
+def mean_sd(vals):
+    """(mean, sample sd) of the non-None values; (None, None) when there are none; sd 0.0 for one value."""
+    import numpy as np
+
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    a = np.asarray(vals, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt_mean_sd(vals, digits=3, missing="-"):
+    """``m ± sd`` (or ``m`` for a single value, ``missing`` for none)."""
+    m, s = mean_sd(vals)
+    if m is None:
+        return missing
+    if len([v for v in vals if v is not None]) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a reader
+    (or an interruption) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
