@@ -77,3 +77,53 @@ def test_fit_refuses_nonempty_out_and_bad_values(tmp_path, small_h5ad, kang_smal
     assert r.exit_code == 2 and "--batch-key 'nope'" in r.output
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(tmp_path / "o4"), "--layer", "counts"])
     assert r.exit_code == 2 and "Layer 'counts' not found" in r.output
+
+
+def test_fit_resume_after_a_crash(tmp_path, small_h5ad, monkeypatch):
+    """A job that dies in epoch 3 leaves out/checkpoints (epoch 2); a rerun without --resume is refused and names
+    --resume; with --resume it continues from epoch 2, writes every output and removes the checkpoints."""
+    import cellvae.train as train_mod
+
+    out = tmp_path / "out"
+    args = ["fit", str(small_h5ad), "--out", str(out), "--max-epochs", "4", "--checkpoint-every", "2",
+            "--n-hidden", "32", "--quiet"]
+    orig = train_mod.evaluate_elbo
+    calls = {"n": 0}
+
+    def crash_in_epoch_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_elbo", crash_in_epoch_3)
+    r = CliRunner().invoke(main, args)
+    assert isinstance(r.exception, RuntimeError) and "simulated crash" in str(r.exception)
+    monkeypatch.setattr(train_mod, "evaluate_elbo", orig)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint.pt"]
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--resume to continue" in r.output
+    r = CliRunner().invoke(main, [*args[:-1], "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "resuming from" in r.output and "resumed at epoch 2" in r.output
+    hist = json.loads((out / "model" / "history.json").read_text())
+    assert hist["epoch"] == [1, 2, 3, 4] and hist["resumed_from_epoch"] == 2
+    assert (out / "report.html").exists() and (out / "cellvae.h5ad").exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_fit_training_error_exits_3_and_saves_best_weights(tmp_path, small_h5ad, monkeypatch):
+    import cellvae.model as model_mod
+    from cellvae import CellvaeTrainingError
+
+    def diverge(module, *a, **k):
+        raise CellvaeTrainingError("Training stopped in epoch 2 (step 9): 20 consecutive minibatches gave non-finite "
+                                   "(NaN or inf) loss ...", {"epoch": [1], "best_epoch": 1})
+
+    monkeypatch.setattr(model_mod, "train_module", diverge)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--n-hidden", "16", "--quiet"])
+    assert r.exit_code == 3, r.output
+    assert "error: Training stopped in epoch 2" in r.output and "was saved to" in r.output
+    assert (out / "model" / "model.pt").exists() and CountVAE.load(out / "model").history["epoch"] == [1]

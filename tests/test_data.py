@@ -140,10 +140,12 @@ def test_categorical_nan_and_continuous_inf(kang_small):
     with pytest.raises(CellvaeInputError, match="missing values"):
         DataSpec.from_adata(a, a.var_names, categorical_covariate_keys=["cond"])
     a.obs["score"] = 1.0
-    a.obs.iloc[3, a.obs.columns.get_loc("score")] = np.inf
     spec = DataSpec.from_adata(a, a.var_names, continuous_covariate_keys=["score"])
-    with pytest.raises(CellvaeInputError, match="Continuous covariates"):
-        spec.prepare(a)
+    a.obs.iloc[3, a.obs.columns.get_loc("score")] = np.inf
+    with pytest.raises(CellvaeInputError, match=r"obs\['score'\] \(continuous covariate\) has 1 NaN, infinite"):
+        DataSpec.from_adata(a, a.var_names, continuous_covariate_keys=["score"])  # at set-up, before training
+    with pytest.raises(CellvaeInputError, match=r"obs\['score'\] \(continuous covariate\)"):
+        spec.prepare(a)  # and for new data at inference
 
 
 def test_gene_alignment_reorders_and_reports_missing(zeisel_small):

@@ -521,3 +521,71 @@ def test_last_dimension_mismatch_raises():
         assert d.log_prob(torch.ones(5)).shape == (3, 5)
         assert d.log_prob(torch.ones(2, 3, 5)).shape == (2, 3, 5)
     assert math.isfinite(NegativeBinomial(mu, theta).log_prob(torch.ones(3, 5)).sum().item())
+
+
+# ------------------------------------------------------------------- 7. full range, half precision, theta = inf
+
+WIDE_THETAS = np.array([1e-4, 1e-2, 1.0, 99.0, 101.0, 1e4, 1e6, 1e7, 1e8])
+WIDE_MUS = np.array([0.0, 1e-8, 1e-3, 1.0, 1e3, 1e5, 1e6, 1e7])
+WIDE_XS = np.array([0, 1, 3, 100, 1e4, 1e5, 1e6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_range_finite_and_accurate(dtype):
+    """theta up to 1e8, mu from 0 up to 1e7, counts up to 1e6: finite everywhere, and within float rounding of
+    the float64 reference (eps times the magnitude of the terms summed)."""
+    T, M, X = _grid(WIDE_THETAS, WIDE_MUS, WIDE_XS)
+    Z = np.full(T.shape, 0.5)
+    nb = NegativeBinomial(_t(M, dtype), _t(T, dtype)).log_prob(_t(X, dtype))
+    zi = ZeroInflatedNegativeBinomial(_t(M, dtype), _t(T, dtype), _t(Z, dtype)).log_prob(_t(X, dtype))
+    po = Poisson(_t(M, dtype)).log_prob(_t(X, dtype))
+    for lp in (nb, zi, po):
+        assert torch.isfinite(lp).all() and lp.dtype == dtype
+    T3, M3, X3 = (_as_dtype(a, dtype) for a in (T, M, X))
+    pos = M3 > 0
+    ref = _nb_ref(X3[pos], M3[pos], T3[pos])
+    eps = EPS64 if dtype == torch.float64 else EPS32
+    scale = _nb_terms_scale(X3[pos], M3[pos], T3[pos]) + X3[pos]
+    # + the reference's gammaln cancellation, + the Stirling truncation (< 1/(360 theta^3) < 3e-9 nats) for theta > 100.
+    ref_err = 8 * EPS64 * (np.abs(sc.gammaln(X3[pos] + T3[pos])) + np.abs(sc.gammaln(T3[pos]))) + 3e-9
+    _assert_within(nb.double().numpy()[pos], ref, 32 * eps * np.maximum(1, scale) + ref_err, f"NB full range {dtype}")
+    # mu = 0: log p(0) = 0, and x > 0 is (very) improbable.
+    assert nb[~torch.from_numpy(pos) & (torch.from_numpy(X) == 0)].abs().max() < 1e-30
+    assert (nb[~torch.from_numpy(pos) & (torch.from_numpy(X) > 0)] < -80).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype):
+    """float16 / bfloat16 parameters give float32 log-probabilities equal to the float32 computation on the same
+    (rounded) values: finite wherever the rounded inputs are finite, although the value (here down to -1e7 nats)
+    does not fit in float16."""
+    T, M, X = _grid(WIDE_THETAS, WIDE_MUS, WIDE_XS)
+    Z = np.full(T.shape, -1.0)
+    t, m, x, z = (_t(a, dtype) for a in (T, M, X, Z))
+    ok = torch.isfinite(t) & torch.isfinite(m) & torch.isfinite(x)
+    if dtype == torch.bfloat16:
+        assert ok.all()  # bfloat16 has float32's range
+    for half, full in [
+        (NegativeBinomial(m, t).log_prob(x), NegativeBinomial(m.float(), t.float()).log_prob(x.float())),
+        (ZeroInflatedNegativeBinomial(m, t, z).log_prob(x),
+         ZeroInflatedNegativeBinomial(m.float(), t.float(), z.float()).log_prob(x.float())),
+        (Poisson(m).log_prob(x), Poisson(m.float()).log_prob(x.float())),
+    ]:
+        assert half.dtype == torch.float32
+        assert torch.isfinite(half[ok]).all()
+        torch.testing.assert_close(half[ok], full[ok], rtol=0, atol=0)
+    n = Normal(_t([0.0, 300.0], dtype), _t([1e-2, 1.0], dtype)).log_prob(_t([300.0, 0.0], dtype))
+    assert n.dtype == torch.float32 and torch.isfinite(n).all() and (n < -4e4).all()  # z^2/2 ~ 4.5e8, not inf
+
+
+def test_theta_infinite_is_the_poisson_limit():
+    mu = torch.tensor([0.0, 0.5, 3.0, 1e4, 1e7], dtype=torch.float64)
+    x = torch.tensor([0.0, 1.0, 2.0, 1e4, 1e6], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        inf = torch.full_like(mu, math.inf, dtype=dtype)
+        nb = NegativeBinomial(mu.to(dtype), inf).log_prob(x.to(dtype))
+        po = Poisson(mu.to(dtype)).log_prob(x.to(dtype))
+        assert torch.isfinite(nb).all()
+        tol = 1e-9 if dtype == torch.float64 else 32 * EPS32
+        scale = (x * torch.log(mu.clamp(min=1e-300)).abs() + mu + torch.lgamma(x + 1)).clamp(min=1).to(dtype)
+        assert ((nb - po).abs() <= tol * scale).all(), (dtype, nb, po)

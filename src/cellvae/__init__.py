@@ -16,5 +16,7 @@ __version__ = "0.1.0"
 from .cvae import CVAE, CVAE_NB, CVAE_ZINB  # noqa: E402
 from .data import CellvaeInputError, read_data  # noqa: E402
 from .model import CountVAE  # noqa: E402
+from .train import CellvaeTrainingError  # noqa: E402
 
-__all__ = ["CountVAE", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "read_data", "__version__"]
+__all__ = ["CountVAE", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "CellvaeTrainingError", "read_data",
+           "__version__"]

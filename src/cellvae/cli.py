@@ -16,11 +16,16 @@ __all__ = ["main"]
 
 
 def _run(fn, **kwargs):
+    from .train import CellvaeTrainingError
+
     try:
         return fn(**kwargs)
     except (CellvaeInputError, FileExistsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except CellvaeTrainingError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(3)
 
 
 def _fit_options(f):
@@ -45,6 +50,22 @@ def _fit_options(f):
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
+    return _add(options, f)
+
+
+def _fit_only_options(f):
+    options = [
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted job in --out from its last checkpoint (same data and options; "
+                          "the result equals an uninterrupted run)."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Epochs between training checkpoints in --out/checkpoints (a crash loses at most this "
+                          "many)."),
+    ]
+    return _add(options, f)
+
+
+def _add(options, f):
     for opt in reversed(options):
         f = opt(f)
     return f
@@ -60,6 +81,7 @@ def main():
 @click.argument("data")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @_fit_options
+@_fit_only_options
 def fit(data, out_dir, quiet, **kwargs):
     """Fit a count VAE to DATA (.h5ad, 10x .h5 or directory, .csv/.tsv, URL) and write the model, an
     annotated .h5ad, figures, metrics and an HTML report to --out."""

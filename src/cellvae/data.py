@@ -36,6 +36,7 @@ __all__ = [
 
 DENSE_MAX_ELEMENTS = 300_000_000  # ~1.2 GB float32: above this, minibatches are densified from CSR per batch
 DATA_DIR_ENV = "CELLVAE_DATA_DIR"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class CellvaeInputError(ValueError):
@@ -103,9 +104,9 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
             adata = sc.read_10x_h5(p)
             adata.var_names_make_unique()
         elif suffixes.endswith((".csv", ".csv.gz")):
-            adata = ad.AnnData(pd.read_csv(p, index_col=0))
+            adata = _table_to_adata(pd.read_csv(p, index_col=0), p)
         elif suffixes.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
-            adata = ad.AnnData(pd.read_csv(p, sep="\t", index_col=0))
+            adata = _table_to_adata(pd.read_csv(p, sep="\t", index_col=0), p)
         elif suffixes.endswith(".loom"):
             adata = ad.read_loom(p)
         else:
@@ -114,10 +115,56 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
             )
     except CellvaeInputError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        raise CellvaeInputError(f"Could not read {str(p)!r} as {suffixes or 'a 10x directory'}: {e}") from e
+    except pd.errors.ParserError as e:
+        first = (str(e).strip().splitlines() or ["parse error"])[0]
+        raise CellvaeInputError(
+            f"Could not read {str(p)!r} as a table: {first}. A row has more values than the header has gene names "
+            "(header: cell-name column, then one name per gene); fix that row or the header."
+        ) from e
+    except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError) as e:
+        what = suffixes or "a 10x directory"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CellvaeInputError(
+            f"Could not read {str(p)!r} as {what}: {first}. The file is truncated, damaged or not in that format; "
+            "check it (e.g. download or export it again)."
+        ) from e
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise CellvaeInputError(f"{str(p)!r} holds an empty matrix ({adata.n_obs} cells x {adata.n_vars} genes).")
+        raise CellvaeInputError(f"{str(p)!r} holds an empty matrix ({adata.n_obs} cells x {adata.n_vars} genes); "
+                                "check the file.")
+    return adata
+
+
+def _table_to_adata(df: pd.DataFrame, path: Path) -> ad.AnnData:
+    """A cells x genes table (first column cell names, header row gene names) as AnnData, with checks.
+
+    Raises:
+        CellvaeInputError: non-numeric columns, or rows with fewer values than the header (empty fields).
+    """
+    name = path.name
+    bad_cols = [str(c) for c, t in df.dtypes.items() if not (pd.api.types.is_numeric_dtype(t)
+                                                               and not pd.api.types.is_bool_dtype(t))]
+    if bad_cols:
+        raise CellvaeInputError(
+            f"{name}: columns {bad_cols[:5]} are not numeric. A count table needs cell names in the first column, "
+            "gene names in the header row and numbers everywhere else (cells as rows); move annotations such as "
+            "cell types into a separate file and add them to adata.obs."
+        )
+    missing = df.isna().to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing.any(1))
+        raise CellvaeInputError(
+            f"{name}: {int(missing.sum())} empty or missing values in {len(rows)} rows (first: cell "
+            f"{str(df.index[rows[0]])!r}, line {rows[0] + 2}). Each row needs one value per gene in the header "
+            f"({df.shape[1]} genes); a row with fewer fields, or a header with extra names, causes this."
+        )
+    cols = pd.Index(df.columns.astype(str))
+    if len(cols) and pd.to_numeric(pd.Series(cols), errors="coerce").notna().all():
+        warn(f"{name}: every column name is a number (e.g. {list(cols[:3])}). If the file has no header row, its "
+             "first row was read as gene names and one cell was lost: add a header row with the gene names. "
+             "(Numeric gene ids such as Entrez ids are fine.)")
+    adata = ad.AnnData(df.astype(np.float32) if any(t.kind == "f" for t in df.dtypes) else df)
+    adata.var_names = cols
+    adata.obs_names = pd.Index(df.index.astype(str))
     return adata
 
 
@@ -130,19 +177,29 @@ def get_counts(adata: ad.AnnData, layer: str | None = None):
     """
     if layer is not None:
         if layer not in adata.layers:
-            raise CellvaeInputError(
-                f"Layer {layer!r} not found; available layers: {list(adata.layers.keys()) or 'none'}. "
-                "Pass --layer with one of them, or omit it to use X."
-            )
-        return adata.layers[layer]
+            layers = list(adata.layers.keys())
+            fix = ("Pass layer=... (--layer) with one of them, or omit it to use X." if layers else
+                   "Omit layer (--layer) to use X, or store the raw counts first: adata.layers[...] = counts.")
+            raise CellvaeInputError(f"Layer {layer!r} not found; available layers: {layers or 'none'}. {fix}")
+        return _in_memory(adata.layers[layer])
     if adata.X is None:
         raise CellvaeInputError("adata.X is empty; pass the layer holding raw counts (layer=... / --layer).")
-    return adata.X
+    return _in_memory(adata.X)
+
+
+def _in_memory(X):
+    """A backed matrix (``ad.read_h5ad(..., backed="r")``: an h5py dataset or anndata's sparse dataset) read into
+    memory; in-memory matrices unchanged. Training visits every cell each epoch, so the counts are read once."""
+    if hasattr(X, "to_memory"):  # anndata's backed CSR/CSC dataset
+        return X.to_memory()
+    if type(X).__module__.startswith("h5py"):  # backed dense X
+        return X[()]
+    return X
 
 
 def _values(X) -> np.ndarray:
     if sp.issparse(X):
-        return X.data if X.format in ("csr", "csc", "coo") else X.tocsr().data
+        return X.data if X.format in ("csr", "csc") else X.tocsr().data  # COO: duplicates summed first
     return np.asarray(X)
 
 
@@ -165,17 +222,28 @@ def check_values(X, count_likelihood: bool, where: str = "X") -> None:
         where: name of the matrix, for messages.
 
     Raises:
-        CellvaeInputError: NaN or inf anywhere; negative or non-integer values for a count likelihood.
+        CellvaeInputError: a dtype other than integers or floats; NaN or inf anywhere; values beyond the float32
+            range; negative or non-integer values for a count likelihood.
     """
     v = _values(X)
-    if not np.issubdtype(v.dtype, np.number):
-        raise CellvaeInputError(f"{where} has non-numeric dtype {v.dtype}.")
+    if not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)):
+        raise CellvaeInputError(
+            f"{where} has dtype {v.dtype}, not integer or floating point numbers. Store the counts as numbers "
+            f"(e.g. adata.X = adata.X.astype('float32') if they are numbers held as {v.dtype}), or pass the layer "
+            "that holds them."
+        )
     if np.issubdtype(v.dtype, np.floating):
         bad = ~np.isfinite(v)
         if bad.any():
             raise CellvaeInputError(
                 f"{where} contains {int(bad.sum())} NaN or infinite values; remove or fix those cells/genes first."
             )
+    big = max(abs(float(v.max())), abs(float(v.min()))) if v.size else 0.0
+    if big > _FLOAT32_MAX:
+        raise CellvaeInputError(
+            f"{where} contains values beyond the float32 range (max |x| {big:g} > 3.4e38), which "
+            "training cannot represent; these are not counts: fix or remove them."
+        )
     if not count_likelihood:
         return
     if v.size and v.min() < 0:
@@ -218,38 +286,75 @@ def select_highly_variable_genes(
 
 
 # --------------------------------------------------------------------------------------- covariates
-def _categories(adata: ad.AnnData, key: str) -> list[str]:
-    col = _obs_column(adata, key)
+def _categories(adata: ad.AnnData, key: str, role: str = "obs key") -> list[str]:
+    col = _obs_column(adata, key, role)
     if col.isna().any():
+        ex = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[:3]].tolist()
         raise CellvaeInputError(
-            f"obs[{key!r}] has {int(col.isna().sum())} missing values; fill them (e.g. 'unknown') or drop those cells."
+            f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values (e.g. cells {ex}); fill them "
+            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).fillna('unknown')) or drop those cells."
         )
     if isinstance(col.dtype, pd.CategoricalDtype):
         cats = [str(c) for c in col.cat.categories if (col == c).any()]
     else:
         cats = sorted(pd.unique(col.astype(str)).tolist())
+    sizes = col.astype(str).value_counts()
+    small = [c for c in cats if sizes.get(c, 0) < 3]
+    if small:  # as scvi-tools' setup_anndata
+        warn(f"obs[{key!r}] ({role}) has categories with fewer than 3 cells: {small[:5]}; the model may not learn "
+             "them well. Merge or drop such categories if that matters.")
     return cats
 
 
-def _obs_column(adata: ad.AnnData, key: str) -> pd.Series:
+def _obs_column(adata: ad.AnnData, key: str, role: str = "obs key") -> pd.Series:
     if key not in adata.obs.columns:
         raise CellvaeInputError(
-            f"obs key {key!r} not found; available obs columns: {list(adata.obs.columns) or 'none'}."
+            f"obs key {key!r} not found ({role} must be an obs column); available obs columns: "
+            f"{list(adata.obs.columns) or 'none'}. Pass one of them, or add the column to adata.obs."
         )
     return adata.obs[key]
 
 
-def _encode(adata: ad.AnnData, key: str, categories: Sequence[str]) -> np.ndarray:
-    col = _obs_column(adata, key)
+def _continuous(adata: ad.AnnData, keys: Sequence[str]) -> np.ndarray | None:
+    """Continuous covariates as a float32 (n_cells, n_keys) array (None without keys).
+
+    Raises:
+        CellvaeInputError: a missing key, or NaN, inf or non-numeric values (naming the key and a few cells).
+    """
+    if not keys:
+        return None
+    cols = []
+    for k in keys:
+        col = _obs_column(adata, k, "continuous covariate")
+        num = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(num)
+        if bad.any():
+            i = np.flatnonzero(bad)[:3]
+            ex = ", ".join(f"cell {adata.obs_names[j]!s}: {col.iloc[j]}" for j in i)
+            raise CellvaeInputError(
+                f"obs[{k!r}] (continuous covariate) has {int(bad.sum())} NaN, infinite or non-numeric values "
+                f"(e.g. {ex}); fix or drop those cells, or pass the column as a categorical covariate if it is one."
+            )
+        if np.abs(num).max() > 1e30:
+            raise CellvaeInputError(f"obs[{k!r}] (continuous covariate) has values beyond 1e30; rescale it.")
+        cols.append(num.astype(np.float32))
+    return np.stack(cols, axis=1)
+
+
+def _encode(adata: ad.AnnData, key: str, categories: Sequence[str], role: str = "obs key") -> np.ndarray:
+    col = _obs_column(adata, key, role)
     if col.isna().any():
-        raise CellvaeInputError(f"obs[{key!r}] has missing values; fill or drop them.")
+        raise CellvaeInputError(f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values; fill them "
+                                "(e.g. 'unknown') or drop those cells.")
     values = col.astype(str).to_numpy()
     codes = pd.Index(categories).get_indexer(values)
     if (codes < 0).any():
         unknown = sorted(set(values[codes < 0]))[:5]
+        n_unknown = int((codes < 0).sum())
         raise CellvaeInputError(
-            f"obs[{key!r}] has categories unseen at training time: {unknown}; the model knows {list(categories)}. "
-            "Rename them to known categories or train a model that includes them."
+            f"obs[{key!r}] ({role}) has categories unseen at training time: {unknown} ({n_unknown} cells); the "
+            f"model knows {list(categories)}. Rename them to known categories, drop those cells, or train a model "
+            "that includes them."
         )
     return codes.astype(np.int64)
 
@@ -294,7 +399,8 @@ class DataSpec:
         """Record genes and covariate categories from the training AnnData."""
         cat_keys = list(categorical_covariate_keys or [])
         cont_keys = list(continuous_covariate_keys or [])
-        batch_categories = _categories(adata, batch_key) if batch_key else ["0"]
+        batch_categories = _categories(adata, batch_key, "batch_key") if batch_key else ["0"]
+        _continuous(adata, cont_keys)  # NaN / inf / non-numeric: answered now, before training
         return cls(
             gene_names=[str(g) for g in gene_names],
             layer=layer,
@@ -303,7 +409,7 @@ class DataSpec:
             categorical_covariate_keys=cat_keys,
             continuous_covariate_keys=cont_keys,
             batch_categories=batch_categories,
-            categorical_categories={k: _categories(adata, k) for k in cat_keys},
+            categorical_categories={k: _categories(adata, k, "categorical covariate") for k in cat_keys},
             normal_transform=normal_transform,
         )
 
@@ -366,21 +472,13 @@ class DataSpec:
         if self.gene_likelihood == "normal" and self.normal_transform == "log1p_cp10k":
             X = log1p_cp10k(X)
         n = adata.n_obs
-        cols = [_encode(adata, self.batch_key, self.batch_categories) if self.batch_key else np.zeros(n, np.int64)]
-        cols += [_encode(adata, k, self.categorical_categories[k]) for k in self.categorical_covariate_keys]
+        cols = [_encode(adata, self.batch_key, self.batch_categories, "batch_key") if self.batch_key
+                else np.zeros(n, np.int64)]
+        cols += [_encode(adata, k, self.categorical_categories[k], "categorical covariate")
+                 for k in self.categorical_covariate_keys]
         cat = torch.from_numpy(np.stack(cols, axis=1))
-        cont = None
-        if self.continuous_covariate_keys:
-            arr = np.stack(
-                [pd.to_numeric(_obs_column(adata, k), errors="coerce").to_numpy(np.float32)
-                 for k in self.continuous_covariate_keys], axis=1,
-            )
-            if not np.isfinite(arr).all():
-                raise CellvaeInputError(
-                    f"Continuous covariates {self.continuous_covariate_keys} contain NaN, inf or non-numbers; "
-                    "fix them or drop those cells."
-                )
-            cont = torch.from_numpy(arr)
+        arr = _continuous(adata, self.continuous_covariate_keys)
+        cont = torch.from_numpy(arr) if arr is not None else None
         return TensorData(X, cat, cont)
 
 

@@ -3,7 +3,10 @@
 Each class holds its parameters as tensors of one broadcast shape, usually (n_cells, n_genes), and offers
 ``log_prob(x)`` (nats, element-wise, same shape as ``x``), ``mean``, ``variance`` and ``sample()``.
 All log-probabilities are computed in log space with the stable forms below, so that they stay finite for
-inverse dispersion theta in [1e-4, 1e8], mean mu in [0, 1e7] and counts up to 1e6.
+inverse dispersion theta in [1e-4, 1e8] (and beyond: theta = inf is the Poisson limit), mean mu in [0, 1e7] and
+counts up to 1e6, in float64 and float32. float16 and bfloat16 parameters are computed in float32 and give a float32
+log-probability: their range (float16: 65504) and precision (bfloat16: 8 bits) cannot hold the lgamma terms of
+counts, and a log-probability of -1e5 nats is not representable in float16 (autocast does the same for ``lgamma``).
 
 Parameterisations follow scVI (Lopez et al. 2018, Nat. Methods 15:1053, Methods "Model"):
 
@@ -32,10 +35,17 @@ __all__ = [
 ]
 
 _STIRLING_MIN = 1e2  # above this theta, lgamma(x + theta) - lgamma(theta) uses the Stirling difference form
+_THETA_MAX = 1e30  # theta is capped here (theta = inf: the Poisson limit); the NB differs from it by < x^2 / theta
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _tiny(t: torch.Tensor) -> float:
     return torch.finfo(t.dtype).tiny if t.is_floating_point() else torch.finfo(torch.float32).tiny
+
+
+def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float16 / bfloat16 tensors as float32 (log-probabilities are computed and returned in float32 for them)."""
+    return tuple(t.float() if t.dtype in _LOW_PRECISION else t for t in tensors)
 
 
 def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -53,6 +63,7 @@ def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of the broadcast shape (nats).
     """
+    x, theta = _upcast(x, theta)
     big = theta > _STIRLING_MIN
     if not bool(big.any()):  # common case in training: skip the Stirling branch entirely
         return torch.lgamma(x + theta) - torch.lgamma(theta)
@@ -74,17 +85,46 @@ def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> t
 
     ``log p = lgamma(x+theta) - lgamma(theta) - lgamma(x+1) - theta log1p(mu/theta) + x (log mu - log(theta+mu))``.
 
+    For ``theta > 100`` the Stirling difference (see :func:`lgamma_ratio`) is combined with the last term so that
+    the two ``x log(theta)``-sized parts cancel analytically:
+    ``(theta - 1/2) log1p(x/theta) - theta log1p(mu/theta) + x log((x+theta)/(theta+mu)) + x log mu - x
+    - lgamma(x+1) + (1/(x+theta) - 1/theta) / 12``. Its float32 rounding error then scales with the Poisson-sized
+    terms (``x log mu``, ``lgamma(x+1)``) instead of ``x log theta``, and ``theta`` up to ``1e30`` (the cap; inf
+    gives the Poisson limit) stays finite.
+
     ``mu`` is clamped below at the dtype's smallest normal number so that ``mu = 0`` gives a finite value
-    (``log p(0) = 0`` and a very negative value for ``x > 0``).
+    (``log p(0) = 0`` and a very negative value for ``x > 0``). float16 / bfloat16 inputs are computed in float32.
     """
+    x, mu, theta = _upcast(x, mu, theta)
     mu = mu.clamp(min=_tiny(mu))
-    log_theta_mu = torch.log(theta + mu)
-    return (
-        lgamma_ratio(x, theta)
-        - torch.lgamma(x + 1.0)
-        - theta * torch.log1p(mu / theta)
-        + x * (torch.log(mu) - log_theta_mu)
+    theta = theta.clamp(max=_THETA_MAX)
+    big = theta > _STIRLING_MIN
+    if not bool(big.any()):  # common case in training: direct form only
+        return (
+            torch.lgamma(x + theta)
+            - torch.lgamma(theta)
+            - torch.lgamma(x + 1.0)
+            - theta * torch.log1p(mu / theta)
+            + x * (torch.log(mu) - torch.log(theta + mu))
+        )
+    th_s = torch.where(big, torch.ones_like(theta), theta)
+    direct = (
+        torch.lgamma(x + th_s)
+        - torch.lgamma(th_s)
+        - th_s * torch.log1p(mu / th_s)
+        + x * (torch.log(mu) - torch.log(th_s + mu))
     )
+    th_b = torch.where(big, theta, torch.full_like(theta, 2 * _STIRLING_MIN))
+    xt = x + th_b
+    stirling = (
+        (th_b - 0.5) * torch.log1p(x / th_b)
+        - th_b * torch.log1p(mu / th_b)
+        + x * torch.log(xt / (th_b + mu))
+        + x * torch.log(mu)
+        - x
+        + (1.0 / 12.0) * (1.0 / xt - 1.0 / th_b)
+    )
+    return torch.where(big, stirling, direct) - torch.lgamma(x + 1.0)
 
 
 def log_zinb_positive(
@@ -95,6 +135,7 @@ def log_zinb_positive(
     With ``pi = sigmoid(zi_logits)``: ``p(0) = pi + (1 - pi) NB(0)`` and ``p(x>0) = (1 - pi) NB(x)``, computed as
     ``logaddexp(zi_logits, log NB(0)) - softplus(zi_logits)`` and ``log NB(x) - softplus(zi_logits)``.
     """
+    x, zi_logits = _upcast(x, zi_logits)
     log_nb = log_nb_positive(x, mu, theta)
     zero = torch.logaddexp(zi_logits, log_nb)
     return torch.where(x == 0, zero, log_nb) - F.softplus(zi_logits)
@@ -138,8 +179,9 @@ class Normal(_Distribution):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise log density (nats)."""
         self._check(x)
-        z = (x - self.loc) / self.scale
-        return -0.5 * z * z - torch.log(self.scale) - 0.5 * math.log(2 * math.pi)
+        x, loc, scale = _upcast(x, self.loc, self.scale)
+        z = (x - loc) / scale
+        return -0.5 * z * z - torch.log(scale) - 0.5 * math.log(2 * math.pi)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.loc.shape
@@ -168,7 +210,8 @@ class Poisson(_Distribution):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise log pmf ``x log mu - mu - lgamma(x+1)`` (nats)."""
         self._check(x)
-        mu = self.mu.clamp(min=_tiny(self.mu))
+        x, mu = _upcast(x, self.mu)
+        mu = mu.clamp(min=_tiny(mu))
         return x * torch.log(mu) - mu - torch.lgamma(x + 1.0)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:

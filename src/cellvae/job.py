@@ -9,6 +9,10 @@ Outputs in ``out_dir``:
   ``uns['cellvae']`` (settings and metrics);
 - ``figures/*.png``, ``report.html`` (figures embedded), ``metrics.json``.
 
+While the job runs, ``checkpoints/checkpoint.pt`` holds the last training checkpoint (every ``checkpoint_every``
+epochs and at the end of training); ``resume=True`` (``cellvae fit --resume``) continues an interrupted job from it
+and ends with the same model as an uninterrupted job. The directory is removed once every output is written.
+
 The input file is never modified; every output file is written to a temporary name and renamed.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -27,31 +32,45 @@ from .metrics import clustering_agreement, kmeans_agreement, silhouette_labels
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
 from .report import render_report
-from .train import torch_threads
+from .train import CellvaeTrainingError, torch_threads
 
-__all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE"]
+__all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
 
 NORMALIZED_LIBRARY_SIZE = 1e4
+CHECKPOINT_DIR = "checkpoints"
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, inputs: list[Path], overwrite: bool) -> Path:
+def prepare_out_dir(out_dir: str | os.PathLike, inputs: list[Path], overwrite: bool, resume: bool = False) -> Path:
     """Check and create the output directory.
 
+    Args:
+        out_dir: the output directory.
+        inputs: input paths, which must not lie in it.
+        overwrite: replace the contents of a non-empty directory (its old checkpoints are removed).
+        resume: continue the job in a non-empty directory from its ``checkpoints/`` (when there are any).
+
     Raises:
-        CellvaeInputError: ``out_dir`` is an input path or contains one, or it exists and is not empty while
-            ``overwrite`` is False.
+        CellvaeInputError: ``out_dir`` is an input path or contains one, it is a file, or it exists and is not
+            empty while neither ``overwrite`` nor ``resume`` is given.
     """
     out = Path(out_dir).expanduser().resolve()
     for p in inputs:
         p = p.resolve()
-        if p == out or out in p.parents:
+        if p == out:
+            raise CellvaeInputError(f"--out {str(out)!r} is the input itself; choose another --out.")
+        if out in p.parents:
             raise CellvaeInputError(f"The input {str(p)!r} lies in the output directory {str(out)!r}, where it "
                                     "could be overwritten; choose another --out.")
     if out.exists() and not out.is_dir():
-        raise CellvaeInputError(f"--out {str(out)!r} exists and is not a directory.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CellvaeInputError(f"Output directory {str(out)!r} exists and is not empty; "
-                                "pass --overwrite to replace its contents or choose another --out.")
+        raise CellvaeInputError(f"--out {str(out)!r} exists and is not a directory; choose another --out.")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        hint = ""
+        if (out / CHECKPOINT_DIR).is_dir():
+            hint = " It holds the checkpoints of an interrupted job: pass --resume to continue that job."
+        raise CellvaeInputError(f"Output directory {str(out)!r} exists and is not empty; pass --overwrite to "
+                                f"replace its contents or choose another --out.{hint}")
+    if overwrite and not resume and (out / CHECKPOINT_DIR).exists():
+        shutil.rmtree(out / CHECKPOINT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -94,21 +113,27 @@ def fit_job(
     overwrite: bool = False,
     progress_bar: bool = True,
     log=print,
+    resume: bool = False,
+    checkpoint_every: int = 10,
 ) -> dict:
     """Run the main job end to end; return the metrics dict (also written to ``metrics.json``).
 
     Args mirror ``cellvae fit`` (see ``cellvae fit --help``). ``data`` is a path, a name in
-    ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines.
+    ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines. ``resume``: continue an interrupted job in
+    ``out_dir`` from ``out_dir/checkpoints`` (same data and options); ``checkpoint_every``: epochs between
+    training checkpoints.
 
     Raises:
-        CellvaeInputError: unreadable data, bad values, missing keys or layers, a bad output directory; raised
-            before any training.
+        CellvaeInputError: unreadable data, bad values, missing keys or layers, a bad output directory, a
+            checkpoint of other data or settings; raised before any training.
+        CellvaeTrainingError: training diverged (repeated non-finite losses); the best weights so far are saved
+            to ``out_dir/model`` and the checkpoint is kept.
     """
     import scanpy as sc
 
     t_start = time.perf_counter()
     path = resolve_data_path(data)
-    out = prepare_out_dir(out_dir, [path], overwrite)
+    out = prepare_out_dir(out_dir, [path], overwrite, resume=resume)
     adata = read_data(path)
     log(f"read {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
     get_counts(adata, layer)  # missing layer -> clear error now
@@ -133,9 +158,21 @@ def fit_job(
     )
     log(f"training {model!r}")
     t0 = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
-                progress_bar=progress_bar)
+    ck_dir = out / CHECKPOINT_DIR
+    if resume:
+        log(f"resuming from {ck_dir / 'checkpoint.pt'}" if (ck_dir / "checkpoint.pt").exists()
+            else f"--resume: no checkpoint in {ck_dir}; training from the beginning")
+    try:
+        model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
+                    progress_bar=progress_bar, checkpoint_dir=ck_dir, checkpoint_every=checkpoint_every,
+                    resume=resume)
+    except CellvaeTrainingError as e:
+        model.save(out / "model", overwrite=True)
+        raise CellvaeTrainingError(f"{e} The model with these weights was saved to {str(out / 'model')!r}.",
+                                   e.history) from e
     train_seconds = time.perf_counter() - t0
+    if hist_resumed := model.history.get("resumed_from_epoch"):
+        log(f"resumed at epoch {hist_resumed}")
     with torch_threads(None):
         latent = model.get_latent_representation()
         norm = model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE, return_numpy=True)
@@ -241,6 +278,7 @@ def fit_job(
     ]
     _write_atomic(out / "report.html",
                   render_report(path.name, data_summary, settings, training, shown, figures, notes))
+    shutil.rmtree(ck_dir, ignore_errors=True)  # every output is written: the checkpoint is no longer needed
     log(f"wrote {out / 'report.html'}")
     return metrics
 

@@ -28,7 +28,7 @@ from .data import (
 )
 from .module import DISPERSIONS, GENE_LIKELIHOODS, VAEModule
 from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
-from .train import TrainingPlan, default_max_epochs, train_module
+from .train import CellvaeTrainingError, TrainingPlan, _fsync_dir, default_max_epochs, train_module
 
 __all__ = ["CountVAE", "FORMAT_VERSION"]
 
@@ -95,10 +95,22 @@ class CountVAE:
             raise CellvaeInputError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
         if dispersion not in DISPERSIONS:
             raise CellvaeInputError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
-        if not adata.var_names.is_unique:
-            raise CellvaeInputError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
         if adata.n_obs == 0 or adata.n_vars == 0:
-            raise CellvaeInputError(f"Empty data: {adata.n_obs} cells x {adata.n_vars} genes.")
+            raise CellvaeInputError(
+                f"The data are empty ({adata.n_obs} cells x {adata.n_vars} genes): nothing to train on. Check the "
+                "file and any filtering or subsetting done before (e.g. adata[mask])."
+            )
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()
+            raise CellvaeInputError(
+                f"adata.var_names are not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}): genes are matched by "
+                "name. Call adata.var_names_make_unique() first, or sum the duplicated genes' counts."
+            )
+        if not adata.obs_names.is_unique:
+            dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+            warn(f"adata.obs_names are not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}): training works, "
+                 "but the training/validation split cannot be saved by cell name. Call "
+                 "adata.obs_names_make_unique() to fix it.")
         X = get_counts(adata, layer)
         count_lik = gene_likelihood != "normal"
         check_values(X, count_lik, where=f"layers[{layer!r}]" if layer else "X")
@@ -205,6 +217,10 @@ class CountVAE:
         seed: int = 0,
         progress_bar: bool = True,
         n_threads: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
+        max_bad_steps: int = 20,
     ) -> "CountVAE":
         """Fit the model by maximising the ELBO with Adam (see :class:`cellvae.train.TrainingPlan`).
 
@@ -221,6 +237,16 @@ class CountVAE:
             progress_bar: show progress.
             n_threads: torch threads while training (None: half the CPUs; see
                 :func:`cellvae.train.default_n_threads`).
+            checkpoint_dir: directory for a training checkpoint (``checkpoint.pt``: weights, optimizer, epoch,
+                KL warm-up step, RNG states, early-stopping state, history), written atomically every
+                ``checkpoint_every`` epochs and at the end. None: no checkpoints.
+            checkpoint_every: epochs between checkpoints (a crash loses at most this many).
+            resume: continue the run whose checkpoint is in ``checkpoint_dir`` (from the start if there is none
+                yet), with the same data and settings; it ends with the same weights as an uninterrupted run. A
+                finished run is not trained further unless ``max_epochs`` is larger (and it did not stop early).
+            max_bad_steps: minibatches with a non-finite loss or gradients are skipped (counted in
+                ``history["n_skipped_steps"]``); this many in a row stop training with
+                :class:`cellvae.train.CellvaeTrainingError`.
 
         The first call initialises the weights from ``seed``; a later call continues from the current weights
         (with a fresh optimizer and warm-up) and replaces ``self.history``.
@@ -229,7 +255,12 @@ class CountVAE:
             self, trained; ``self.history`` holds the per-epoch losses.
 
         Raises:
-            CellvaeInputError: fewer than 3 cells with counts, or fewer training cells than one minibatch.
+            CellvaeInputError: fewer than 3 cells with counts, fewer training cells than one minibatch, or a
+                checkpoint that cannot be resumed (unreadable, another model/data/split, or present while
+                ``resume`` is False).
+            CellvaeTrainingError: ``max_bad_steps`` consecutive non-finite steps. The model then keeps the best
+                weights so far (``self.history`` up to the failure); with ``checkpoint_dir`` they are also in the
+                checkpoint.
         """
         if self._train_cells is None:  # a loaded model: train on the attached cells that have counts
             data = self._tensors(None)
@@ -256,15 +287,26 @@ class CountVAE:
             max_epochs=int(max_epochs), batch_size=int(batch_size), lr=lr, weight_decay=weight_decay, eps=eps,
             n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
-            n_threads=n_threads,
+            n_threads=n_threads, checkpoint_every=int(checkpoint_every), max_bad_steps=int(max_bad_steps),
         )
         data = self._tensors(None)
-        self.history = train_module(self.module, data, tr, va, plan)
+        meta = {"model_class": type(self).__name__, "data_spec": _jsonable(self.spec.to_dict()),
+                "module_kwargs": _jsonable(self.module_kwargs)}
+        try:
+            self.history = train_module(self.module, data, tr, va, plan, checkpoint_dir=checkpoint_dir,
+                                        resume=resume, meta=meta)
+        except CellvaeTrainingError as e:
+            self.history = e.history
+            self._finish_training(plan, train_size, tr, va)
+            raise
+        self._finish_training(plan, train_size, tr, va)
+        return self
+
+    def _finish_training(self, plan: TrainingPlan, train_size: float, tr: np.ndarray, va: np.ndarray) -> None:
         self.history["plan"] = {k: getattr(plan, k) for k in plan.__dataclass_fields__}
         self.history["plan"]["train_size"] = train_size
         self.train_indices, self.validation_indices = tr, va
         self.is_trained = True
-        return self
 
     # --------------------------------------------------------------------------------------- inference
     def _check_trained(self):
@@ -460,8 +502,9 @@ class CountVAE:
         """Save to a directory: ``config.json`` (format version, genes, covariate categories, settings),
         ``model.pt`` (a plain state dict, loadable with ``torch.load(weights_only=True)``), ``history.json`` and,
         when the training cells are known and their obs names unique, ``split.json`` (obs names of the training
-        and validation cells). Written into a temporary directory beside the target and renamed, so a crash never
-        leaves a half-written model.
+        and validation cells). Written into a temporary directory beside the target (each file fsynced) and
+        renamed, so a crash never leaves a half-written model. The format is described in
+        ``docs/model_format.md``.
 
         Raises:
             FileExistsError: the directory exists and ``overwrite`` is False.
@@ -473,12 +516,16 @@ class CountVAE:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         tmp.chmod(0o755)
         try:
-            (tmp / _CONFIG).write_text(json.dumps(self._config(), indent=2))
-            (tmp / "history.json").write_text(json.dumps(_jsonable(self.history)))
+            _write_synced(tmp / _CONFIG, json.dumps(self._config(), indent=2).encode())
+            _write_synced(tmp / "history.json", json.dumps(_jsonable(self.history)).encode())
             split = self._split_names()
             if split is not None:
-                (tmp / _SPLIT).write_text(json.dumps(split))
-            torch.save(self.module.state_dict(), tmp / _WEIGHTS)
+                _write_synced(tmp / _SPLIT, json.dumps(split).encode())
+            with open(tmp / _WEIGHTS, "wb") as f:
+                torch.save(self.module.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
             if target.exists():
                 old = target.with_name(f".{target.name}.old{os.getpid()}")
                 os.replace(target, old)
@@ -486,6 +533,7 @@ class CountVAE:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
+            _fsync_dir(target.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -508,25 +556,51 @@ class CountVAE:
         """
         d = Path(dir_path)
         if not (d / _CONFIG).exists() or not (d / _WEIGHTS).exists():
-            raise CellvaeInputError(f"{str(d)!r} is not a cellvae model directory (needs {_CONFIG} and {_WEIGHTS}).")
-        cfg = json.loads((d / _CONFIG).read_text())
-        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
             raise CellvaeInputError(
-                f"Model format version {cfg['format_version']} is newer than this cellvae supports "
-                f"({FORMAT_VERSION}); upgrade cellvae."
+                f"{str(d)!r} is not a cellvae model directory (needs {_CONFIG} and {_WEIGHTS}); pass the directory "
+                "written by CountVAE.save (for `cellvae fit`: OUT/model)."
             )
+        try:
+            cfg = json.loads((d / _CONFIG).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CellvaeInputError(f"{str(d / _CONFIG)!r} is not valid JSON ({e}); the model directory is damaged: "
+                                    "save or train the model again.") from e
+        if not isinstance(cfg, dict):
+            raise CellvaeInputError(f"{str(d / _CONFIG)!r} does not hold a cellvae model config (a JSON object).")
+        cfg = _migrate(cfg, where=str(d / _CONFIG))
         self = cls.__new__(cls)
-        self.spec = DataSpec.from_dict(cfg["data_spec"])
-        self.labels_key = cfg.get("labels_key")
-        self.module_kwargs = cfg["module_kwargs"]
-        state = torch.load(d / _WEIGHTS, weights_only=True, map_location="cpu")
+        try:
+            self.spec = DataSpec.from_dict(cfg["data_spec"])
+            self.labels_key = cfg.get("labels_key")
+            self.module_kwargs = dict(cfg["module_kwargs"])
+        except (KeyError, TypeError) as e:
+            raise CellvaeInputError(f"{str(d / _CONFIG)!r} lacks or has a malformed entry ({e}); the model "
+                                    "directory is damaged: save or train the model again.") from e
+        try:
+            # weights_only: only tensors and plain containers are unpickled, never code.
+            state = torch.load(d / _WEIGHTS, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - unreadable, truncated, or pickled objects other than tensors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CellvaeInputError(
+                f"{str(d / _WEIGHTS)!r} cannot be loaded as plain weights ({type(e).__name__}: {first}). It is "
+                "damaged, or holds pickled objects other than tensors, which cellvae never loads; save the model "
+                "again with CountVAE.save."
+            ) from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CellvaeInputError(f"{str(d / _WEIGHTS)!r} is not a state dict of tensors; save the model again.")
         lib_means = state.get("library_log_means")
         lib_vars = state.get("library_log_vars")
-        self.module = self._build_module(lib_means, lib_vars)
+        try:
+            self.module = self._build_module(lib_means, lib_vars)
+        except (TypeError, ValueError) as e:
+            raise CellvaeInputError(f"The settings in {str(d / _CONFIG)!r} cannot build a model ({e}).") from e
         try:
             self.module.load_state_dict(state)
         except RuntimeError as e:
-            raise CellvaeInputError(f"Weights in {str(d / _WEIGHTS)!r} do not match its config: {e}") from e
+            raise CellvaeInputError(
+                f"Weights in {str(d / _WEIGHTS)!r} do not match its config ({_state_mismatch(e)}). The files of the "
+                "directory come from different models, or were edited; save the model again."
+            ) from e
         self.module.eval()
         hist = d / "history.json"
         self.history = json.loads(hist.read_text()) if hist.exists() else {}
@@ -563,6 +637,52 @@ class CountVAE:
         )
 
 
+def _migrate_0_to_1(cfg: dict) -> dict:
+    """Format 0 (before format versions were written): ``gene_names`` at the top level rather than in
+    ``data_spec``; no ``data_spec.normal_transform`` (data were used as given: ``"none"``), no ``is_trained``
+    (only trained models were saved), no ``model_class``."""
+    cfg = dict(cfg)
+    spec = dict(cfg.get("data_spec", {}))
+    if "gene_names" in cfg:
+        spec["gene_names"] = cfg.pop("gene_names")
+    spec.setdefault("normal_transform", "none")
+    cfg["data_spec"] = spec
+    cfg.setdefault("is_trained", True)
+    cfg.setdefault("model_class", "CountVAE")
+    cfg["format_version"] = 1
+    return cfg
+
+
+_MIGRATIONS = {0: _migrate_0_to_1}  # from version k to k + 1; see docs/model_format.md
+
+
+def _migrate(cfg: dict, where: str = "config.json") -> dict:
+    """Bring a model config of any older format version up to :data:`FORMAT_VERSION`, one version at a time.
+
+    A config without ``format_version`` is format 0. Each step is a pure function of the JSON config (weights are
+    never rewritten); see ``docs/model_format.md`` for the versions and how to add one.
+
+    Raises:
+        CellvaeInputError: a version newer than this cellvae supports, or not a version number.
+    """
+    try:
+        version = int(cfg.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise CellvaeInputError(f"{where}: format_version {cfg.get('format_version')!r} is not a version number; "
+                                "the model directory is damaged: save the model again.") from None
+    if version > FORMAT_VERSION:
+        raise CellvaeInputError(
+            f"Model format version {version} is newer than this cellvae supports ({FORMAT_VERSION}); "
+            f"upgrade cellvae (pip install -U cellvae) to load it."
+        )
+    if version < 0:
+        raise CellvaeInputError(f"{where}: format_version {version} is not a cellvae format.")
+    while version < FORMAT_VERSION:
+        cfg = _MIGRATIONS[version](cfg)
+        version += 1
+    return cfg
+
+
 def _locate_split(split: dict | None, adata: ad.AnnData) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Positions of a saved split's cells in ``adata``, matched by obs name; (None, None) unless all are found."""
     names = adata.obs_names.astype(str)
@@ -572,6 +692,29 @@ def _locate_split(split: dict | None, adata: ad.AnnData) -> tuple[np.ndarray | N
     if any((p < 0).any() for p in pos):
         return None, None
     return np.sort(pos[0]), np.sort(pos[1])
+
+
+def _state_mismatch(e: RuntimeError) -> str:
+    """The first difference of a failed ``load_state_dict``, briefly, and how many there are."""
+    import re
+
+    lines = [ln.strip().rstrip(".") for ln in str(e).splitlines()[1:] if ln.strip()]
+    parts = []
+    for ln in lines:
+        m = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+                     r"the shape in current model is torch\.Size\((\[.*?\])\)", ln)
+        parts.append(f"{m.group(1)} has shape {m.group(2)} in the file but {m.group(3)} by the config" if m else ln)
+    if not parts:
+        return str(e).splitlines()[0][:200]
+    more = f"; {len(parts) - 1} more differences" if len(parts) > 1 else ""
+    return parts[0][:300] + more
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _jsonable(obj):

@@ -1,7 +1,18 @@
-"""One training loop: Adam on the negative ELBO, KL warm-up, early stopping on validation ELBO, best weights.
+"""One training loop: Adam on the negative ELBO, KL warm-up, early stopping on validation ELBO, best weights,
+checkpoints and resume, and guards against non-finite losses and gradients.
 
 The loop touches tensors only (minibatches come from :class:`cellvae.data.TensorData`), accumulates epoch
 statistics on tensors, and reads them back once per epoch.
+
+Checkpoints (``checkpoint_dir``): every ``checkpoint_every`` epochs and at the end, ``checkpoint.pt`` holds the
+weights, the Adam state, the epoch and step (KL warm-up), the minibatch-order generator and torch's global RNG
+(dropout, z samples), the early-stopping state (best weights, best epoch, epochs without improvement) and the
+history. It is written to a temporary file in the same directory, flushed and fsynced, renamed over the old one
+and the directory fsynced, so the name ``checkpoint.pt`` only ever holds a complete checkpoint; a leftover
+temporary file (a crash while writing) is ignored and removed. It holds plain tensors and containers only
+(``torch.load(weights_only=True)``). Resuming restores all of it at an epoch boundary, so an interrupted and
+resumed run ends with the same weights as an uninterrupted one (on CPU, same seed and thread count). numpy's and
+Python's global RNGs are not used by the loop (the cell split is drawn from its own seeded generator).
 """
 
 from __future__ import annotations
@@ -10,16 +21,44 @@ import contextlib
 import copy
 import math
 import os
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .data import TensorData, minibatch_slices
+from .data import CellvaeInputError, TensorData, minibatch_slices
 
 __all__ = ["TrainingPlan", "train_module", "default_max_epochs", "evaluate_elbo", "kl_weight_at", "torch_threads",
-           "default_n_threads"]
+           "default_n_threads", "CellvaeTrainingError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+_TMP_PREFIX = f".{CHECKPOINT_NAME}."
+_TMP_SUFFIX = ".tmp"
+# Test hook: called with the temporary file's path after it is written and fsynced, before the rename
+# (tests/crash_train.py uses it to kill a process in the middle of a checkpoint write).
+_CHECKPOINT_HOOK: Callable[[Path], None] | None = None
+# Settings that must not change on resume (they fix the minibatch order and the cells).
+_RESUME_FIXED = ("batch_size", "seed")
+# Settings that may change on resume without notice.
+_RESUME_FREE = ("max_epochs", "progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite")
+
+
+class CellvaeTrainingError(RuntimeError):
+    """Training could not go on (repeated non-finite losses or gradients). The message names the likely causes.
+
+    Attributes:
+        history: the history up to the failure (per-epoch lists, ``n_skipped_steps``, ``best_epoch``).
+    """
+
+    def __init__(self, message: str, history: dict | None = None):
+        super().__init__(message)
+        self.history = history or {}
 
 
 def default_n_threads() -> int:
@@ -66,6 +105,12 @@ class TrainingPlan:
         seed: seeds parameter init noise, dropout, sampling and minibatch order.
         progress_bar: show a tqdm bar with epoch, train and validation ELBO.
         n_threads: torch threads during training (None: :func:`default_n_threads`).
+        checkpoint_every: with a checkpoint directory, write a checkpoint every this many epochs (and always
+            at the end); a crash loses at most this many epochs.
+        max_bad_steps: stop with :class:`CellvaeTrainingError` after this many consecutive minibatches whose
+            loss or gradients are not finite (each is skipped: the weights are not updated).
+        check_finite: check the loss and the gradient norm of every step (the guard above; off only to measure
+            its cost).
     """
 
     max_epochs: int = 400
@@ -80,6 +125,9 @@ class TrainingPlan:
     seed: int = 0
     progress_bar: bool = True
     n_threads: int | None = None
+    checkpoint_every: int = 10
+    max_bad_steps: int = 20
+    check_finite: bool = True
 
     @property
     def warmup_epochs(self) -> int:
@@ -112,12 +160,90 @@ def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: i
     return {"elbo": -(r + k), "reconstruction_loss": r, "kl_local": k}
 
 
+# ------------------------------------------------------------------------------------------- checkpoints
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, checkpoint_dir: str | os.PathLike) -> Path:
+    """Write ``state`` to ``checkpoint_dir/checkpoint.pt`` atomically: a temporary file in the same directory,
+    flushed and fsynced, renamed over the old checkpoint, then the directory fsynced. A crash at any point leaves
+    either the old or the new checkpoint under that name, never a partial one.
+
+    ``state`` must hold only tensors and plain containers/scalars (it is read with ``weights_only=True``).
+    """
+    d = Path(checkpoint_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    target = d / CHECKPOINT_NAME
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=d)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if _CHECKPOINT_HOOK is not None:
+            _CHECKPOINT_HOOK(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(d)
+    return target
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The checkpoint in ``checkpoint_dir`` (None if there is none). Leftover temporary files of an interrupted
+    write are removed first; they are never read.
+
+    Raises:
+        CellvaeInputError: the checkpoint cannot be read (not a cellvae checkpoint, damaged, or holding objects
+            other than tensors and plain containers: nothing is unpickled beyond those).
+    """
+    d = Path(checkpoint_dir)
+    for leftover in d.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+    path = d / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same answer for the user
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CellvaeInputError(
+            f"Checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}). It is damaged or not a cellvae "
+            "checkpoint; delete it (or its directory) to start training from the beginning."
+        ) from e
+    if not isinstance(state, dict) or state.get("checkpoint_version") is None:
+        raise CellvaeInputError(f"{str(path)!r} is not a cellvae training checkpoint; delete it to start over.")
+    if int(state["checkpoint_version"]) > CHECKPOINT_VERSION:
+        raise CellvaeInputError(
+            f"Checkpoint {str(path)!r} has version {state['checkpoint_version']}, newer than this cellvae supports "
+            f"({CHECKPOINT_VERSION}); upgrade cellvae to resume it."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ training
 def train_module(
     module: torch.nn.Module,
     data: TensorData,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     plan: TrainingPlan,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    meta: dict | None = None,
 ) -> dict:
     """Train ``module`` in place and return its history.
 
@@ -127,68 +253,179 @@ def train_module(
         data: prepared tensors for all cells.
         train_idx, val_idx: integer indices into ``data``; ``val_idx`` may be empty (no early stopping then).
         plan: settings.
+        checkpoint_dir: directory for ``checkpoint.pt`` (see the module docstring); None: no checkpoints.
+        resume: continue from the checkpoint in ``checkpoint_dir`` (from the start when there is none yet).
+            Without it, a directory that already holds a checkpoint is refused.
+        meta: plain (JSON-like) description of the model and data, stored in the checkpoint; resuming with a
+            different one is refused.
 
     Returns:
         History dict of per-epoch lists: ``epoch``, ``kl_weight``, ``train_loss`` (weighted, the optimised
         quantity), ``train_elbo``, ``validation_elbo``, ``validation_reconstruction_loss``,
-        ``validation_kl_local`` (nats per cell), ``seconds``; plus ``best_epoch``, ``stopped_early``,
-        ``train_cells_per_second``.
+        ``validation_kl_local`` (nats per cell), ``skipped_steps``, ``seconds``; plus ``best_epoch``,
+        ``stopped_early``, ``n_skipped_steps``, ``train_cells_per_second`` and ``resumed_from_epoch`` (0 for a
+        fresh run).
 
     Raises:
         ValueError: if there are fewer training cells than 2 (batch normalisation needs 2).
+        CellvaeInputError: a checkpoint that cannot be read or belongs to another model, data or split, or a
+            checkpoint directory that already holds one while ``resume`` is False.
+        CellvaeTrainingError: ``plan.max_bad_steps`` consecutive non-finite steps; the module then holds the
+            best weights so far (or the last finite ones) and, with ``checkpoint_dir``, a checkpoint was written.
     """
     with torch_threads(plan.n_threads):
-        return _train(module, data, train_idx, val_idx, plan)
+        return _train(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta)
 
 
-def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan) -> dict:
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Total 2-norm of the gradients (inf or NaN if any gradient is); one fused pass over the tensors."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pragma: no cover
+
+
+def _plan_dict(plan: TrainingPlan) -> dict:
+    return {k: getattr(plan, k) for k in plan.__dataclass_fields__}
+
+
+def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, checkpoint_dir=None, resume=False,
+           meta=None) -> dict:
     from tqdm.auto import tqdm
 
     if len(train_idx) < 2:
         raise ValueError(f"Training needs at least 2 cells, got {len(train_idx)}.")
+    if plan.checkpoint_every < 1:
+        raise CellvaeInputError(f"checkpoint_every must be at least 1 epoch, got {plan.checkpoint_every}.")
+    ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and ck_dir is None:
+        raise CellvaeInputError("resume=True needs the checkpoint_dir of the run to continue.")
+    ck = None
+    if ck_dir is not None:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        ck = load_checkpoint(ck_dir)
+        if ck is not None and not resume:
+            raise CellvaeInputError(
+                f"{str(ck_dir)!r} already holds a checkpoint (epoch {ck.get('epoch')}) of an earlier run: pass "
+                "resume=True (--resume) to continue it, or use another (or an empty) checkpoint directory."
+            )
+    meta = meta or {}
+
     torch.manual_seed(plan.seed)
     gen = torch.Generator().manual_seed(plan.seed)
-    train_t = torch.as_tensor(train_idx, dtype=torch.int64)
-    val_t = torch.as_tensor(val_idx, dtype=torch.int64)
+    train_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.int64)
+    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.int64)
     has_val = len(val_t) > 0
 
-    optimizer = torch.optim.Adam(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay,
-    )
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
     steps_per_epoch = len(minibatch_slices(len(train_t), plan.batch_size))
     warmup_steps = plan.warmup_epochs * steps_per_epoch
     keys = ("epoch", "kl_weight", "train_loss", "train_elbo", "validation_elbo",
-            "validation_reconstruction_loss", "validation_kl_local", "seconds")
+            "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
     history: dict = {k: [] for k in keys}
     best_elbo, best_state, best_epoch, bad_epochs = -math.inf, None, -1, 0
     step = 0
+    start_epoch = 0
     stopped_early = False
     train_seconds = 0.0
+    n_skipped = 0
+    if ck is not None:
+        _check_resume(ck, plan, train_t, val_t, meta, warmup_steps, ck_dir)
+        module.load_state_dict(ck["module"])
+        optimizer.load_state_dict(ck["optimizer"])
+        for group in optimizer.param_groups:  # settings of this call (a lower lr after a failure, say)
+            group.update(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+        gen.set_state(ck["minibatch_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        history = {k: list(ck["history"].get(k, [])) for k in keys}
+        best = ck["best"]
+        best_elbo, best_epoch, bad_epochs, best_state = best["elbo"], best["epoch"], best["bad_epochs"], best["state"]
+        step, start_epoch = int(ck["step"]), int(ck["epoch"])
+        stopped_early = bool(ck["stopped_early"])
+        train_seconds = float(ck["train_seconds"])
+        n_skipped = int(ck["n_skipped_steps"])
 
-    bar = tqdm(range(plan.max_epochs), disable=not plan.progress_bar, desc="training", unit="epoch")
+    def checkpoint(epoch_done: int, finished: bool, failed: str | None = None) -> None:
+        if ck_dir is None:
+            return
+        save_checkpoint({
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "epoch": epoch_done, "step": step, "finished": finished, "stopped_early": stopped_early,
+            "failed": failed,
+            "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "minibatch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "best": {"elbo": best_elbo, "epoch": best_epoch, "bad_epochs": bad_epochs, "state": best_state},
+            "history": history, "train_seconds": train_seconds, "n_skipped_steps": n_skipped,
+            "plan": _plan_dict(plan), "warmup_steps": warmup_steps,
+            "train_idx": train_t, "val_idx": val_t, "meta": meta,
+        }, ck_dir)
+
+    # Buffers (batch-norm running statistics) are updated by the forward pass: a skipped step restores them.
+    buffers = list(module.buffers())
+    buffer_backup = [b.detach().clone() for b in buffers] if plan.check_finite else []
+
+    epochs = range(start_epoch, plan.max_epochs) if not stopped_early else range(0)
+    bar = tqdm(epochs, disable=not plan.progress_bar, desc="training", unit="epoch", initial=start_epoch,
+               total=plan.max_epochs)
+    consecutive_bad = 0
+    last_good_step = step
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()
         loss_sum = torch.zeros(())
         elbo_sum = torch.zeros(())
+        n_ok = 0
+        skipped = 0
         kl_w = kl_weight_at(step, warmup_steps)
         for x, cat, cont in data.iterate(train_t, plan.batch_size, shuffle=True, generator=gen):
             kl_w = kl_weight_at(step, warmup_steps)
+            if plan.check_finite:
+                for dst, src in zip(buffer_backup, buffers):
+                    dst.copy_(src)
             out = module(x, cat, cont, kl_weight=kl_w)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            if plan.check_finite:
+                bad = None
+                if not bool(torch.isfinite(out.loss)):
+                    bad = "loss"
+                else:
+                    out.loss.backward()
+                    if not bool(torch.isfinite(_grad_norm(params))):
+                        bad = "gradients"
+            else:
+                out.loss.backward()
+                bad = None
             step += 1
+            if bad is None:
+                optimizer.step()
+                consecutive_bad = 0
+                last_good_step = step
+                with torch.no_grad():
+                    loss_sum += out.loss.detach() * x.shape[0]
+                    elbo_sum += out.elbo.detach().sum()
+                n_ok += x.shape[0]
+                continue
+            # Non-finite: no update; undo the batch-norm statistics of this forward pass.
+            optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                loss_sum += out.loss.detach() * x.shape[0]
-                elbo_sum += out.elbo.detach().sum()
+                for dst, src in zip(buffers, buffer_backup):
+                    dst.copy_(src)
+            skipped += 1
+            n_skipped += 1
+            consecutive_bad += 1
+            if consecutive_bad >= plan.max_bad_steps:
+                bar.close()
+                _fail(module, data, train_t, plan, history, epoch, step, bad, consecutive_bad, n_skipped,
+                      best_state, best_epoch, ck_dir, checkpoint, last_good_step)
         train_seconds += time.perf_counter() - t0
-        n_train = len(train_t)
         history["epoch"].append(epoch + 1)
         history["kl_weight"].append(kl_w)
-        history["train_loss"].append(loss_sum.item() / n_train)
-        history["train_elbo"].append(elbo_sum.item() / n_train)
+        history["train_loss"].append(loss_sum.item() / n_ok if n_ok else math.nan)
+        history["train_elbo"].append(elbo_sum.item() / n_ok if n_ok else math.nan)
+        history["skipped_steps"].append(skipped)
         if has_val:
             ev = evaluate_elbo(module, data, val_t)
             history["validation_elbo"].append(ev["elbo"])
@@ -212,7 +449,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan) -> 
             if plan.early_stopping and bad_epochs >= plan.early_stopping_patience:
                 stopped_early = True
                 break
+        if (epoch + 1) % plan.checkpoint_every == 0 and epoch + 1 < plan.max_epochs:
+            checkpoint(epoch + 1, finished=False)
     bar.close()
+    checkpoint(len(history["epoch"]), finished=True)
     if best_state is not None:
         module.load_state_dict(best_state)
     else:
@@ -220,6 +460,78 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan) -> 
     module.eval()
     history["best_epoch"] = best_epoch
     history["stopped_early"] = stopped_early
+    history["n_skipped_steps"] = n_skipped
+    history["resumed_from_epoch"] = start_epoch
     n_seen = len(train_t) * len(history["epoch"])
     history["train_cells_per_second"] = n_seen / max(train_seconds, 1e-9)
     return history
+
+
+def _check_resume(ck: dict, plan: TrainingPlan, train_t, val_t, meta: dict, warmup_steps: int, ck_dir) -> None:
+    """Refuse a checkpoint of another model, data or split; warn about settings that changed."""
+    where = str(ck_dir)
+    for key in sorted(set(ck.get("meta", {})) | set(meta)):
+        if ck.get("meta", {}).get(key) != meta.get(key):
+            raise CellvaeInputError(
+                f"The checkpoint in {where!r} was written for another model or data ({key} differs). Resume with "
+                "the same data and model settings, or start over in an empty checkpoint directory (without "
+                "resume / --resume)."
+            )
+    old = ck.get("plan", {})
+    fixed = [k for k in _RESUME_FIXED if k in old and old[k] != getattr(plan, k)]
+    if fixed:
+        raise CellvaeInputError(
+            "Cannot resume with different " + ", ".join(f"{k} ({old[k]} in the checkpoint, {getattr(plan, k)} now)"
+                                                       for k in fixed)
+            + ": they fix the cells' split and minibatch order. Use the checkpoint's values or start over without "
+            "resume."
+        )
+    if not (torch.equal(ck["train_idx"], train_t) and torch.equal(ck["val_idx"], val_t)):
+        raise CellvaeInputError(
+            f"The checkpoint in {where!r} was written for another split of the cells (different cells, train_size "
+            "or seed). Resume with the same data and settings, or start over without resume."
+        )
+    changed = [f"{k}: {old[k]} -> {getattr(plan, k)}" for k in old
+               if k not in _RESUME_FIXED + _RESUME_FREE and hasattr(plan, k) and old[k] != getattr(plan, k)]
+    if int(ck.get("warmup_steps", warmup_steps)) != warmup_steps:
+        changed.append(f"KL warm-up steps: {ck['warmup_steps']} -> {warmup_steps} (set n_epochs_kl_warmup to keep "
+                       "it when changing max_epochs)")
+    if changed:
+        warnings.warn("Resuming with changed settings (the result will differ from an uninterrupted run): "
+                      + "; ".join(changed), UserWarning, stacklevel=4)
+
+
+def _fail(module, data, train_t, plan, history, epoch, step, bad, consecutive, n_skipped, best_state, best_epoch,
+          ck_dir, checkpoint, last_good_step) -> None:
+    """Stop after too many consecutive non-finite steps: keep the best (or last finite) weights, write a
+    checkpoint, raise CellvaeTrainingError with the likely causes."""
+    history["n_skipped_steps"] = n_skipped
+    history["stopped_early"] = False
+    try:
+        lib = (data.X.index_select(0, train_t).sum(1).numpy() if data.X is not None
+               else np.asarray(data.csr[train_t.numpy()].sum(1)).ravel())
+        lib_text = f"median {np.median(lib):.3g}, max {lib.max():.3g} counts per cell"
+    except Exception:  # noqa: BLE001 - only for the message
+        lib_text = "see adata.X.sum(1)"
+    done = len(history["epoch"])
+    saved = ""
+    if ck_dir is not None:
+        checkpoint(done, finished=False, failed=f"{consecutive} consecutive non-finite {bad}")
+        saved = f" A checkpoint with these weights was written to {str(ck_dir)!r}."
+    if best_state is not None:
+        module.load_state_dict(best_state)
+        kept = f"The weights of the best epoch so far ({best_epoch}) are kept in the model."
+        history["best_epoch"] = best_epoch
+    else:
+        kept = (f"The model keeps its last finite weights (after update {last_good_step} of {step}; no epoch after "
+                "the KL warm-up completed to pick a best one).")
+        history["best_epoch"] = 0
+    module.eval()
+    raise CellvaeTrainingError(
+        f"Training stopped in epoch {epoch + 1} (step {step}): {consecutive} consecutive minibatches gave non-finite "
+        f"(NaN or inf) {bad}, so the weights were not updated ({n_skipped} minibatches skipped in all). Likely "
+        f"causes: a learning rate too high (lr={plan.lr:g}; try 1e-3 or lower), data that are not raw counts "
+        "(pass the raw-count layer, or gene_likelihood='normal' for normalized data), or extreme library sizes "
+        f"({lib_text}; filter outlier cells). {kept}{saved}",
+        history,
+    )
