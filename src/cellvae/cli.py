@@ -1,4 +1,5 @@
-"""Command line: ``cellvae fit DATA --out DIR``, ``cellvae evaluate MODEL_DIR DATA`` and ``cellvae demo``."""
+"""Command line: ``cellvae fit DATA --out DIR``, ``cellvae demo``, and on a saved model ``cellvae evaluate``,
+``cellvae de`` (differential expression), ``cellvae score`` (anomaly scores) and ``cellvae perturb``."""
 
 from __future__ import annotations
 
@@ -147,6 +148,88 @@ def evaluate(model_dir, data, labels_key, batch_key, n_samples, cells, out_dir, 
     for note in result["notes"]:
         click.echo(f"note: {note}")
     click.echo(f"wrote {json_path} and {md_path}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--groupby", required=True, help="obs column with the groups to compare (e.g. cell_type).")
+@click.option("--group1", default=None, help="Group of interest (default: every group against the rest).")
+@click.option("--group2", default=None, help="Reference group (default: all other cells).")
+@click.option("--mode", type=click.Choice(["vanilla", "change"]), default="vanilla", show_default=True,
+              help="vanilla: P(rho1 > rho2) (Lopez et al. 2018); change: P(|log2 FC| >= delta) (Boyeau et al. 2019).")
+@click.option("--delta", type=float, default=0.25, show_default=True, help="LFC threshold of the change mode.")
+@click.option("--fdr-target", type=float, default=0.05, show_default=True)
+@click.option("--n-samples", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Posterior draws (pairs) per comparison.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="CSV file to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def de(model_dir, data, groupby, group1, group2, mode, delta, fdr_target, n_samples, out, seed, quiet):
+    """Bayes-factor differential expression with the model in MODEL_DIR on DATA; writes a CSV (genes x
+    statistics, sorted by Bayes factor within each comparison) and prints the top genes."""
+    from .commands import de_job
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    df, path = _run(de_job, model_dir=model_dir, data=data, groupby=groupby, out=out, group1=group1,
+                    group2=group2, mode=mode, delta=delta, fdr_target=fdr_target, n_samples=n_samples, seed=seed,
+                    log=log)
+    for (g1, g2), block in df.groupby(["group1", "group2"], sort=False):
+        top = ", ".join(block.index[:10])
+        click.echo(f"{g1} vs {g2}: {top}")
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output: .csv (cell, score, flag) or .h5ad (a copy of DATA with obs columns).")
+@click.option("--method", type=click.Choice(["latent_knn", "elbo", "marginal_ll"]), default="latent_knn",
+              show_default=True, help="Score: latent distance to the nearest reference cells, or the negative "
+                                      "ELBO / marginal log-likelihood with the library-size trend removed.")
+@click.option("--reference", default=None,
+              help="Normal cells the model was trained on (default: DATA, when it holds the training cells).")
+@click.option("--quantile", type=float, default=0.99, show_default=True,
+              help="Threshold = this quantile of held-out reference cells' scores.")
+@click.option("--threshold", type=float, default=None, help="Fixed threshold instead of a calibrated one.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def score(model_dir, data, out, method, reference, quantile, threshold, seed, quiet):
+    """Anomaly scores of the cells of DATA under the model in MODEL_DIR (obs cellvae_anomaly and
+    cellvae_is_anomaly)."""
+    from .commands import score_job
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    table, path = _run(score_job, model_dir=model_dir, data=data, out=out, method=method, quantile=quantile,
+                       threshold=threshold, reference=reference, seed=seed, log=log)
+    click.echo(f"{int(table['cellvae_is_anomaly'].sum())} of {len(table)} cells flagged as anomalous; wrote {path}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--condition-key", required=True, help="obs column of the condition (e.g. condition).")
+@click.option("--control", required=True, help="Control category (e.g. ctrl).")
+@click.option("--perturbed", required=True, help="Perturbed category to predict (e.g. stim).")
+@click.option("--cell-type-key", default=None, help="obs column of cell types (balanced shift; --cell-type).")
+@click.option("--cell-type", default=None, help="Predict only this cell type's control cells.")
+@click.option("--method", type=click.Choice(["latent_arithmetic", "decoder_swap"]), default="latent_arithmetic",
+              show_default=True, help="latent_arithmetic: scGen latent shift; decoder_swap: decode with the "
+                                      "perturbed condition (needs a model with the condition as a covariate).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help=".h5ad of predicted cells.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, cell_type, method, out, seed, quiet):
+    """Predict perturbed expression of the control cells in DATA (the model's training data) with the model in
+    MODEL_DIR; writes an .h5ad (X: expected counts, layers['counts']: sampled counts)."""
+    from .commands import perturb_job
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    pred, path = _run(perturb_job, model_dir=model_dir, data=data, condition_key=condition_key, control=control,
+                      perturbed=perturbed, out=out, cell_type_key=cell_type_key, cell_type=cell_type,
+                      method=method, seed=seed, log=log)
+    click.echo(f"predicted {pred.n_obs} cells x {pred.n_vars} genes; wrote {path}")
 
 
 def _summary(metrics: dict, out_dir: str, seconds: float) -> None:

@@ -24,6 +24,7 @@ import anndata as ad
 import numpy as np
 
 from .data import CellvaeInputError, log1p_cp10k, read_data, resolve_data_path
+from .fileio import write_text_atomic
 from .metrics import (
     SCIB_INSTALL_HINT,
     compute_elbo,
@@ -251,14 +252,6 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_results(result: dict, json_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
@@ -274,8 +267,8 @@ def write_results(result: dict, json_path: str | os.PathLike, md_path: str | os.
             return None
         return o
 
-    _write_atomic(Path(json_path), json.dumps(clean(result), indent=2))
-    _write_atomic(Path(md_path), markdown_report(result))
+    write_text_atomic(Path(json_path), json.dumps(clean(result), indent=2))
+    write_text_atomic(Path(md_path), markdown_report(result))
 
 
 def evaluate_job(

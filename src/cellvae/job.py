@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .data import CellvaeInputError, get_counts, read_data, resolve_data_path, select_highly_variable_genes
+from .fileio import write_atomic, write_text_atomic
 from .metrics import clustering_agreement, kmeans_agreement, silhouette_labels
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
@@ -73,12 +74,6 @@ def prepare_out_dir(out_dir: str | os.PathLike, inputs: list[Path], overwrite: b
         shutil.rmtree(out / CHECKPOINT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _uns_safe(obj):
@@ -249,11 +244,9 @@ def fit_job(
     res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
                                     "normalized_library_size": NORMALIZED_LIBRARY_SIZE})
     model.save(out / "model", overwrite=True)
-    tmp_h5ad = out / f".cellvae.h5ad.tmp{os.getpid()}"
-    res.write_h5ad(tmp_h5ad, compression="gzip")
-    os.replace(tmp_h5ad, out / "cellvae.h5ad")
+    write_atomic(out / "cellvae.h5ad", lambda p: res.write_h5ad(p, compression="gzip"))
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    _write_atomic(out / "metrics.json", json.dumps({"settings": settings, "metrics": metrics}, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps({"settings": settings, "metrics": metrics}, indent=2))
 
     data_summary = {
         "file": path.name, "cells": adata.n_obs, "genes": adata.n_vars,
@@ -276,7 +269,7 @@ def fit_job(
         "ARI/NMI: agreement of clusters with the labels (KMeans with k = number of labels, seed 0; Leiden at "
         "resolution 1).",
     ]
-    _write_atomic(out / "report.html",
+    write_text_atomic(out / "report.html",
                   render_report(path.name, data_summary, settings, training, shown, figures, notes))
     shutil.rmtree(ck_dir, ignore_errors=True)  # every output is written: the checkpoint is no longer needed
     log(f"wrote {out / 'report.html'}")

@@ -628,6 +628,67 @@ class CountVAE:
         return {"train": names[self.train_indices].astype(str).tolist(),
                 "validation": names[self.validation_indices].astype(str).tolist()}
 
+    # ------------------------------------------------------------------------------------- analyses
+    def differential_expression(self, adata: ad.AnnData | None = None, groupby: str | None = None,
+                                group1=None, group2: str | None = None, mode: str = "vanilla",
+                                delta: float = 0.25, fdr_target: float = 0.05, n_samples: int = 5000,
+                                **kwargs) -> pd.DataFrame:
+        """Bayes-factor differential expression (Lopez et al. 2018; Boyeau et al. 2019), as scvi-tools'.
+
+        One-vs-rest when ``group2`` is None; every group of ``groupby`` against the rest when ``group1`` is None.
+        Returns a DataFrame indexed by gene name with ``proba_de``, ``proba_not_de``, ``bayes_factor`` (natural
+        log), ``scale1``/``scale2`` (mean normalized expression), ``lfc_mean``/``lfc_median``/``lfc_std``
+        (log2 fold change), ``is_de_fdr_<fdr_target>`` and raw-count summaries, sorted by ``bayes_factor``.
+        Memory is bounded: posterior draws are decoded and reduced in chunks. See
+        :func:`cellvae.de.differential_expression` for every argument (``idx1``/``idx2``, ``batch_correction``,
+        ``pseudocount``, ``seed``, ...).
+
+        Raises:
+            CellvaeInputError: unknown ``groupby`` or group, an empty group, a ``"normal"`` likelihood model.
+        """
+        from .de import differential_expression
+
+        return differential_expression(self, adata, groupby=groupby, group1=group1, group2=group2, mode=mode,
+                                       delta=delta, fdr_target=fdr_target, n_samples=n_samples, **kwargs)
+
+    def get_anomaly_score(self, adata: ad.AnnData | None = None, method: str = "latent_knn",
+                          **kwargs) -> np.ndarray:
+        """Anomaly score per cell, (n_cells,) float, higher = less like the training (reference) cells.
+
+        ``method="latent_knn"`` (default): mean latent distance to the nearest reference cells; ``"elbo"`` or
+        ``"marginal_ll"``: negative ELBO / IWAE log-likelihood (nats per cell) with the log-library-size trend
+        of the reference cells removed. See :func:`cellvae.anomaly.anomaly_score`.
+        """
+        from .anomaly import anomaly_score
+
+        return anomaly_score(self, adata, method=method, **kwargs)
+
+    def annotate_anomalies(self, adata: ad.AnnData | None = None, quantile: float = 0.99,
+                           threshold: float | None = None, copy: bool = False, **kwargs):
+        """Write ``obs['cellvae_anomaly']`` (score) and ``obs['cellvae_is_anomaly']`` (score above a threshold
+        calibrated as the ``quantile`` of held-out reference cells' scores, unless ``threshold`` is given), in
+        place unless ``copy``. See :func:`cellvae.anomaly.annotate_anomalies`."""
+        from .anomaly import annotate_anomalies
+
+        return annotate_anomalies(self, adata, threshold=threshold, quantile=quantile, copy=copy, **kwargs)
+
+    def predict_perturbation(self, adata_ctrl: ad.AnnData, condition_key: str, control: str, perturbed: str,
+                             cell_type_key: str | None = None, cell_type: str | None = None,
+                             method: str = "latent_arithmetic", **kwargs) -> ad.AnnData:
+        """Predict how control cells would look under ``perturbed`` (scGen-style latent arithmetic, Lotfollahi et
+        al. 2019, or the conditional decoder swap). Returns an AnnData (n_cells, n_genes) with ``X`` = expected
+        counts at each cell's library size and ``layers['counts']`` sampled from the likelihood. See
+        :func:`cellvae.perturb.predict_perturbation`.
+
+        Raises:
+            CellvaeInputError: unknown keys or categories, no control cells, or a decoder swap on a model without
+                the condition as a covariate.
+        """
+        from .perturb import predict_perturbation
+
+        return predict_perturbation(self, adata_ctrl, condition_key, control, perturbed, cell_type_key=cell_type_key,
+                                    cell_type=cell_type, method=method, **kwargs)
+
     def __repr__(self) -> str:
         k = self.module_kwargs
         return (
