@@ -7,6 +7,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -53,6 +54,9 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
         assert (out / "figures" / f).stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "validation ELBO" in html
+    markers = pd.read_csv(out / "markers.csv", index_col="gene")
+    assert set(markers["group1"].astype(str)) == set(src.obs["cell_type"].astype(str))
+    assert "Marker genes" in html
     m = CountVAE.load(out / "model", adata=src)
     np.testing.assert_allclose(m.get_latent_representation(), res.obsm["X_cellvae"], rtol=1e-4, atol=1e-5)
     assert not list(out.glob(".*"))  # no temporary files left

@@ -37,6 +37,8 @@ from .train import CellvaeTrainingError, torch_threads
 
 __all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
 
+N_DE_SAMPLES = 2000  # posterior draws per one-vs-rest comparison for the report's marker genes
+N_MARKERS = 10
 NORMALIZED_LIBRARY_SIZE = 1e4
 CHECKPOINT_DIR = "checkpoints"
 
@@ -218,6 +220,18 @@ def fit_job(
             silhouette_labels=silhouette_labels(res.obsm["X_cellvae"], labels),
         )
 
+    # ---- marker genes (Bayes-factor DE, one label vs the rest)
+    markers: dict[str, list[str]] = {}
+    if labels_key and gene_likelihood != "normal":
+        t_de = time.perf_counter()
+        with torch_threads(None):
+            de = model.differential_expression(groupby=labels_key, n_samples=N_DE_SAMPLES, seed=seed)
+        write_atomic(out / "markers.csv", lambda p: de.to_csv(p, index_label="gene"))
+        for g, block in de.groupby("group1", sort=True):
+            up = block[block["lfc_mean"] > 0]
+            markers[str(g)] = [str(x) for x in up.index[:N_MARKERS]]
+        log(f"marker genes for {len(markers)} labels in {time.perf_counter() - t_de:.1f} s (markers.csv)")
+
     # ---- figures
     fig_dir = out / "figures"
     figures = [(save_figure(plot_training_curves(hist), fig_dir / "training_curves.png"),
@@ -270,7 +284,8 @@ def fit_job(
         "resolution 1).",
     ]
     write_text_atomic(out / "report.html",
-                  render_report(path.name, data_summary, settings, training, shown, figures, notes))
+                  render_report(path.name, data_summary, settings, training, shown, figures, notes,
+                                markers=markers))
     shutil.rmtree(ck_dir, ignore_errors=True)  # every output is written: the checkpoint is no longer needed
     log(f"wrote {out / 'report.html'}")
     return metrics

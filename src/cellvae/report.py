@@ -50,6 +50,7 @@ def render_report(
     metrics: dict,
     figures: list[tuple[Path, str]],
     notes: list[str] | None = None,
+    markers: dict[str, list[str]] | None = None,
 ) -> str:
     """Return the report as an HTML string.
 
@@ -58,9 +59,17 @@ def render_report(
         data_summary, settings, training, metrics: flat dicts shown as two-column tables.
         figures: (PNG path, caption) pairs; the first is shown full width (training curves), the rest in a grid.
         notes: free-text lines shown at the end.
+        markers: label -> top up-regulated genes (Bayes-factor DE, label vs the rest), shown as a table.
     """
     figs = [_img(p, c) for p, c in figures if Path(p).exists()]
     first, rest = (figs[0], figs[1:]) if figs else ("", [])
+    marker_rows = "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(', '.join(genes))}</td></tr>"
+                          for g, genes in (markers or {}).items())
+    marker_html = (
+        "<h2>Marker genes</h2><p class=muted>Bayes-factor differential expression of each label against the "
+        "rest (Lopez et al. 2018), genes higher in the label, by Bayes factor; all statistics in markers.csv."
+        f"</p><table><tr><th>label</th><th>top genes</th></tr>{marker_rows}</table>" if marker_rows else ""
+    )
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in (notes or []))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cellvae report: {html.escape(title)}</title><style>{_CSS}</style></head>
@@ -71,6 +80,7 @@ def render_report(
 <h2>Training</h2>{_table(training)}<div class=figs>{first}</div>
 <h2>Metrics</h2>{_table(metrics)}
 <h2>Latent space</h2><div class="figs grid">{''.join(rest)}</div>
+{marker_html}
 {f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes_html else ''}
 </body></html>
 """
