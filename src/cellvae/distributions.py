@@ -43,6 +43,12 @@ def _tiny(t: torch.Tensor) -> float:
     return torch.finfo(t.dtype).tiny if t.is_floating_point() else torch.finfo(torch.float32).tiny
 
 
+def _positive(mu: torch.Tensor) -> torch.Tensor:
+    """``mu`` with zeros (and negatives) replaced by the smallest normal number, so ``log(mu)`` stays finite;
+    positive values, subnormal ones included, are kept exactly (a clamp would move subnormals up)."""
+    return torch.where(mu > 0, mu, torch.full_like(mu, _tiny(mu)))
+
+
 def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """float16 / bfloat16 tensors as float32 (log-probabilities are computed and returned in float32 for them)."""
     return tuple(t.float() if t.dtype in _LOW_PRECISION else t for t in tensors)
@@ -92,11 +98,11 @@ def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> t
     terms (``x log mu``, ``lgamma(x+1)``) instead of ``x log theta``, and ``theta`` up to ``1e30`` (the cap; inf
     gives the Poisson limit) stays finite.
 
-    ``mu`` is clamped below at the dtype's smallest normal number so that ``mu = 0`` gives a finite value
+    ``mu = 0`` is replaced by the dtype's smallest normal number so that it gives a finite value
     (``log p(0) = 0`` and a very negative value for ``x > 0``). float16 / bfloat16 inputs are computed in float32.
     """
     x, mu, theta = _upcast(x, mu, theta)
-    mu = mu.clamp(min=_tiny(mu))
+    mu = _positive(mu)
     theta = theta.clamp(max=_THETA_MAX)
     big = theta > _STIRLING_MIN
     if not bool(big.any()):  # common case in training: direct form only
@@ -211,7 +217,7 @@ class Poisson(_Distribution):
         """Element-wise log pmf ``x log mu - mu - lgamma(x+1)`` (nats)."""
         self._check(x)
         x, mu = _upcast(x, self.mu)
-        mu = mu.clamp(min=_tiny(mu))
+        mu = _positive(mu)
         return x * torch.log(mu) - mu - torch.lgamma(x + 1.0)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:

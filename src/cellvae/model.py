@@ -57,6 +57,10 @@ class CountVAE:
         n_hidden, n_latent, n_layers, dropout_rate: 128, 10, 1, 0.1 (scvi-tools defaults).
         use_observed_lib_size: True: library size = total counts of the cell; False: latent log-normal.
         encode_covariates: also inject covariates into the encoder.
+        beta: KL weight of z after the warm-up (beta-VAE, Higgins et al. 2017; default 1.0, the ELBO). Training
+            warms the weight up linearly from 0 to ``beta`` (``history["kl_weight"]``). beta > 1 presses q(z|x)
+            towards the factorised prior (more disentangled, blurrier reconstructions); saved with the model
+            (configs without it load as 1.0).
         **module_kwargs: passed to :class:`cellvae.module.VAEModule`.
 
     Cells with zero counts are left out of training, and genes with zero counts in every cell are left out of
@@ -89,8 +93,15 @@ class CountVAE:
         dropout_rate: float = 0.1,
         use_observed_lib_size: bool = True,
         encode_covariates: bool = False,
+        beta: float = 1.0,
         **module_kwargs,
     ):
+        try:
+            beta = float(beta)
+        except (TypeError, ValueError):
+            raise CellvaeInputError(f"beta must be a number >= 0, got {beta!r}.") from None
+        if not (np.isfinite(beta) and beta >= 0):
+            raise CellvaeInputError(f"beta must be a finite number >= 0, got {beta!r}.")
         if gene_likelihood not in GENE_LIKELIHOODS:
             raise CellvaeInputError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
         if dispersion not in DISPERSIONS:
@@ -151,7 +162,8 @@ class CountVAE:
         self.module_kwargs = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             dispersion=dispersion, gene_likelihood=gene_likelihood,
-            use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates, **module_kwargs,
+            use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates, beta=beta,
+            **module_kwargs,
         )
         self.adata = adata
         self._data: TensorData | None = None
@@ -166,6 +178,12 @@ class CountVAE:
         self._saved_split: dict | None = None
 
     # -------------------------------------------------------------------------------------------- set-up
+    @property
+    def beta(self) -> float:
+        """KL weight of z after the warm-up (beta-VAE; 1.0 = the ELBO). Stored in ``module_kwargs["beta"]``;
+        configs saved before it existed have none and mean 1.0."""
+        return float(self.module_kwargs.get("beta", 1.0))
+
     def _build_module(self, lib_means=None, lib_vars=None) -> VAEModule:
         return VAEModule(
             n_input=len(self.spec.gene_names),
@@ -288,6 +306,7 @@ class CountVAE:
             n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
             n_threads=n_threads, checkpoint_every=int(checkpoint_every), max_bad_steps=int(max_bad_steps),
+            max_kl_weight=self.beta,
         )
         data = self._tensors(None)
         meta = {"model_class": type(self).__name__, "data_spec": _jsonable(self.spec.to_dict()),
@@ -689,12 +708,72 @@ class CountVAE:
         return predict_perturbation(self, adata_ctrl, condition_key, control, perturbed, cell_type_key=cell_type_key,
                                     cell_type=cell_type, method=method, **kwargs)
 
+    # ----------------------------------------------------------------------- generation and latent space
+    def sample(self, n_cells: int, covariates: dict | None = None, library_size: float | None = None,
+               seed: int = 0, labels=None, labels_key: str | None = None, label_sampling: str = "posterior",
+               **kwargs) -> ad.AnnData:
+        """Generate ``n_cells`` new cells: z from the prior N(0, I), or with ``labels`` from the aggregated
+        posterior of that label's training cells (``label_sampling="posterior"``: resample the cells and draw
+        ``z ~ q(z|x)``; ``"gaussian"``: a Gaussian moment-matched to it); library sizes resampled from the
+        training cells' observed ones unless ``library_size`` is given; covariates ``{obs_key: category}``
+        (default: the most frequent training category). Returns an AnnData (n_cells, n_genes) with sampled
+        integer counts in ``X`` and ``layers["counts"]``, the decoded mean ``l * rho`` in ``layers["mean"]``,
+        ``rho`` in ``layers["normalized"]``. See :func:`cellvae.generate.sample`.
+
+        Raises:
+            CellvaeInputError: unknown covariate keys or categories, an unknown label, bad arguments.
+        """
+        from .generate import sample
+
+        return sample(self, n_cells, covariates=covariates, library_size=library_size, seed=seed, labels=labels,
+                      labels_key=labels_key, label_sampling=label_sampling, **kwargs)
+
+    def posterior_predictive_sample(self, adata: ad.AnnData | None = None, indices=None, n_samples: int = 1,
+                                    seed: int = 0, batch_size: int = 1024) -> np.ndarray:
+        """Counts drawn from the fitted likelihood ``p(x | z, l)`` with ``z ~ q(z | x)``: float32 integer-valued
+        array (n_cells, n_genes), or (n_samples, n_cells, n_genes) when ``n_samples > 1``. See
+        :func:`cellvae.generate.posterior_predictive_sample`."""
+        from .generate import posterior_predictive_sample
+
+        return posterior_predictive_sample(self, adata, indices=indices, n_samples=n_samples, seed=seed,
+                                           batch_size=batch_size)
+
+    def interpolate(self, cells_a, cells_b, n_steps: int = 10, adata: ad.AnnData | None = None,
+                    covariates: dict | None = None, library_size: float = 1e4) -> ad.AnnData:
+        """Decode ``n_steps`` points on the straight latent path from ``cells_a`` to ``cells_b`` (a cell position or
+        obs name, or a list/mask of cells: their mean posterior mean). Returns an AnnData (n_steps, n_genes) of
+        normalized expression (``rho * library_size``, counts per 10k by default) with ``obs["t"]`` in [0, 1].
+        See :func:`cellvae.latent.interpolate`."""
+        from .latent import interpolate
+
+        return interpolate(self, cells_a, cells_b, n_steps=n_steps, adata=adata, covariates=covariates,
+                           library_size=library_size)
+
+    def latent_arithmetic(self, adata: ad.AnnData | None = None, base=None, plus=None, minus=None,
+                          library_size: float = 1e4) -> ad.AnnData:
+        """Decode ``z_c + (mean z[plus] - mean z[minus])`` for every base cell c (scGen-style latent arithmetic);
+        AnnData (n_base, n_genes) of normalized expression. See :func:`cellvae.latent.latent_arithmetic`."""
+        from .latent import latent_arithmetic
+
+        return latent_arithmetic(self, adata, base=base, plus=plus, minus=minus, library_size=library_size)
+
+    def latent_traversal(self, dims=None, n_steps: int = 13, limit: float = 3.0, covariates: dict | None = None,
+                         library_size: float = 1e4) -> ad.AnnData:
+        """Decode along each latent dimension from ``-limit`` to ``limit``, the others at 0: AnnData
+        (n_dims * n_steps, n_genes) with ``obs["dim"]``, ``obs["value"]``. Plot it with
+        :func:`cellvae.latent.plot_latent_traversal`. See :func:`cellvae.latent.latent_traversal`."""
+        from .latent import latent_traversal
+
+        return latent_traversal(self, dims=dims, n_steps=n_steps, limit=limit, covariates=covariates,
+                                library_size=library_size)
+
     def __repr__(self) -> str:
         k = self.module_kwargs
         return (
             f"CountVAE({len(self.spec.gene_names)} genes, n_latent={k['n_latent']}, n_hidden={k['n_hidden']}, "
             f"n_layers={k['n_layers']}, gene_likelihood={k['gene_likelihood']!r}, dispersion={k['dispersion']!r}, "
-            f"n_batch={self.spec.n_batch}, trained={self.is_trained})"
+            f"n_batch={self.spec.n_batch}{f', beta={self.beta:g}' if self.beta != 1.0 else ''}, "
+            f"trained={self.is_trained})"
         )
 
 

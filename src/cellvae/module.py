@@ -78,6 +78,10 @@ class VAEModule(nn.Module):
         use_layer_norm: same choices.
         encoder_input: ``"log1p"`` (scVI: ``log1p(x)``) or ``"log1p_cp10k"`` (``log1p`` of counts scaled to
             10,000 per cell, so the encoder does not have to learn to ignore library size).
+        beta: weight of ``KL(q(z|x) || p(z))`` after the KL warm-up (beta-VAE, Higgins et al. 2017, ICLR, "beta-VAE:
+            learning basic visual concepts with a constrained variational framework"; 1.0 is the ELBO). It is
+            recorded here and applied by the training loop (:func:`cellvae.train.train_module` warms the KL weight
+            up from 0 to ``beta``); :meth:`loss` itself weights the KL by the ``kl_weight`` it is given.
 
     Raises:
         ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
@@ -103,8 +107,12 @@ class VAEModule(nn.Module):
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
         encoder_input: str = "log1p",
+        beta: float = 1.0,
     ):
         super().__init__()
+        if not (np.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
+        self.beta = float(beta)
         if gene_likelihood not in GENE_LIKELIHOODS:
             raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
         if dispersion not in DISPERSIONS:

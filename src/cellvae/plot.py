@@ -47,7 +47,7 @@ def plot_training_curves(history: dict):
     ax[1].plot(epochs, history.get("kl_weight", []), color="C2")
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("KL weight")
-    ax[1].set_ylim(-0.02, 1.05)
+    ax[1].set_ylim(-0.02, max(1.0, max(history.get("kl_weight") or [1.0])) * 1.05)  # beta-VAE: up to beta
     ax[1].set_title("KL warm-up")
     fig.tight_layout()
     return fig

@@ -111,6 +111,9 @@ class TrainingPlan:
             loss or gradients are not finite (each is skipped: the weights are not updated).
         check_finite: check the loss and the gradient norm of every step (the guard above; off only to measure
             its cost).
+        max_kl_weight: the KL weight reached at the end of the warm-up and kept afterwards (1.0: the ELBO;
+            a beta-VAE's ``beta`` otherwise, Higgins et al. 2017). The validation ELBO used for early stopping is
+            always computed with weight 1.
     """
 
     max_epochs: int = 400
@@ -128,6 +131,7 @@ class TrainingPlan:
     checkpoint_every: int = 10
     max_bad_steps: int = 20
     check_finite: bool = True
+    max_kl_weight: float = 1.0
 
     @property
     def warmup_epochs(self) -> int:
@@ -136,9 +140,11 @@ class TrainingPlan:
         return max(1, min(400, self.max_epochs // 2))
 
 
-def kl_weight_at(step: int, warmup_steps: int) -> float:
-    """Linear KL warm-up: ``min(1, step / warmup_steps)`` (1 when there is no warm-up)."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+def kl_weight_at(step: int, warmup_steps: int, max_kl_weight: float = 1.0) -> float:
+    """Linear KL warm-up: ``max_kl_weight * min(1, step / warmup_steps)`` (``max_kl_weight`` when there is no
+    warm-up). ``max_kl_weight`` is 1 for the ELBO, ``beta`` for a beta-VAE."""
+    frac = 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    return float(max_kl_weight) * frac
 
 
 @torch.no_grad()
@@ -379,9 +385,9 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         elbo_sum = torch.zeros(())
         n_ok = 0
         skipped = 0
-        kl_w = kl_weight_at(step, warmup_steps)
+        kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
         for x, cat, cont in data.iterate(train_t, plan.batch_size, shuffle=True, generator=gen):
-            kl_w = kl_weight_at(step, warmup_steps)
+            kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
             if plan.check_finite:
                 for dst, src in zip(buffer_backup, buffers):
                     dst.copy_(src)

@@ -12,6 +12,11 @@ Clustering against known labels (:mod:`cellvae.metrics.clustering`; a latent (n_
 - :func:`kmeans_agreement`, :func:`leiden_agreement`: ARI and NMI of KMeans / Leiden clusters with as many
   clusters as labels; :func:`leiden_n_clusters`: the resolution search; :func:`silhouette_labels`: ASW.
 
+Disentanglement (:mod:`cellvae.metrics.disentangle`; a latent and discrete factors such as cell type or batch):
+
+- :func:`mutual_information_gap`: MIG (Chen et al. 2018) on latent dimensions discretized into 20 bins;
+  :func:`latent_factor_mutual_info`, :func:`discretize_latent`: its parts.
+
 Batch mixing (:mod:`cellvae.metrics.integration`, needs the optional ``scib-metrics``):
 
 - :func:`scib_benchmark`: iLISI, kBET, graph connectivity, batch ASW, PCR comparison, bio conservation, total.
@@ -29,6 +34,7 @@ from .clustering import (
     leiden_n_clusters,
     silhouette_labels,
 )
+from .disentangle import discretize_latent, latent_factor_mutual_info, mutual_information_gap
 from .integration import SCIB_INSTALL_HINT, scib_available, scib_benchmark
 from .likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
 
@@ -47,4 +53,7 @@ __all__ = [
     "scib_available",
     "scib_benchmark",
     "SCIB_INSTALL_HINT",
+    "mutual_information_gap",
+    "latent_factor_mutual_info",
+    "discretize_latent",
 ]
