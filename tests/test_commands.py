@@ -1,4 +1,4 @@
-"""CLI analysis commands on a saved model: cellvae de, cellvae score, cellvae perturb (real Kang subset)."""
+"""CLI analysis commands on a saved model: cellvae de, score, perturb, generate (real Kang subset)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,19 @@ def test_perturb_command(saved):
                                   "--control", "ctrl", "--perturbed", "stim", "--method", "decoder_swap",
                                   "--out", str(d / "p2.h5ad"), "--quiet"])
     assert r.exit_code == 2 and "categorical_covariate_keys" in r.output
+
+
+def test_generate_command(saved):
+    d, data, sub = saved
+    out = d / "gen.h5ad"
+    r = CliRunner().invoke(main, ["generate", str(d / "model"), str(data), "--n-cells", "30", "--labels-key",
+                                  "cell_type", "--label", "B cells", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    gen = ad.read_h5ad(out)
+    assert gen.shape == (30, sub.n_vars) and list(gen.var_names) == list(sub.var_names)
+    x = gen.layers["counts"]
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    assert (x >= 0).all() and np.allclose(x, np.round(x))
+    r = CliRunner().invoke(main, ["generate", str(d / "model"), str(data), "--n-cells", "5", "--label", "B cells",
+                                  "--out", str(d / "g2.h5ad"), "--quiet"])
+    assert r.exit_code == 2 and "--labels-key" in r.output

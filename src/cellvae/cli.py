@@ -1,5 +1,5 @@
 """Command line: ``cellvae fit DATA --out DIR``, ``cellvae demo``, and on a saved model ``cellvae evaluate``,
-``cellvae de`` (differential expression), ``cellvae score`` (anomaly scores) and ``cellvae perturb``."""
+``cellvae de`` (differential expression), ``cellvae score`` (anomaly scores), ``cellvae perturb`` and ``cellvae generate``."""
 
 from __future__ import annotations
 
@@ -230,6 +230,26 @@ def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, c
                       perturbed=perturbed, out=out, cell_type_key=cell_type_key, cell_type=cell_type,
                       method=method, seed=seed, log=log)
     click.echo(f"predicted {pred.n_obs} cells x {pred.n_vars} genes; wrote {path}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--n-cells", type=click.IntRange(min=1), required=True, help="Number of cells to generate.")
+@click.option("--labels-key", default=None, help="obs column of labels (with --label).")
+@click.option("--label", default=None, help="Generate cells of this label (aggregated posterior of its cells).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help=".h5ad of generated cells.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def generate(model_dir, data, n_cells, labels_key, label, out, seed, quiet):
+    """Generate cells from the model in MODEL_DIR (attached to its training DATA): from the prior, or of one label.
+    Writes an .h5ad with sampled counts in X and layers['counts'] and the decoded mean in layers['mean']."""
+    from .commands import generate_job
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    gen, path = _run(generate_job, model_dir=model_dir, data=data, n_cells=n_cells, out=out, label=label,
+                     labels_key=labels_key, seed=seed, log=log)
+    click.echo(f"generated {gen.n_obs} cells x {gen.n_vars} genes; wrote {path}")
 
 
 def _summary(metrics: dict, out_dir: str, seconds: float) -> None:

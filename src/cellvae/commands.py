@@ -1,4 +1,5 @@
-"""Jobs behind the analysis commands of the CLI: ``cellvae de``, ``cellvae score`` and ``cellvae perturb``.
+"""Jobs behind the analysis commands of the CLI: ``cellvae de``, ``cellvae score``, ``cellvae perturb`` and
+``cellvae generate``.
 
 Each job reads a dataset, loads a saved model onto it, runs one analysis of :class:`cellvae.CountVAE` and writes
 its result atomically (temporary name, then rename). The input file is never modified.
@@ -18,7 +19,7 @@ from .fileio import write_atomic
 from .model import CountVAE, _locate_split
 from .train import torch_threads
 
-__all__ = ["load_model_and_data", "de_job", "score_job", "perturb_job"]
+__all__ = ["load_model_and_data", "de_job", "score_job", "perturb_job", "generate_job"]
 
 
 def load_model_and_data(model_dir: str | os.PathLike, data: str | os.PathLike,
@@ -135,3 +136,24 @@ def perturb_job(model_dir, data, condition_key: str, control: str, perturbed: st
                                           cell_type=cell_type, method=method, seed=seed)
     write_atomic(out, lambda p: pred.write_h5ad(p, compression="gzip"))
     return pred, out
+
+
+def generate_job(model_dir, data, n_cells: int, out, label: str | None = None, labels_key: str | None = None,
+                 seed: int = 0, log=lambda msg: None) -> tuple[ad.AnnData, Path]:
+    """Generate ``n_cells`` cells with the model in ``model_dir`` attached to its training ``data`` (library sizes
+    and, with ``label``, the aggregated posterior of that label's cells come from it): from the prior, or
+    conditioned on ``obs[labels_key] == label``. Writes an .h5ad of sampled counts. See
+    :meth:`cellvae.CountVAE.sample`.
+
+    Raises:
+        CellvaeInputError: bad data, model, key, label or output path.
+    """
+    if label is not None and labels_key is None:
+        raise CellvaeInputError("--label needs --labels-key (the obs column holding the labels).")
+    model, adata, path = load_model_and_data(model_dir, data, (labels_key,))
+    out = _check_output(out, path, (".h5ad",))
+    log(f"loaded {model!r}; generating {n_cells} cells" + (f" of {labels_key}={label!r}" if label else ""))
+    with torch_threads(None):
+        gen = model.sample(n_cells, seed=seed, labels=label, labels_key=labels_key)
+    write_atomic(out, lambda p: gen.write_h5ad(p, compression="gzip"))
+    return gen, out
