@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -215,18 +214,20 @@ def fmt_mean_sd(vals, digits=3, missing="-"):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a reader
-    (or an interruption) never sees a half-written file."""
+    """Write ``text`` to ``path`` (folders created) atomically, with :func:`cellvae.fileio.write_text_atomic`: a
+    reader (or an interruption) never sees a half-written file."""
+    from cellvae.fileio import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_text_atomic(path, text)
+
+
+def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
+    """Write ``payload`` as ``out.json`` and ``markdown`` as ``out.md`` (each atomically), and print the Markdown."""
+    import json
+
+    out = Path(out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=2))
+    atomic_write_text(out.with_suffix(".md"), markdown)
+    print(markdown)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    atomic_write_text, cluster_scores, default_data_dir, load_dataset, machine_description, parse_dataset_spec,
+    write_json_and_md, cluster_scores, default_data_dir, load_dataset, machine_description, parse_dataset_spec,
 )
 
 import cellvae  # noqa: E402
@@ -114,11 +114,7 @@ def main(argv=None):
     for spec in args.datasets.split(","):
         name, key = parse_dataset_spec(spec.strip())
         rows += run(name, key, args.epochs, betas, args.data_dir)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    atomic_write_text(out.with_suffix(".md"), report(rows, args))
-    print(report(rows, args))
+    write_json_and_md(Path(args.out), {"args": vars(args), "rows": rows}, report(rows, args))
 
 
 if __name__ == "__main__":

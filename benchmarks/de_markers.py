@@ -30,7 +30,6 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import anndata as ad  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cellvae import CountVAE  # noqa: E402

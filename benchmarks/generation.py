@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    atomic_write_text, default_data_dir, load_dataset, machine_description, parse_dataset_spec,
+    write_json_and_md, default_data_dir, load_dataset, machine_description, parse_dataset_spec,
 )
 
 import cellvae  # noqa: E402
@@ -189,11 +189,7 @@ def main(argv=None):
     for spec in args.datasets.split(","):
         name, key = parse_dataset_spec(spec.strip())
         results.append(run(name, key, args.epochs, args.data_dir))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"args": vars(args), "results": results}, indent=2))
-    atomic_write_text(out.with_suffix(".md"), report(results, args))
-    print(report(results, args))
+    write_json_and_md(Path(args.out), {"args": vars(args), "results": results}, report(results, args))
 
 
 if __name__ == "__main__":

@@ -83,8 +83,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for _common
 from _common import (  # noqa: E402
     DEFAULT_DATASETS,
-    HVG_GENE_THRESHOLD,
-    N_HVG,
     REPO_ROOT,
     TOOL_LABEL,
     TOOLS,

@@ -34,7 +34,6 @@ Thresholds: :func:`calibrate_threshold` takes the empirical ``quantile`` of the 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import TYPE_CHECKING
 
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from .data import CellvaeInputError, TensorData
+from .module import evaluation
 
 if TYPE_CHECKING:  # for types only (model sits above this module)
     from .model import CountVAE
@@ -58,17 +58,6 @@ _MAX_REGRESS_REFERENCE = 2_000  # normalize_library="regress": reference cells u
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _seeded_eval(module: torch.nn.Module, seed: int | None):
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            yield
-    finally:
-        module.train(was_training)
 
 
 def _library(data: TensorData) -> np.ndarray:
@@ -82,7 +71,7 @@ def _neg_elbo(module, data: TensorData, n_samples: int, batch_size: int, seed: i
     """(n_cells,) ``-ELBO`` in nats, the reconstruction term averaged over ``n_samples`` draws of z (and l)."""
     out = []
     per_pass = max(1, _MAX_ELEMENTS // max(1, n_samples * data.n_genes))
-    with _seeded_eval(module, seed):
+    with evaluation(module, seed):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), min(batch_size, per_pass)):
             inf = module.inference(x, cat, cont, n_samples=n_samples)
             gen = module.generative(inf["z"], inf["library"], cat, cont)
@@ -96,7 +85,7 @@ def _neg_elbo(module, data: TensorData, n_samples: int, batch_size: int, seed: i
 
 def _latent_mean(module, data: TensorData, batch_size: int) -> np.ndarray:
     out = []
-    with _seeded_eval(module, 0):
+    with evaluation(module, 0):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
             out.append(module.inference(x, cat, cont)["qz_m"])
     return torch.cat(out).numpy().astype(np.float64)

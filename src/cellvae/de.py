@@ -28,16 +28,15 @@ Randomness is seeded (``seed``), so results are reproducible.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from .data import CellvaeInputError, TensorData
+from .module import evaluation
 
 if TYPE_CHECKING:  # imported for types only (model sits above this module)
     from .model import CountVAE
@@ -60,18 +59,6 @@ _TINY = 1e-30  # rho is clamped here so that log2 stays finite with a zero pseud
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _seeded_eval(module: torch.nn.Module, seed: int | None):
-    """Eval mode, no autograd, and torch's global generator seeded (and restored afterwards)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            yield
-    finally:
-        module.train(was_training)
 
 
 def _check_count_model(model: "CountVAE") -> None:
@@ -196,7 +183,7 @@ def _decode_rho(module, data: TensorData, cells: np.ndarray, batch_codes: np.nda
 def _pair_chunks(module, data, cells1, cells2, n_samples, batch_size, seed, batch_codes):
     """Yield (rho1, rho2) chunks of paired draws; identical sequence for identical arguments (seeded)."""
     rng = np.random.default_rng(seed)
-    with _seeded_eval(module, seed):
+    with evaluation(module, seed):
         done = 0
         while done < n_samples:
             m = min(batch_size, n_samples - done)

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .data import CellvaeInputError
-from .perturb import _seeded_eval
+from .module import evaluation
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import CountVAE
@@ -286,7 +286,7 @@ def sample(
         raise CellvaeInputError("No training AnnData attached to resample library sizes from: pass library_size=... "
                                 "or load the model with its training AnnData.")
 
-    with _seeded_eval(module, seed):
+    with evaluation(module, seed):
         if labels is None:
             z = torch.randn(n, module.n_latent)
             z_source = "prior N(0, I)"
@@ -379,7 +379,7 @@ def posterior_predictive_sample(
         raise CellvaeInputError(f"n_samples must be >= 1, got {n_samples}.")
     data, idx = model._eval_data(adata, indices)
     out = []
-    with _seeded_eval(model.module, seed):
+    with evaluation(model.module, seed):
         for x, cat, cont in data.iterate(idx, batch_size):
             inf = model.module.inference(x, cat, cont, n_samples=k)
             gen = model.module.generative(inf["z"], inf["library"], cat, cont)

@@ -677,6 +677,10 @@ class CountVAE:
         ``method="latent_knn"`` (default): mean latent distance to the nearest reference cells; ``"elbo"`` or
         ``"marginal_ll"``: negative ELBO / IWAE log-likelihood (nats per cell) with the log-library-size trend
         of the reference cells removed. See :func:`cellvae.anomaly.anomaly_score`.
+
+        Raises:
+            CellvaeInputError: an unknown ``method`` or ``normalize_library``, no reference cells (no AnnData
+                attached and no ``reference``), data without the model's genes.
         """
         from .anomaly import anomaly_score
 
@@ -686,7 +690,13 @@ class CountVAE:
                            threshold: float | None = None, copy: bool = False, **kwargs):
         """Write ``obs['cellvae_anomaly']`` (score) and ``obs['cellvae_is_anomaly']`` (score above a threshold
         calibrated as the ``quantile`` of held-out reference cells' scores, unless ``threshold`` is given), in
-        place unless ``copy``. See :func:`cellvae.anomaly.annotate_anomalies`."""
+        place unless ``copy``; returns the annotated copy (n_cells obs) with ``copy=True``, else None. See
+        :func:`cellvae.anomaly.annotate_anomalies`.
+
+        Raises:
+            CellvaeInputError: ``quantile`` outside (0, 1), no held-out reference cells to calibrate on (pass
+                ``calibration_adata`` or ``threshold``), and the errors of :meth:`get_anomaly_score`.
+        """
         from .anomaly import annotate_anomalies
 
         return annotate_anomalies(self, adata, threshold=threshold, quantile=quantile, copy=copy, **kwargs)
@@ -732,7 +742,11 @@ class CountVAE:
                                     seed: int = 0, batch_size: int = 1024) -> np.ndarray:
         """Counts drawn from the fitted likelihood ``p(x | z, l)`` with ``z ~ q(z | x)``: float32 integer-valued
         array (n_cells, n_genes), or (n_samples, n_cells, n_genes) when ``n_samples > 1``. See
-        :func:`cellvae.generate.posterior_predictive_sample`."""
+        :func:`cellvae.generate.posterior_predictive_sample`.
+
+        Raises:
+            CellvaeInputError: ``n_samples < 1``, bad ``indices``, data without the model's genes.
+        """
         from .generate import posterior_predictive_sample
 
         return posterior_predictive_sample(self, adata, indices=indices, n_samples=n_samples, seed=seed,
@@ -743,7 +757,12 @@ class CountVAE:
         """Decode ``n_steps`` points on the straight latent path from ``cells_a`` to ``cells_b`` (a cell position or
         obs name, or a list/mask of cells: their mean posterior mean). Returns an AnnData (n_steps, n_genes) of
         normalized expression (``rho * library_size``, counts per 10k by default) with ``obs["t"]`` in [0, 1].
-        See :func:`cellvae.latent.interpolate`."""
+        See :func:`cellvae.latent.interpolate`.
+
+        Raises:
+            CellvaeInputError: cells not found (bad position, obs name or mask), no cells selected, ``n_steps < 2``,
+                no AnnData attached and none given, unknown covariate categories.
+        """
         from .latent import interpolate
 
         return interpolate(self, cells_a, cells_b, n_steps=n_steps, adata=adata, covariates=covariates,
@@ -752,7 +771,11 @@ class CountVAE:
     def latent_arithmetic(self, adata: ad.AnnData | None = None, base=None, plus=None, minus=None,
                           library_size: float = 1e4) -> ad.AnnData:
         """Decode ``z_c + (mean z[plus] - mean z[minus])`` for every base cell c (scGen-style latent arithmetic);
-        AnnData (n_base, n_genes) of normalized expression. See :func:`cellvae.latent.latent_arithmetic`."""
+        AnnData (n_base, n_genes) of normalized expression. See :func:`cellvae.latent.latent_arithmetic`.
+
+        Raises:
+            CellvaeInputError: a missing ``base``/``plus``/``minus`` selection, cells not found, no AnnData.
+        """
         from .latent import latent_arithmetic
 
         return latent_arithmetic(self, adata, base=base, plus=plus, minus=minus, library_size=library_size)
@@ -761,7 +784,11 @@ class CountVAE:
                          library_size: float = 1e4) -> ad.AnnData:
         """Decode along each latent dimension from ``-limit`` to ``limit``, the others at 0: AnnData
         (n_dims * n_steps, n_genes) with ``obs["dim"]``, ``obs["value"]``. Plot it with
-        :func:`cellvae.latent.plot_latent_traversal`. See :func:`cellvae.latent.latent_traversal`."""
+        :func:`cellvae.latent.plot_latent_traversal`. See :func:`cellvae.latent.latent_traversal`.
+
+        Raises:
+            CellvaeInputError: ``dims`` out of range for ``n_latent``, unknown covariate categories.
+        """
         from .latent import latent_traversal
 
         return latent_traversal(self, dims=dims, n_steps=n_steps, limit=limit, covariates=covariates,

@@ -18,6 +18,7 @@ whose first column is the batch; ``cont`` (n_cells, n_cont) float or None.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch import nn
 from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from .nn import DecoderSCVI, Encoder
 
-__all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS"]
+__all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS", "evaluation"]
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
@@ -279,6 +280,26 @@ class VAEModule(nn.Module):
         inf = self.inference(x, cat, cont)
         gen = self.generative(inf["z"], inf["library"], cat, cont)
         return self.loss(x, inf, gen, kl_weight, cat)
+
+
+@contextlib.contextmanager
+def evaluation(module: torch.nn.Module, seed: int | None = None):
+    """Run a block with ``module`` in eval mode and without autograd, then restore its mode.
+
+    With a ``seed``, torch's global generator (z sampling) is seeded for the block and restored afterwards, so the
+    block is reproducible and the caller's random stream is untouched; with None the global stream is used.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if seed is not None:
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+                torch.manual_seed(int(seed))
+            yield
+    finally:
+        module.train(was_training)
 
 
 def _reshape_dist(px, shape):

@@ -31,7 +31,6 @@ counts, float. ``layers["counts"]`` holds integer counts sampled from the fitted
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -40,6 +39,7 @@ import pandas as pd
 import torch
 
 from .data import CellvaeInputError
+from .module import evaluation
 
 if TYPE_CHECKING:  # imported for types only (model sits above this module)
     from .model import CountVAE
@@ -50,18 +50,6 @@ METHODS = ("latent_arithmetic", "decoder_swap")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _seeded_eval(module: torch.nn.Module, seed: int | None):
-    """Eval mode, no autograd, and torch's global generator seeded (and restored afterwards)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            yield
-    finally:
-        module.train(was_training)
 
 
 def _levels(col: pd.Series) -> list[str]:
@@ -155,7 +143,7 @@ def latent_delta(
     data = model._tensors(None)
     is_c, is_p = cond == str(control), cond == str(perturbed)
     info: dict = {"balance": None, "cell_types": None}
-    with _seeded_eval(model.module, None):
+    with evaluation(model.module, None):
         if cell_type_key is None:
             if not is_p.any() or not is_c.any():
                 raise CellvaeInputError("No training cells of the control or the perturbed condition.")
@@ -313,7 +301,7 @@ def predict_perturbation(
 
     n_samples = int(n_samples)
     xs, counts, zs = [], [], []
-    with _seeded_eval(model.module, seed):
+    with evaluation(model.module, seed):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
             inf = model.module.inference(x, cat, cont, n_samples=n_samples)
             z = inf["qz_m"] if n_samples == 1 else inf["z"]

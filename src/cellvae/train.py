@@ -393,17 +393,12 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
                     dst.copy_(src)
             out = module(x, cat, cont, kl_weight=kl_w)
             optimizer.zero_grad(set_to_none=True)
-            if plan.check_finite:
-                bad = None
-                if not bool(torch.isfinite(out.loss)):
-                    bad = "loss"
-                else:
-                    out.loss.backward()
-                    if not bool(torch.isfinite(_grad_norm(params))):
-                        bad = "gradients"
-            else:
-                out.loss.backward()
-                bad = None
+            out.loss.backward()
+            bad = None
+            if plan.check_finite:  # one host sync per step; which part failed is looked up only on failure
+                loss_ok = torch.isfinite(out.loss.detach())
+                if not bool(loss_ok & torch.isfinite(_grad_norm(params))):
+                    bad = "gradients" if bool(loss_ok) else "loss"
             step += 1
             if bad is None:
                 optimizer.step()

@@ -99,6 +99,9 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 20) -> dic
         (factor -> normalized gap), ``"best_dim"`` (factor -> index of the most informative dimension),
         ``"mutual_info"`` (DataFrame (n_latent, n_factors), nats) and ``"entropy"`` (Series, nats).
         A factor with a single level (zero entropy) gets NaN and is left out of the mean.
+
+    Raises:
+        ValueError: a latent that is not (n_cells, >= 2) or holds NaN/inf, or factors whose length is not n_cells.
     """
     Z = np.asarray(latent)
     if Z.ndim != 2 or Z.shape[1] < 2:

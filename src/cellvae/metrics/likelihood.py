@@ -18,13 +18,13 @@ Randomness comes from torch's global generator, or from ``seed`` (then the globa
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 
 from ..data import CellvaeInputError, TensorData
+from ..module import evaluation
 from ..train import evaluate_elbo
 
 __all__ = ["compute_elbo", "compute_marginal_ll", "compute_reconstruction_error", "as_indices"]
@@ -62,27 +62,6 @@ def as_indices(indices, n_cells: int) -> torch.Tensor:
     return torch.as_tensor(idx, dtype=torch.int64)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
-
-
 def compute_elbo(
     module,
     data: TensorData,
@@ -112,15 +91,14 @@ def compute_elbo(
         CellvaeInputError: empty or out-of-range ``indices``.
     """
     idx = as_indices(indices, data.n_cells)
-    with _seeded(seed):
+    with evaluation(module, seed):
         if return_mean:
             return evaluate_elbo(module, data, idx, batch_size)
         recon, kl = [], []
-        with _eval_mode(module):
-            for x, cat, cont in data.iterate(idx, batch_size):
-                out = module(x, cat, cont, kl_weight=1.0)
-                recon.append(out.reconstruction_loss)
-                kl.append(out.kl_local)
+        for x, cat, cont in data.iterate(idx, batch_size):
+            out = module(x, cat, cont, kl_weight=1.0)
+            recon.append(out.reconstruction_loss)
+            kl.append(out.kl_local)
     r = torch.cat(recon).numpy()
     k = torch.cat(kl).numpy()
     return {"elbo": -(r + k), "reconstruction_loss": r, "kl_local": k}
@@ -218,7 +196,7 @@ def compute_marginal_ll(
     n_samples = int(n_samples)
     idx = as_indices(indices, data.n_cells)
     out = []
-    with _seeded(seed), _eval_mode(module):
+    with evaluation(module, seed):
         for x, cat, cont in data.iterate(idx, batch_size):
             per_pass = max(1, min(n_samples, int(max_elements) // max(1, x.shape[0] * x.shape[1])))
             acc = torch.full((x.shape[0],), -math.inf)
