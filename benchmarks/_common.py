@@ -100,8 +100,8 @@ def package_version(dist: str) -> str:
 
 
 # ----------------------------------------------------------------------------- data
-def load_dataset(data_dir: Path, name: str, label_key: str):
-    """Read ``<data_dir>/<name>.h5ad`` and keep counts + labels.
+def load_dataset(data_dir: Path, name: str, label_key: str, extra_obs: tuple[str, ...] = ()):
+    """Read ``<data_dir>/<name>.h5ad`` and keep counts + labels (+ the obs columns ``extra_obs``, e.g. the batch).
 
     Datasets with more than :data:`HVG_GENE_THRESHOLD` genes are reduced to :data:`N_HVG` genes with
     ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")`` on the raw counts (needs scikit-misc). If skmisc's
@@ -137,7 +137,8 @@ def load_dataset(data_dir: Path, name: str, label_key: str):
         hvg = True
     # keep only what the tools need: counts + labels
     labels = adata.obs[label_key].astype(str).to_numpy()
-    adata = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[label_key]].copy(),
+    keep = [label_key] + [k for k in extra_obs if k != label_key]
+    adata = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[keep].copy(),
                        var=adata.var[[]].copy())
     info = {
         "dataset": name,

@@ -61,3 +61,15 @@ def kang_small(kang) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def savercat() -> ad.AnnData:
+    """PBMCs from three 10x chemistries (SAVER-CAT subset): 2000 cells x 10000 genes, ``batch``, ``cell_type``."""
+    return _read("pbmc_10x_3tech_savercat_2000cells.h5ad")
+
+
+@pytest.fixture()
+def savercat_small(savercat) -> ad.AnnData:
+    """600 cells x 300 genes of the three-chemistry PBMCs (fresh copy per test)."""
+    return _subset(savercat, 600, 300, seed=2)

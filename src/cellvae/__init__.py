@@ -17,8 +17,9 @@ __version__ = "0.1.0"
 from .autoencoder import Autoencoder  # noqa: E402
 from .cvae import CVAE, CVAE_NB, CVAE_ZINB  # noqa: E402
 from .data import CellvaeInputError, read_data  # noqa: E402
+from .image import ImageVAE  # noqa: E402
 from .model import CountVAE  # noqa: E402
 from .train import CellvaeTrainingError  # noqa: E402
 
-__all__ = ["CountVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "CellvaeTrainingError", "read_data",
+__all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "CellvaeTrainingError", "read_data",
            "__version__"]

@@ -44,6 +44,10 @@ def _fit_options(f):
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option("--n-top-genes", type=int, default=None,
                      help="Model only this many highly variable genes (seurat_v3 on counts)."),
+        click.option("--adversarial-batch-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="With --batch-key: weight of an adversarial batch classifier on the latent space "
+                          "(domain confusion; 0 = off; 10 is a good start). Removes batch signal from the latent "
+                          "space beyond the decoder's batch covariate."),
         click.option("--latent-library/--observed-library", default=False, show_default=True,
                      help="Latent log-normal library size instead of the observed total counts."),
         click.option("--early-stopping/--no-early-stopping", default=True, show_default=True),
@@ -250,6 +254,41 @@ def generate(model_dir, data, n_cells, labels_key, label, out, seed, quiet):
     gen, path = _run(generate_job, model_dir=model_dir, data=data, n_cells=n_cells, out=out, label=label,
                      labels_key=labels_key, seed=seed, log=log)
     click.echo(f"generated {gen.n_obs} cells x {gen.n_vars} genes; wrote {path}")
+
+
+@main.command("fit-images")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--images-key", default="images", show_default=True, help="npz key of the (n, H, W, C) images.")
+@click.option("--labels-key", default=None,
+              help="npz key of per-image labels (figures, linear probe); default: 'labels' when present.")
+@click.option("--split-key", default="split", show_default=True,
+              help="npz key of a train/test split; without it 20% of the images (seeded) are held out.")
+@click.option("--n-latent", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--beta", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="KL weight after warm-up (beta-VAE; 1 = ELBO).")
+@click.option("--likelihood", type=click.Choice(["gaussian", "continuous_bernoulli"]), default="gaussian",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fit_images(data, out_dir, quiet, **kwargs):
+    """Fit a convolutional VAE to the single-cell images in DATA (.npz with images (n, H, W, C) uint8, optional
+    labels/label_names and split) and write the model, latent codes, figures, metrics and an HTML report to
+    --out."""
+    from .image_job import fit_images_job
+
+    t0 = time.perf_counter()
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    metrics = _run(fit_images_job, data=data, out_dir=out_dir, progress_bar=not quiet, log=log, **kwargs)
+    for k in ("n_images", "n_epochs", "test_elbo", "test_mse_per_pixel", "probe_balanced_accuracy"):
+        if metrics.get(k) is not None:
+            v = metrics[k]
+            click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    click.echo(f"wall time: {time.perf_counter() - t0:.1f} s")
+    click.echo(f"report: {(Path(out_dir) / 'report.html').resolve()}")
 
 
 def _summary(metrics: dict, out_dir: str, seconds: float) -> None:

@@ -29,7 +29,13 @@ import scipy.sparse as sp
 
 from .data import CellvaeInputError, get_counts, read_data, resolve_data_path, select_highly_variable_genes
 from .fileio import write_atomic, write_text_atomic
-from .metrics import clustering_agreement, kmeans_agreement, silhouette_labels
+from .metrics import (
+    batch_classifier_accuracy,
+    batch_silhouette,
+    clustering_agreement,
+    kmeans_agreement,
+    silhouette_labels,
+)
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
 from .report import render_report
@@ -105,6 +111,7 @@ def fit_job(
     batch_size: int = 128,
     n_top_genes: int | None = None,
     latent_library: bool = False,
+    adversarial_batch_weight: float = 0.0,
     early_stopping: bool = True,
     seed: int = 0,
     overwrite: bool = False,
@@ -151,7 +158,7 @@ def fit_job(
     model = CountVAE(
         adata_model, layer=layer, batch_key=batch_key, labels_key=labels_key, gene_likelihood=gene_likelihood,
         dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
-        use_observed_lib_size=not latent_library,
+        use_observed_lib_size=not latent_library, adversarial_batch_weight=adversarial_batch_weight,
     )
     log(f"training {model!r}")
     t0 = time.perf_counter()
@@ -219,6 +226,15 @@ def fit_job(
             leiden_ari=lei["ari"], leiden_nmi=lei["nmi"], kmeans_ari=km["ari"], kmeans_nmi=km["nmi"],
             silhouette_labels=silhouette_labels(res.obsm["X_cellvae"], labels),
         )
+    if batch_key and model.spec.n_batch >= 2:
+        batches = res.obs[batch_key].astype(str).to_numpy()
+        labels = res.obs[labels_key].astype(str).to_numpy() if labels_key else None
+        try:
+            metrics["batch_classifier_accuracy"] = batch_classifier_accuracy(res.obsm["X_cellvae"], batches)
+            metrics["batch_classifier_chance"] = 1.0 / model.spec.n_batch
+        except ValueError as e:  # a batch smaller than the folds
+            log(f"batch classifier accuracy not computed: {e}")
+        metrics["batch_asw"] = batch_silhouette(res.obsm["X_cellvae"], batches, labels)
 
     # ---- marker genes (Bayes-factor DE, one label vs the rest)
     markers: dict[str, list[str]] = {}
@@ -253,6 +269,7 @@ def fit_job(
         "batch_size": batch_size, "kl_warmup_epochs": hist["plan"].get("n_epochs_kl_warmup")
         or max(1, min(400, hist["plan"]["max_epochs"] // 2)),
         "n_top_genes": n_top_genes, "library_size": "latent" if latent_library else "observed",
+        "adversarial_batch_weight": adversarial_batch_weight,
         "early_stopping": early_stopping, "seed": seed,
     }
     res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
@@ -283,6 +300,11 @@ def fit_job(
         "ARI/NMI: agreement of clusters with the labels (KMeans with k = number of labels, seed 0; Leiden at "
         "resolution 1).",
     ]
+    if "batch_asw" in metrics:
+        notes.append("Batch mixing: batch_classifier_accuracy is the 5-fold balanced accuracy of a logistic "
+                     "regression predicting the batch from the latent space (lower = better mixed; chance = "
+                     "batch_classifier_chance); batch_asw is scIB's batch silhouette (1 = fully mixed within "
+                     "each label).")
     write_text_atomic(out / "report.html",
                   render_report(path.name, data_summary, settings, training, shown, figures, notes,
                                 markers=markers))

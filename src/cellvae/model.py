@@ -26,7 +26,7 @@ from .data import (
     split_indices,
     warn,
 )
-from .module import DISPERSIONS, GENE_LIKELIHOODS, VAEModule
+from .module import ADVERSARIAL_MODES, DISPERSIONS, GENE_LIKELIHOODS, VAEModule
 from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
 from .train import CellvaeTrainingError, TrainingPlan, _fsync_dir, default_max_epochs, train_module
 
@@ -61,6 +61,12 @@ class CountVAE:
             warms the weight up linearly from 0 to ``beta`` (``history["kl_weight"]``). beta > 1 presses q(z|x)
             towards the factorised prior (more disentangled, blurrier reconstructions); saved with the model
             (configs without it load as 1.0).
+        adversarial_batch_weight: weight of an adversarial batch classifier with gradient reversal on the latent
+            means (0: none, the default; needs ``batch_key`` with >= 2 batches). Pushes batch information out of
+            the latent space beyond what the decoder's batch covariate does; see
+            :class:`cellvae.module.VAEModule` and ``benchmarks/results/integration.md`` for its effect.
+            ``adversarial_mode="confusion"`` (default) or ``"gradient_reversal"`` (a module keyword) picks how the
+            encoder is trained against the classifier.
         **module_kwargs: passed to :class:`cellvae.module.VAEModule`.
 
     Cells with zero counts are left out of training, and genes with zero counts in every cell are left out of
@@ -94,8 +100,17 @@ class CountVAE:
         use_observed_lib_size: bool = True,
         encode_covariates: bool = False,
         beta: float = 1.0,
+        adversarial_batch_weight: float = 0.0,
         **module_kwargs,
     ):
+        try:
+            adversarial_batch_weight = float(adversarial_batch_weight)
+        except (TypeError, ValueError):
+            raise CellvaeInputError(
+                f"adversarial_batch_weight must be a number >= 0, got {adversarial_batch_weight!r}.") from None
+        if not (np.isfinite(adversarial_batch_weight) and adversarial_batch_weight >= 0):
+            raise CellvaeInputError(
+                f"adversarial_batch_weight must be a finite number >= 0, got {adversarial_batch_weight!r}.")
         try:
             beta = float(beta)
         except (TypeError, ValueError):
@@ -165,6 +180,16 @@ class CountVAE:
             use_observed_lib_size=use_observed_lib_size, encode_covariates=encode_covariates, beta=beta,
             **module_kwargs,
         )
+        if adversarial_batch_weight > 0:
+            if self.spec.n_batch < 2:
+                raise CellvaeInputError(
+                    "adversarial_batch_weight > 0 needs a batch covariate with at least 2 batches: pass "
+                    "batch_key=<obs column of the batch> (or leave adversarial_batch_weight at 0)."
+                )
+            self.module_kwargs["adversarial_batch_weight"] = adversarial_batch_weight
+        mode = self.module_kwargs.get("adversarial_mode", "confusion")
+        if mode not in ADVERSARIAL_MODES:
+            raise CellvaeInputError(f"adversarial_mode must be one of {ADVERSARIAL_MODES}, got {mode!r}.")
         self.adata = adata
         self._data: TensorData | None = None
         lib_means, lib_vars = None, None

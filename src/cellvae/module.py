@@ -28,10 +28,11 @@ from torch import nn
 from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
 from .nn import DecoderSCVI, Encoder
 
-__all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS", "evaluation"]
+__all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "evaluation", "grad_reverse"]
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 
 
 @dataclass
@@ -39,19 +40,40 @@ class LossOutput:
     """Loss parts of one minibatch.
 
     Attributes:
-        loss: scalar to minimise: mean over cells of ``reconstruction_loss + kl_weight * kl_z + kl_library``.
+        loss: scalar to minimise: mean over cells of ``reconstruction_loss + kl_weight * kl_z + kl_library``
+            (plus ``adversarial_batch_weight * adversarial_loss`` when the module has a batch adversary).
         reconstruction_loss: (n_cells,) ``-log p(x | z, l)`` in nats per cell.
         kl_local: (n_cells,) ``KL(q(z|x) || p(z)) + KL(q(l|x) || p(l))`` in nats per cell (unweighted).
+        adversarial_loss: scalar cross-entropy (nats per cell) of the latent batch classifier, or None.
     """
 
     loss: torch.Tensor
     reconstruction_loss: torch.Tensor
     kl_local: torch.Tensor
+    adversarial_loss: torch.Tensor | None = None
 
     @property
     def elbo(self) -> torch.Tensor:
         """(n_cells,) evidence lower bound, nats per cell (higher is better)."""
         return -(self.reconstruction_loss + self.kl_local)
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; gradient multiplied by -1 backward (Ganin & Lempitsky 2015, ICML, "Unsupervised domain
+    adaptation by backpropagation")."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def grad_reverse(x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, with its gradient reversed (see :class:`_GradientReversal`)."""
+    return _GradientReversal.apply(x)
 
 
 def _kl_normal(m: torch.Tensor, v: torch.Tensor, pm, pv) -> torch.Tensor:
@@ -83,6 +105,18 @@ class VAEModule(nn.Module):
             learning basic visual concepts with a constrained variational framework"; 1.0 is the ELBO). It is
             recorded here and applied by the training loop (:func:`cellvae.train.train_module` warms the KL weight
             up from 0 to ``beta``); :meth:`loss` itself weights the KL by the ``kl_weight`` it is given.
+        adversarial_batch_weight: weight of an adversarial batch classifier on the latent means (0: none, the
+            default). A two-layer network (n_latent -> n_hidden -> n_batch) learns to predict the batch from the mean
+            of ``q(z|x)`` by cross-entropy while the encoder is trained to defeat it (``adversarial_mode``), which
+            pushes batch information out of the latent space beyond what the decoder's batch covariate does
+            (domain-adversarial training, Ganin & Lempitsky 2015; the covariate discriminators of CPA, Lotfollahi
+            et al. 2023, Mol. Syst. Biol.). The loss gains ``adversarial_batch_weight *`` the adversarial terms
+            (nats per cell); the ELBO and its parts are unchanged. Needs ``n_batch >= 2``.
+        adversarial_mode: how the encoder fights the classifier: ``"confusion"`` (default: the encoder pushes the
+            classifier's output towards uniform over batches, the domain-confusion loss of Tzeng et al. 2015, ICCV,
+            as scvi-tools' totalVI adversary does with uniform over the other batches) or ``"gradient_reversal"``
+            (the encoder ascends the classifier's cross-entropy, Ganin & Lempitsky 2015). See
+            :meth:`_adversarial_loss`.
 
     Raises:
         ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
@@ -109,8 +143,12 @@ class VAEModule(nn.Module):
         use_layer_norm: str = "none",
         encoder_input: str = "log1p",
         beta: float = 1.0,
+        adversarial_batch_weight: float = 0.0,
+        adversarial_mode: str = "confusion",
     ):
         super().__init__()
+        if not (np.isfinite(adversarial_batch_weight) and adversarial_batch_weight >= 0):
+            raise ValueError(f"adversarial_batch_weight must be a finite number >= 0, got {adversarial_batch_weight!r}.")
         if not (np.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
         self.beta = float(beta)
@@ -153,6 +191,16 @@ class VAEModule(nn.Module):
             deeply_inject_covariates, gene_cell_dispersion=dispersion == "gene-cell",
             softmax=gene_likelihood != "normal",
         )
+        self.adversarial_batch_weight = float(adversarial_batch_weight)
+        if adversarial_mode not in ADVERSARIAL_MODES:
+            raise ValueError(f"adversarial_mode must be one of {ADVERSARIAL_MODES}, got {adversarial_mode!r}.")
+        self.adversarial_mode = adversarial_mode
+        if self.adversarial_batch_weight > 0:
+            if self.n_batch < 2:
+                raise ValueError("adversarial_batch_weight > 0 needs a batch covariate with at least 2 batches.")
+            self.batch_classifier = nn.Sequential(
+                nn.Linear(n_latent, n_hidden), nn.ReLU(), nn.Linear(n_hidden, self.n_batch),
+            )
         if dispersion == "gene":
             self.px_r = nn.Parameter(torch.randn(n_input))
         elif dispersion == "gene-batch":
@@ -272,7 +320,31 @@ class VAEModule(nn.Module):
                 self.library_log_means[b].unsqueeze(-1), self.library_log_vars[b].unsqueeze(-1),
             )
         loss = (recon + kl_weight * kl_z + kl_l).mean()
-        return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl_z + kl_l)
+        adv = None
+        if self.adversarial_batch_weight > 0 and cat is not None:
+            adv = self._adversarial_loss(qz_m, cat[:, 0])
+            loss = loss + self.adversarial_batch_weight * adv
+        return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl_z + kl_l, adversarial_loss=adv)
+
+    def _adversarial_loss(self, qz_m: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Classifier cross-entropy plus the encoder's adversarial term (nats per cell, mean over cells).
+
+        ``"gradient_reversal"``: one cross-entropy; the classifier descends it, the encoder (through the reversed
+        gradient) ascends it. ``"confusion"``: the classifier descends its cross-entropy on detached latent means,
+        and the encoder descends the cross-entropy between the (frozen) classifier's output and the uniform
+        distribution over batches, which is smallest when the classifier cannot tell the batches apart; unlike
+        ascending the cross-entropy, it is not satisfied by a latent space that maps batches onto each other's
+        labels (which still separates them).
+        """
+        if self.adversarial_mode == "gradient_reversal":
+            return nn.functional.cross_entropy(self.batch_classifier(grad_reverse(qz_m)), batch)
+        clf = nn.functional.cross_entropy(self.batch_classifier(qz_m.detach()), batch)
+        h = qz_m
+        for layer in self.batch_classifier:  # the same network with its parameters frozen for this term
+            h = (nn.functional.linear(h, layer.weight.detach(), layer.bias.detach())
+                 if isinstance(layer, nn.Linear) else layer(h))
+        confusion = -torch.log_softmax(h, dim=-1).mean(-1).mean()
+        return clf + confusion
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None = None,
                 kl_weight: float = 1.0) -> LossOutput:

@@ -17,9 +17,12 @@ Disentanglement (:mod:`cellvae.metrics.disentangle`; a latent and discrete facto
 - :func:`mutual_information_gap`: MIG (Chen et al. 2018) on latent dimensions discretized into 20 bins;
   :func:`latent_factor_mutual_info`, :func:`discretize_latent`: its parts.
 
-Batch mixing (:mod:`cellvae.metrics.integration`, needs the optional ``scib-metrics``):
+Batch mixing (:mod:`cellvae.metrics.integration`):
 
-- :func:`scib_benchmark`: iLISI, kBET, graph connectivity, batch ASW, PCR comparison, bio conservation, total.
+- :func:`batch_classifier_accuracy`: cross-validated balanced accuracy of a batch classifier on the latent space;
+- :func:`batch_silhouette`: scIB's batch ASW;
+- :func:`scib_benchmark` (needs the optional ``scib-metrics``): iLISI, kBET, graph connectivity, batch ASW, PCR
+  comparison, bio conservation, total.
 
 :class:`cellvae.CountVAE` wraps the likelihood metrics as ``get_elbo``, ``get_marginal_ll`` and
 ``get_reconstruction_error``; ``cellvae evaluate`` (:mod:`cellvae.evaluate`) reports all of them.
@@ -35,7 +38,13 @@ from .clustering import (
     silhouette_labels,
 )
 from .disentangle import discretize_latent, latent_factor_mutual_info, mutual_information_gap
-from .integration import SCIB_INSTALL_HINT, scib_available, scib_benchmark
+from .integration import (
+    SCIB_INSTALL_HINT,
+    batch_classifier_accuracy,
+    batch_silhouette,
+    scib_available,
+    scib_benchmark,
+)
 from .likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
 
 __all__ = [
@@ -50,6 +59,8 @@ __all__ = [
     "leiden_clusters",
     "leiden_n_clusters",
     "leiden_agreement",
+    "batch_classifier_accuracy",
+    "batch_silhouette",
     "scib_available",
     "scib_benchmark",
     "SCIB_INSTALL_HINT",

@@ -1,4 +1,10 @@
-"""Batch mixing and bio-conservation scores from the optional ``scib-metrics`` library.
+"""Batch mixing scores: two light ones with scikit-learn, and the scIB set from the optional ``scib-metrics``.
+
+- :func:`batch_classifier_accuracy`: how well a linear classifier predicts the batch from the latent space
+  (balanced accuracy; lower is better mixed, ``1 / n_batches`` is chance);
+- :func:`batch_silhouette`: scIB's batch ASW (1 - |silhouette of the batch| per cell, averaged within labels;
+  Luecken et al. 2022), computed with scikit-learn;
+- :func:`scib_benchmark`: the scib-metrics Benchmarker (below).
 
 A thin wrapper over ``scib_metrics.benchmark.Benchmarker`` (the JAX re-implementation of the scIB benchmark,
 Luecken et al. 2022, Nat. Methods 19:41): batch correction (iLISI, kBET per label, graph connectivity, batch
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["scib_available", "scib_benchmark", "SCIB_INSTALL_HINT"]
+__all__ = ["scib_available", "scib_benchmark", "SCIB_INSTALL_HINT", "batch_classifier_accuracy", "batch_silhouette"]
 
 SCIB_INSTALL_HINT = 'pip install "cellvae[bench]" (or pip install scib-metrics)'
 
@@ -37,6 +43,77 @@ _KEYS = {
     "Bio conservation": "bio_conservation",
     "Total": "total",
 }
+
+
+def _check(latent, groups, what: str) -> tuple[np.ndarray, np.ndarray]:
+    latent = np.asarray(latent, dtype=np.float64)
+    groups = np.asarray(groups).astype(str)
+    if latent.ndim != 2 or groups.shape != (latent.shape[0],):
+        raise ValueError(f"latent must be (n_cells, n_latent) and {what} (n_cells,); got {latent.shape}, "
+                         f"{groups.shape}.")
+    if len(np.unique(groups)) < 2:
+        raise ValueError(f"Batch-mixing scores need at least 2 {what}, got {len(np.unique(groups))}.")
+    return latent, groups
+
+
+def batch_classifier_accuracy(latent: np.ndarray, batches, n_folds: int = 5, seed: int = 0) -> float:
+    """Balanced accuracy of a logistic regression predicting the batch from the latent space, by stratified
+    ``n_folds``-fold cross-validation (features standardised). Lower is better mixed; ``1 / n_batches`` is chance.
+    The classifier test of domain-adversarial training (Ganin & Lempitsky 2015): what the adversary should remove.
+
+    Args:
+        latent: (n_cells, n_latent) embedding.
+        batches: (n_cells,) batch of each cell (any labels).
+
+    Raises:
+        ValueError: mismatched shapes, fewer than 2 batches, or a batch with fewer cells than ``n_folds``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    latent, batches = _check(latent, batches, "batches")
+    smallest = min(np.unique(batches, return_counts=True)[1])
+    if smallest < n_folds:
+        raise ValueError(f"A batch has only {smallest} cells, fewer than the {n_folds} cross-validation folds.")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, latent, batches, cv=cv, scoring="balanced_accuracy").mean())
+
+
+def batch_silhouette(latent: np.ndarray, batches, labels=None, sample_size: int | None = 5000,
+                     seed: int = 0) -> float:
+    """scIB's batch ASW in [0, 1] (higher is better mixed): for each cell, 1 - |silhouette width with batches
+    as clusters|, averaged over the cells of each label and then over labels (Luecken et al. 2022, Nat. Methods
+    19:41, "batch ASW"); without ``labels`` all cells form one group. Labels present in a single batch are
+    skipped. At most ``sample_size`` cells (seeded) are used.
+
+    Args:
+        latent: (n_cells, n_latent) embedding.
+        batches: (n_cells,) batch of each cell.
+        labels: (n_cells,) cell types, or None.
+
+    Raises:
+        ValueError: mismatched shapes or fewer than 2 batches.
+    """
+    from sklearn.metrics import silhouette_samples
+
+    latent, batches = _check(latent, batches, "batches")
+    labels = np.zeros(len(batches), dtype=str) if labels is None else np.asarray(labels).astype(str)
+    if labels.shape != batches.shape:
+        raise ValueError(f"labels must be (n_cells,) like batches; got {labels.shape}.")
+    idx = np.arange(len(batches))
+    if sample_size is not None and len(idx) > sample_size:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, sample_size, replace=False))
+    scores = []
+    for lab in np.unique(labels[idx]):
+        sel = idx[labels[idx] == lab]
+        if len(np.unique(batches[sel])) < 2 or len(sel) < 3:
+            continue
+        s = silhouette_samples(latent[sel], batches[sel])
+        scores.append(float(np.mean(1.0 - np.abs(s))))
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def scib_available() -> bool:
