@@ -32,6 +32,7 @@ __all__ = [
     "log_nb_positive",
     "log_zinb_positive",
     "lgamma_ratio",
+    "count_log_prob_sum",
 ]
 
 _STIRLING_MIN = 1e2  # above this theta, lgamma(x + theta) - lgamma(theta) uses the Stirling difference form
@@ -297,3 +298,139 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         with torch.no_grad():
             keep = torch.rand_like(nb) >= self.zi_probs.expand(nb.shape)
             return nb * keep
+
+
+# --------------------------------------------------------------------------------- fast training likelihood
+_TABLE_MAX = 32  # counts up to this use the per-gene lookup table; larger ones are computed directly
+
+
+def _count_table(x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, k_max: int) -> torch.Tensor:
+    """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` per element, from a table over integer counts.
+
+    For an integer count k, ``lgamma(k + theta) - lgamma(theta) = sum_{j<k} log(theta + j)``: with theta per gene
+    (or per row of ``log_theta`` picked by ``rows``), a (R, k_max + 1, n_genes) table costs ``k_max`` logs per
+    gene instead of two ``lgamma`` per matrix element (and two ``digamma`` in the backward pass). Counts above
+    ``k_max`` (rare) are computed with ``lgamma`` directly. Differentiable with respect to ``log_theta``.
+    """
+    theta = log_theta.exp()
+    if theta.dim() == 1:
+        theta = theta.unsqueeze(0)  # (R=1, G)
+    j = torch.arange(k_max, dtype=theta.dtype, device=theta.device)
+    logs = torch.log(theta.unsqueeze(1) + j.view(1, -1, 1))  # (R, k_max, G)
+    k = torch.arange(k_max + 1, dtype=theta.dtype, device=theta.device)
+    table = torch.cat([torch.zeros_like(logs[:, :1]), logs.cumsum(1)], 1) - torch.lgamma(k + 1.0).view(1, -1, 1)
+    xi = x.clamp(max=k_max).long()
+    if rows is None:
+        out = table[0].gather(0, xi)
+    else:
+        n_genes = x.shape[-1]
+        flat = (rows.view(-1, 1) * (k_max + 1) + xi) * n_genes + torch.arange(n_genes, device=x.device)
+        out = table.reshape(-1).take(flat)
+    big = x > k_max
+    if bool(big.any()):
+        r, c = big.nonzero(as_tuple=True)
+        xb = x[r, c]
+        tb = theta[0 if rows is None else rows[r], c]
+        out = out.index_put((r, c), torch.lgamma(xb + tb) - torch.lgamma(tb) - torch.lgamma(xb + 1.0))
+    return out
+
+
+class _NBZeroTerms(torch.autograd.Function):
+    """Sum over genes of the NB / ZINB log-likelihood without its count-table part, with a hand-written backward.
+
+    With ``d = log mu - log theta``: ``log NB(0) = A = -theta softplus(d)``, and for any count
+    ``log NB(x) = A + x (d - softplus(d)) + [lgamma(x+theta) - lgamma(theta) - lgamma(x+1)]``; the bracket comes from
+    :func:`_count_table`. ZINB: zeros get ``logaddexp(zi, A)``, every entry ``- softplus(zi)``. Derivatives, with
+    ``q = sigmoid(d)`` and ``w = sigmoid(A - zi)``: ``dA/dlog mu = -theta q``, ``dA/dlog theta = A + theta q``,
+    ``d[x (d - softplus d)]/dlog mu = x (1 - q)`` (minus that for log theta); zeros scale the A-derivatives by w
+    and give ``dzi = 1 - w``; every entry ``dzi -= sigmoid(zi)``. One saved pass per quantity instead of autograd's
+    generic ``logaddexp``/``where`` backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_mu, log_theta, zi_logits):
+        # Masks as float arithmetic (torch.where and boolean tensors are several times slower on CPU).
+        theta = log_theta.exp()
+        d = log_mu - log_theta
+        sp = F.softplus(d)
+        A = -theta * sp
+        ll = A + x * (d - sp)
+        if zi_logits is None:
+            ctx.save_for_backward(x, d, A, theta, None, None, None)
+        else:
+            zf = 1.0 - x.clamp(max=1.0)  # 1 for zero counts (x are non-negative integers)
+            w = torch.sigmoid(A - zi_logits)
+            zero_ll = A + F.softplus(zi_logits - A)  # logaddexp(zi, A)
+            ll = torch.lerp(ll, zero_ll, zf) - F.softplus(zi_logits)
+            ctx.save_for_backward(x, d, A, theta, zf, w, zi_logits)
+        ctx.theta_shape = log_theta.shape
+        return ll.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, d, A, theta, zf, w, zi_logits = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        q = torch.sigmoid(d)
+        tq = theta * q
+        xq = x * (1.0 - q)  # zero where x is zero
+        if w is None:
+            dmu = xq - tq
+            dth = A + tq - xq
+            dzi = None
+        else:
+            scale = 1.0 + zf * (w - 1.0)  # w for zero counts, 1 otherwise
+            dmu = xq - scale * tq
+            dth = scale * (A + tq) - xq
+            dzi = (zf * (1.0 - w) - torch.sigmoid(zi_logits)) * g
+        dmu = dmu * g
+        dth = dth * g
+        while dth.dim() > len(ctx.theta_shape):
+            dth = dth.sum(0)
+        return None, dmu, dth, dzi
+
+
+def count_log_prob_sum(
+    x: torch.Tensor,
+    log_mu: torch.Tensor,
+    log_theta: torch.Tensor | None = None,
+    zi_logits: torch.Tensor | None = None,
+    theta_rows: torch.Tensor | None = None,
+    table_max: int = _TABLE_MAX,
+) -> torch.Tensor:
+    """Per-cell log-likelihood of counts (nats, summed over genes) for Poisson, NB or ZINB, computed from the log
+    mean: the training path of :class:`cellvae.module.VAEModule`.
+
+    Equal to ``Poisson(mu)`` / ``NegativeBinomial(mu, theta)`` / ``ZeroInflatedNegativeBinomial(mu, theta, zi)``
+    ``.log_prob(x).sum(-1)`` (tested to 1e-5 relative, gradients included) but cheaper for training:
+
+    - it takes ``log mu`` (library + log-softmax of the decoder), so no ``log`` of the mean is taken;
+    - the ``lgamma`` terms of integer counts come from a per-gene table (:func:`_count_table`): ``k_max`` logs per
+      gene instead of ``lgamma`` and ``digamma`` on every matrix element (they were half of a training step);
+    - NB / ZINB have a hand-written backward (:class:`_NBZeroTerms`).
+
+    Args:
+        x: (n_cells, n_genes) non-negative integer counts (float).
+        log_mu: (n_cells, n_genes) log of the NB / Poisson mean.
+        log_theta: log inverse dispersion: (n_genes,) per gene, or (R, n_genes) with ``theta_rows`` (n_cells,)
+            picking each cell's row (per batch); None for Poisson.
+        zi_logits: (n_cells, n_genes) zero-inflation logits for ZINB, else None.
+        table_max: largest count read from the table.
+
+    Returns:
+        (n_cells,) log-likelihood per cell, nats.
+    """
+    if log_theta is None:  # Poisson
+        return (x * log_mu - log_mu.exp() - _lgamma1_table(x, table_max)).sum(-1)
+    table = _count_table(x, log_theta, theta_rows, table_max).sum(-1)
+    lt = log_theta if theta_rows is None else log_theta[theta_rows]
+    return _NBZeroTerms.apply(x, log_mu, lt, zi_logits) + table
+
+
+def _lgamma1_table(x: torch.Tensor, k_max: int) -> torch.Tensor:
+    """``lgamma(x + 1)`` per element from a table for counts up to ``k_max`` (direct above)."""
+    k = torch.arange(k_max + 1, dtype=x.dtype, device=x.device)
+    out = torch.lgamma(k + 1.0).take(x.clamp(max=k_max).long())
+    big = x > k_max
+    if bool(big.any()):
+        out = torch.where(big, torch.lgamma(x + 1.0), out)
+    return out

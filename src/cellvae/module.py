@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
+from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial, count_log_prob_sum
 from .nn import DecoderSCVI, Encoder
 
 __all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "evaluation", "grad_reverse"]
@@ -117,6 +117,9 @@ class VAEModule(nn.Module):
             as scvi-tools' totalVI adversary does with uniform over the other batches) or ``"gradient_reversal"``
             (the encoder ascends the classifier's cross-entropy, Ganin & Lempitsky 2015). See
             :meth:`_adversarial_loss`.
+        use_fast_likelihood: compute the training loss with :func:`cellvae.distributions.count_log_prob_sum`
+            where it applies (:attr:`fast_likelihood`); False uses the distribution classes (same values, slower;
+            for tests and comparisons).
 
     Raises:
         ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
@@ -145,6 +148,7 @@ class VAEModule(nn.Module):
         beta: float = 1.0,
         adversarial_batch_weight: float = 0.0,
         adversarial_mode: str = "confusion",
+        use_fast_likelihood: bool = True,
     ):
         super().__init__()
         if not (np.isfinite(adversarial_batch_weight) and adversarial_batch_weight >= 0):
@@ -191,6 +195,7 @@ class VAEModule(nn.Module):
             deeply_inject_covariates, gene_cell_dispersion=dispersion == "gene-cell",
             softmax=gene_likelihood != "normal",
         )
+        self.use_fast_likelihood = bool(use_fast_likelihood)
         self.adversarial_batch_weight = float(adversarial_batch_weight)
         if adversarial_mode not in ADVERSARIAL_MODES:
             raise ValueError(f"adversarial_mode must be one of {ADVERSARIAL_MODES}, got {adversarial_mode!r}.")
@@ -309,6 +314,10 @@ class VAEModule(nn.Module):
         """
         px = generative_outputs["px"]
         recon = -px.log_prob(x).sum(-1)
+        return self._total(recon, inference_outputs, kl_weight, cat)
+
+    def _total(self, recon: torch.Tensor, inference_outputs: dict, kl_weight: float, cat) -> LossOutput:
+        """KL terms and the weighted loss around a per-cell reconstruction loss."""
         qz_m, qz_v = inference_outputs["qz_m"], inference_outputs["qz_v"]
         kl_z = 0.5 * (qz_v + qz_m * qz_m - 1.0 - torch.log(qz_v)).sum(-1)
         if self.use_observed_lib_size:
@@ -325,6 +334,21 @@ class VAEModule(nn.Module):
             adv = self._adversarial_loss(qz_m, cat[:, 0])
             loss = loss + self.adversarial_batch_weight * adv
         return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl_z + kl_l, adversarial_loss=adv)
+
+    @property
+    def fast_likelihood(self) -> bool:
+        """Whether :meth:`forward` uses :func:`cellvae.distributions.count_log_prob_sum` (count likelihoods with
+        theta per gene or per gene and batch; equal to the distribution classes' ``log_prob`` to float rounding)."""
+        return self.use_fast_likelihood and self.gene_likelihood != "normal" and self.dispersion != "gene-cell"
+
+    def _fast_reconstruction(self, x, z, library, cat, cont) -> torch.Tensor:
+        zinb = self.gene_likelihood == "zinb"
+        logits, _, zi_logits = self.decoder.forward_logits(z, cat, cont, zero_inflation=zinb)
+        log_mu = library + torch.log_softmax(logits, dim=-1)
+        if self.gene_likelihood == "poisson":
+            return -count_log_prob_sum(x, log_mu)
+        rows = cat[:, 0] if self.dispersion == "gene-batch" else None
+        return -count_log_prob_sum(x, log_mu, self.px_r, zi_logits, theta_rows=rows)
 
     def _adversarial_loss(self, qz_m: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Classifier cross-entropy plus the encoder's adversarial term (nats per cell, mean over cells).
@@ -348,8 +372,16 @@ class VAEModule(nn.Module):
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None = None,
                 kl_weight: float = 1.0) -> LossOutput:
-        """Inference, generative pass and loss for one minibatch (one z sample)."""
+        """Inference, generative pass and loss for one minibatch (one z sample).
+
+        For count likelihoods with theta per gene (or gene and batch) the reconstruction term is computed by
+        :func:`cellvae.distributions.count_log_prob_sum` from the decoder's log-softmax (see
+        :attr:`fast_likelihood`); otherwise by :meth:`generative` and :meth:`loss`.
+        """
         inf = self.inference(x, cat, cont)
+        if self.fast_likelihood:
+            recon = self._fast_reconstruction(x, inf["z"], inf["library"], cat, cont)
+            return self._total(recon, inf, kl_weight, cat)
         gen = self.generative(inf["z"], inf["library"], cat, cont)
         return self.loss(x, inf, gen, kl_weight, cat)
 

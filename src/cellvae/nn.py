@@ -184,8 +184,15 @@ class DecoderSCVI(nn.Module):
         self.dispersion_decoder = nn.Linear(n_hidden, n_out) if gene_cell_dispersion else None
 
     def forward(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        logits, log_theta, zi_logits = self.forward_logits(z, cat, cont)
+        rho = torch.softmax(logits, dim=-1) if self.softmax else logits
+        return rho, log_theta, zi_logits
+
+    def forward_logits(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None,
+                       zero_inflation: bool = True):
+        """``(logits, log_theta or None, zi_logits or None)``: the decoder before the softmax (rho =
+        softmax(logits)); ``zero_inflation=False`` skips the zero-inflation head (NB and Poisson do not use it)."""
         h = self.px_decoder(z, cat, cont)
-        out = self.scale_decoder(h)
-        rho = torch.softmax(out, dim=-1) if self.softmax else out
         log_theta = self.dispersion_decoder(h) if self.dispersion_decoder is not None else None
-        return rho, log_theta, self.dropout_decoder(h)
+        zi_logits = self.dropout_decoder(h) if zero_inflation else None
+        return self.scale_decoder(h), log_theta, zi_logits
