@@ -32,6 +32,17 @@ import numpy as np
 import torch
 
 from .data import CellvaeInputError, TensorData, minibatch_slices
+from .distributed import (
+    allreduce_grads,
+    allreduce_sum,
+    average_buffers,
+    broadcast_module,
+    is_main,
+    per_rank_batch_size,
+    resolve_device,
+    shard_indices,
+    world,
+)
 
 __all__ = ["TrainingPlan", "train_module", "default_max_epochs", "evaluate_elbo", "kl_weight_at", "torch_threads",
            "default_n_threads", "CellvaeTrainingError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
@@ -46,7 +57,8 @@ _CHECKPOINT_HOOK: Callable[[Path], None] | None = None
 # Settings that must not change on resume (they fix the minibatch order and the cells).
 _RESUME_FIXED = ("batch_size", "seed")
 # Settings that may change on resume without notice.
-_RESUME_FREE = ("max_epochs", "progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite")
+_RESUME_FREE = ("max_epochs", "progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
+                "accelerator")
 
 
 class CellvaeTrainingError(RuntimeError):
@@ -114,6 +126,8 @@ class TrainingPlan:
         max_kl_weight: the KL weight reached at the end of the warm-up and kept afterwards (1.0: the ELBO;
             a beta-VAE's ``beta`` otherwise, Higgins et al. 2017). The validation ELBO used for early stopping is
             always computed with weight 1.
+        accelerator: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``: the device of the training steps.
+            The module is moved there for training and back to the CPU at the end (analyses run on the CPU).
     """
 
     max_epochs: int = 400
@@ -132,6 +146,7 @@ class TrainingPlan:
     max_bad_steps: int = 20
     check_finite: bool = True
     max_kl_weight: float = 1.0
+    accelerator: str = "auto"
 
     @property
     def warmup_epochs(self) -> int:
@@ -147,22 +162,30 @@ def kl_weight_at(step: int, warmup_steps: int, max_kl_weight: float = 1.0) -> fl
     return float(max_kl_weight) * frac
 
 
+def _to(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    return tuple(t.to(device, non_blocking=True) if t is not None else None for t in batch)
+
+
 @torch.no_grad()
 def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: int = 1024) -> dict:
-    """Mean ELBO and its parts (nats per cell) over ``indices``, in eval mode, one z sample per cell."""
+    """Mean ELBO and its parts (nats per cell) over ``indices``, in eval mode, one z sample per cell. In a
+    distributed run each rank passes its shard of cells and the sums are all-reduced (same value on every rank)."""
     was_training = module.training
     module.eval()
-    recon = torch.zeros(())
-    kl = torch.zeros(())
-    n = 0
-    for x, cat, cont in data.iterate(indices, batch_size):
+    device = next(module.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # reconstruction, KL, cells
+    for batch in data.iterate(indices, batch_size):
+        x, cat, cont = _to(batch, device)
         out = module(x, cat, cont, kl_weight=1.0)
-        recon += out.reconstruction_loss.sum()
-        kl += out.kl_local.sum()
-        n += x.shape[0]
+        sums[0] += out.reconstruction_loss.sum()
+        sums[1] += out.kl_local.sum()
+        sums[2] += x.shape[0]
     module.train(was_training)
-    n = max(n, 1)
-    r, k = recon.item() / n, kl.item() / n
+    sums = allreduce_sum(sums).cpu()
+    n = max(float(sums[2]), 1.0)
+    r, k = float(sums[0]) / n, float(sums[1]) / n
     return {"elbo": -(r + k), "reconstruction_loss": r, "kl_local": k}
 
 
@@ -279,8 +302,13 @@ def train_module(
         CellvaeTrainingError: ``plan.max_bad_steps`` consecutive non-finite steps; the module then holds the
             best weights so far (or the last finite ones) and, with ``checkpoint_dir``, a checkpoint was written.
     """
-    with torch_threads(plan.n_threads):
-        return _train(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta)
+    device = resolve_device(plan.accelerator)
+    module.to(device)
+    try:
+        with torch_threads(plan.n_threads):
+            return _train(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta, device)
+    finally:
+        module.cpu()
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -298,8 +326,13 @@ def _plan_dict(plan: TrainingPlan) -> dict:
 
 
 def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, checkpoint_dir=None, resume=False,
-           meta=None) -> dict:
+           meta=None, device: torch.device = torch.device("cpu")) -> dict:
     from tqdm.auto import tqdm
+
+    rank, n_ranks = world()
+    if n_ranks > 1 and resume:
+        raise CellvaeInputError("Resuming a multi-process run is not supported yet: resume it in one process "
+                                "(without --nproc / torchrun), or start over.")
 
     if len(train_idx) < 2:
         raise ValueError(f"Training needs at least 2 cells, got {len(train_idx)}.")
@@ -319,15 +352,17 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             )
     meta = meta or {}
 
-    torch.manual_seed(plan.seed)
-    gen = torch.Generator().manual_seed(plan.seed)
-    train_t = torch.as_tensor(np.asarray(train_idx), dtype=torch.int64)
-    val_t = torch.as_tensor(np.asarray(val_idx), dtype=torch.int64)
-    has_val = len(val_t) > 0
+    torch.manual_seed(plan.seed + rank)  # dropout and z samples differ between ranks; rank 0 = a 1-process run
+    gen = torch.Generator().manual_seed(plan.seed + rank)
+    train_t = shard_indices(torch.as_tensor(np.asarray(train_idx), dtype=torch.int64), plan.seed)
+    val_t = shard_indices(torch.as_tensor(np.asarray(val_idx), dtype=torch.int64), plan.seed)
+    has_val = len(val_idx) > 0
+    batch_size = per_rank_batch_size(plan.batch_size)
+    broadcast_module(module)
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
-    steps_per_epoch = len(minibatch_slices(len(train_t), plan.batch_size))
+    steps_per_epoch = len(minibatch_slices(len(train_t), batch_size))
     warmup_steps = plan.warmup_epochs * steps_per_epoch
     keys = ("epoch", "kl_weight", "train_loss", "train_elbo", "validation_elbo",
             "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
@@ -355,7 +390,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         n_skipped = int(ck["n_skipped_steps"])
 
     def checkpoint(epoch_done: int, finished: bool, failed: str | None = None) -> None:
-        if ck_dir is None:
+        if ck_dir is None or not is_main():
             return
         save_checkpoint({
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -374,19 +409,20 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     buffer_backup = [b.detach().clone() for b in buffers] if plan.check_finite else []
 
     epochs = range(start_epoch, plan.max_epochs) if not stopped_early else range(0)
-    bar = tqdm(epochs, disable=not plan.progress_bar, desc="training", unit="epoch", initial=start_epoch,
+    bar = tqdm(epochs, disable=not plan.progress_bar or not is_main(), desc="training", unit="epoch", initial=start_epoch,
                total=plan.max_epochs)
     consecutive_bad = 0
     last_good_step = step
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()
-        loss_sum = torch.zeros(())
-        elbo_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
+        elbo_sum = torch.zeros((), device=device)
         n_ok = 0
         skipped = 0
         kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
-        for x, cat, cont in data.iterate(train_t, plan.batch_size, shuffle=True, generator=gen):
+        for batch in data.iterate(train_t, batch_size, shuffle=True, generator=gen):
+            x, cat, cont = _to(batch, device)
             kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
             if plan.check_finite:
                 for dst, src in zip(buffer_backup, buffers):
@@ -394,6 +430,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             out = module(x, cat, cont, kl_weight=kl_w)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            allreduce_grads(params)
             bad = None
             if plan.check_finite:  # one host sync per step; which part failed is looked up only on failure
                 loss_ok = torch.isfinite(out.loss.detach())
@@ -421,6 +458,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
                 bar.close()
                 _fail(module, data, train_t, plan, history, epoch, step, bad, consecutive_bad, n_skipped,
                       best_state, best_epoch, ck_dir, checkpoint, last_good_step)
+        average_buffers(module)
         train_seconds += time.perf_counter() - t0
         history["epoch"].append(epoch + 1)
         history["kl_weight"].append(kl_w)
@@ -463,7 +501,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     history["stopped_early"] = stopped_early
     history["n_skipped_steps"] = n_skipped
     history["resumed_from_epoch"] = start_epoch
-    n_seen = len(train_t) * len(history["epoch"])
+    n_seen = len(train_t) * n_ranks * len(history["epoch"])
     history["train_cells_per_second"] = n_seen / max(train_seconds, 1e-9)
     return history
 
