@@ -99,3 +99,24 @@ def test_gene_cell_dispersion_and_normal_use_the_reference_path():
     assert not VAEModule(20, dispersion="gene-cell").fast_likelihood
     assert not VAEModule(20, gene_likelihood="normal").fast_likelihood
     assert VAEModule(20).fast_likelihood
+
+
+def test_fused_adam_same_weights_as_multi_tensor_adam(kang_small):
+    from cellvae.train import TrainingPlan, make_optimizer
+
+    x = torch.as_tensor(kang_small.X.toarray(), dtype=torch.float32)[:128]
+    cat = torch.zeros(len(x), 1, dtype=torch.int64)
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = VAEModule(x.shape[1])
+        opt = make_optimizer(list(m.parameters()), TrainingPlan(fused_optimizer=fused))
+        assert bool(opt.defaults.get("fused")) == fused
+        for _ in range(5):
+            torch.manual_seed(1)
+            out = m(x, cat, None, kl_weight=0.5)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)

@@ -58,7 +58,7 @@ _CHECKPOINT_HOOK: Callable[[Path], None] | None = None
 _RESUME_FIXED = ("batch_size", "seed")
 # Settings that may change on resume without notice.
 _RESUME_FREE = ("max_epochs", "progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
-                "accelerator")
+                "accelerator", "fused_optimizer")
 
 
 class CellvaeTrainingError(RuntimeError):
@@ -128,6 +128,8 @@ class TrainingPlan:
             always computed with weight 1.
         accelerator: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``: the device of the training steps.
             The module is moved there for training and back to the CPU at the end (analyses run on the CPU).
+        fused_optimizer: use torch's fused Adam when available (about 10 % faster steps on CPU; same update to float
+            rounding, see tests/test_fast_path.py).
     """
 
     max_epochs: int = 400
@@ -147,6 +149,7 @@ class TrainingPlan:
     check_finite: bool = True
     max_kl_weight: float = 1.0
     accelerator: str = "auto"
+    fused_optimizer: bool = True
 
     @property
     def warmup_epochs(self) -> int:
@@ -311,6 +314,18 @@ def train_module(
         module.cpu()
 
 
+def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan) -> torch.optim.Adam:
+    """Adam with ``plan``'s lr, eps and weight decay; the fused implementation (one kernel over all parameters,
+    same arithmetic) where this torch has it for the parameters' device, else the multi-tensor one."""
+    kw = {"lr": plan.lr, "eps": plan.eps, "weight_decay": plan.weight_decay}
+    if plan.fused_optimizer:
+        try:
+            return torch.optim.Adam(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):  # fused Adam not built for this device / dtype
+            pass
+    return torch.optim.Adam(params, **kw)
+
+
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of the gradients (inf or NaN if any gradient is); one fused pass over the tensors."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -361,7 +376,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     broadcast_module(module)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+    optimizer = make_optimizer(params, plan)
     steps_per_epoch = len(minibatch_slices(len(train_t), batch_size))
     warmup_steps = plan.warmup_epochs * steps_per_epoch
     keys = ("epoch", "kl_weight", "train_loss", "train_elbo", "validation_elbo",
