@@ -175,16 +175,26 @@ def get_counts(adata: ad.AnnData, layer: str | None = None):
     Raises:
         CellvaeInputError: a missing layer, or no ``X``.
     """
+    return _in_memory(counts_source(adata, layer))
+
+
+def counts_source(adata: ad.AnnData, layer: str | None = None):
+    """``adata.layers[layer]`` or ``adata.X`` as stored: for a backed AnnData (``backed="r"``) the on-disk
+    dataset, not read into memory (see :mod:`cellvae.backed`); otherwise the in-memory matrix.
+
+    Raises:
+        CellvaeInputError: a missing layer, or no ``X``.
+    """
     if layer is not None:
         if layer not in adata.layers:
             layers = list(adata.layers.keys())
             fix = ("Pass layer=... (--layer) with one of them, or omit it to use X." if layers else
                    "Omit layer (--layer) to use X, or store the raw counts first: adata.layers[...] = counts.")
             raise CellvaeInputError(f"Layer {layer!r} not found; available layers: {layers or 'none'}. {fix}")
-        return _in_memory(adata.layers[layer])
+        return adata.layers[layer]
     if adata.X is None:
         raise CellvaeInputError("adata.X is empty; pass the layer holding raw counts (layer=... / --layer).")
-    return _in_memory(adata.X)
+    return adata.X
 
 
 def _in_memory(X):
@@ -225,20 +235,66 @@ def check_values(X, count_likelihood: bool, where: str = "X") -> None:
         CellvaeInputError: a dtype other than integers or floats; NaN or inf anywhere; values beyond the float32
             range; negative or non-integer values for a count likelihood.
     """
-    v = _values(X)
-    if not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)):
+    raise_for_values(value_summary(_values(X), integers=count_likelihood), count_likelihood, where)
+
+
+def value_summary(v: np.ndarray, integers: bool = True) -> dict:
+    """What :func:`check_values` needs to know about the values ``v`` (a 1-d or 2-d array), mergeable over
+    chunks with :func:`merge_value_summaries`: dtype, size, number of NaN/inf, min, max and (with ``integers``)
+    the number of non-integer values and the first three of them."""
+    out = {"dtype": v.dtype, "size": int(v.size), "n_nonfinite": 0, "min": None, "max": None,
+           "n_nonint": 0, "nonint": []}
+    if not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)) or not v.size:
+        return out
+    if np.issubdtype(v.dtype, np.floating):
+        out["n_nonfinite"] = int((~np.isfinite(v)).sum())
+        if out["n_nonfinite"]:
+            return out
+    out["min"], out["max"] = v.min(), v.max()
+    if integers and np.issubdtype(v.dtype, np.floating):
+        frac = _non_integer(v)
+        out["n_nonint"] = int(frac.sum())
+        out["nonint"] = list(v[frac][:3]) if out["n_nonint"] else []
+    return out
+
+
+def merge_value_summaries(a: dict | None, b: dict) -> dict:
+    """The :func:`value_summary` of two chunks together (``a`` None: ``b``)."""
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    if not (np.issubdtype(out["dtype"], np.integer) or np.issubdtype(out["dtype"], np.floating)):
+        return out  # the first (non-numeric) dtype is what is reported
+    out["size"] += b["size"]
+    out["n_nonfinite"] += b["n_nonfinite"]
+    for key, pick in (("min", min), ("max", max)):
+        vals = [x for x in (a[key], b[key]) if x is not None]
+        out[key] = pick(vals) if vals else None
+    out["n_nonint"] += b["n_nonint"]
+    out["nonint"] = (a["nonint"] + b["nonint"])[:3]
+    return out
+
+
+def raise_for_values(summary: dict, count_likelihood: bool, where: str = "X") -> None:
+    """Raise :func:`check_values`' error for a :func:`value_summary` (of a whole matrix, or merged over chunks).
+
+    Raises:
+        CellvaeInputError: as :func:`check_values`.
+    """
+    dtype = summary["dtype"]
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise CellvaeInputError(
-            f"{where} has dtype {v.dtype}, not integer or floating point numbers. Store the counts as numbers "
-            f"(e.g. adata.X = adata.X.astype('float32') if they are numbers held as {v.dtype}), or pass the layer "
+            f"{where} has dtype {dtype}, not integer or floating point numbers. Store the counts as numbers "
+            f"(e.g. adata.X = adata.X.astype('float32') if they are numbers held as {dtype}), or pass the layer "
             "that holds them."
         )
-    if np.issubdtype(v.dtype, np.floating):
-        bad = ~np.isfinite(v)
-        if bad.any():
-            raise CellvaeInputError(
-                f"{where} contains {int(bad.sum())} NaN or infinite values; remove or fix those cells/genes first."
-            )
-    big = max(abs(float(v.max())), abs(float(v.min()))) if v.size else 0.0
+    if summary["n_nonfinite"]:
+        raise CellvaeInputError(
+            f"{where} contains {summary['n_nonfinite']} NaN or infinite values; remove or fix those cells/genes "
+            "first."
+        )
+    vmin, vmax = summary["min"], summary["max"]
+    big = max(abs(float(vmax)), abs(float(vmin))) if summary["size"] else 0.0
     if big > _FLOAT32_MAX:
         raise CellvaeInputError(
             f"{where} contains values beyond the float32 range (max |x| {big:g} > 3.4e38), which "
@@ -246,20 +302,18 @@ def check_values(X, count_likelihood: bool, where: str = "X") -> None:
         )
     if not count_likelihood:
         return
-    if v.size and v.min() < 0:
+    if summary["size"] and vmin < 0:
         raise CellvaeInputError(
-            f"{where} contains negative values (min {v.min():g}): a count likelihood needs raw counts. "
+            f"{where} contains negative values (min {vmin:g}): a count likelihood needs raw counts. "
             "Pass the raw-count layer (layer=... / --layer counts) or use gene_likelihood='normal'."
         )
-    if np.issubdtype(v.dtype, np.floating) and v.size:
-        frac = _non_integer(v)
-        if frac.any():
-            ex = v[frac][:3]
-            raise CellvaeInputError(
-                f"{where} contains non-integer values (e.g. {', '.join(f'{e:g}' for e in ex)}): a count likelihood "
-                "needs raw counts, not normalized or log-transformed data. Pass the raw-count layer "
-                "(layer=... / --layer counts) or use gene_likelihood='normal' (--gene-likelihood normal)."
-            )
+    if summary["n_nonint"]:
+        ex = summary["nonint"]
+        raise CellvaeInputError(
+            f"{where} contains non-integer values (e.g. {', '.join(f'{e:g}' for e in ex)}): a count likelihood "
+            "needs raw counts, not normalized or log-transformed data. Pass the raw-count layer "
+            "(layer=... / --layer counts) or use gene_likelihood='normal' (--gene-likelihood normal)."
+        )
 
 
 def select_highly_variable_genes(
@@ -471,6 +525,16 @@ class DataSpec:
             check_values(X, self.gene_likelihood != "normal", where=f"layers[{self.layer!r}]" if self.layer else "X")
         if self.gene_likelihood == "normal" and self.normal_transform == "log1p_cp10k":
             X = log1p_cp10k(X)
+        cat, cont = self.covariate_tensors(adata)
+        return TensorData(X, cat, cont)
+
+    def covariate_tensors(self, adata: ad.AnnData) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Covariates of ``adata`` encoded as in :meth:`prepare`: ``cat`` (n_cells, 1 + n_cat) int64 codes,
+        batch first, and ``cont`` (n_cells, n_cont) float32 or None.
+
+        Raises:
+            CellvaeInputError: missing obs keys, unknown categories, NaN/inf covariates.
+        """
         n = adata.n_obs
         cols = [_encode(adata, self.batch_key, self.batch_categories, "batch_key") if self.batch_key
                 else np.zeros(n, np.int64)]
@@ -479,7 +543,7 @@ class DataSpec:
         cat = torch.from_numpy(np.stack(cols, axis=1))
         arr = _continuous(adata, self.continuous_covariate_keys)
         cont = torch.from_numpy(arr) if arr is not None else None
-        return TensorData(X, cat, cont)
+        return cat, cont
 
 
 def log1p_cp10k(X):

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from . import __version__
+from .backed import BackedData, is_backed, scan_counts
 from .data import (
     CellvaeInputError,
     DataSpec,
@@ -67,6 +68,11 @@ class CountVAE:
             :class:`cellvae.module.VAEModule` and ``benchmarks/results/integration.md`` for its effect.
             ``adversarial_mode="confusion"`` (default) or ``"gradient_reversal"`` (a module keyword) picks how the
             encoder is trained against the classifier.
+        out_of_core: train and analyse without reading the counts into memory: ``adata`` must be opened with
+            ``anndata.read_h5ad(path, backed="r")`` (or :func:`cellvae.backed.open_backed`). The checks below run
+            as one streamed pass over the file, and minibatches are read from disk chunk by chunk
+            (:class:`cellvae.backed.BackedData`; see ``docs/backed.md``). False (default): a backed AnnData is
+            read into memory once, as before. Not saved with the model (pass it to :meth:`load` again).
         **module_kwargs: passed to :class:`cellvae.module.VAEModule`.
 
     Cells with zero counts are left out of training, and genes with zero counts in every cell are left out of
@@ -101,6 +107,7 @@ class CountVAE:
         encode_covariates: bool = False,
         beta: float = 1.0,
         adversarial_batch_weight: float = 0.0,
+        out_of_core: bool = False,
         **module_kwargs,
     ):
         try:
@@ -137,15 +144,24 @@ class CountVAE:
             warn(f"adata.obs_names are not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}): training works, "
                  "but the training/validation split cannot be saved by cell name. Call "
                  "adata.obs_names_make_unique() to fix it.")
-        X = get_counts(adata, layer)
         count_lik = gene_likelihood != "normal"
-        check_values(X, count_lik, where=f"layers[{layer!r}]" if layer else "X")
+        scan = None
+        if out_of_core:  # the same checks and totals, streamed over row chunks of the file
+            _check_backed(adata)
+            scan = scan_counts(adata, layer, count_lik)
+            X = None
+        else:
+            X = get_counts(adata, layer)
+            check_values(X, count_lik, where=f"layers[{layer!r}]" if layer else "X")
         if labels_key is not None and labels_key not in adata.obs.columns:
             raise CellvaeInputError(f"labels_key {labels_key!r} not found in obs columns {list(adata.obs.columns)}.")
 
         # Empty genes and cells.
-        gene_tot = np.asarray(abs(X).sum(0)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(0)
-        cell_tot = np.asarray(abs(X).sum(1)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(1)
+        if scan is not None:
+            gene_tot, cell_tot = scan.gene_abs, scan.cell_abs
+        else:
+            gene_tot = np.asarray(abs(X).sum(0)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(0)
+            cell_tot = np.asarray(abs(X).sum(1)).ravel() if sp.issparse(X) else np.abs(np.asarray(X)).sum(1)
         keep_genes = gene_tot > 0
         if not keep_genes.any():
             raise CellvaeInputError("Every gene has zero counts in every cell: nothing to model.")
@@ -153,7 +169,8 @@ class CountVAE:
             warn(f"{int((~keep_genes).sum())} genes with zero counts in every cell are left out of the model.")
         if sp.issparse(X):
             X = sp.csr_matrix(X)
-        cell_tot = np.asarray(X[:, keep_genes].sum(1)).ravel() if not keep_genes.all() else cell_tot
+        if not keep_genes.all():  # (the genes left out are all zero, so a backed scan's cell sums are the same)
+            cell_tot = scan.cell_sum if scan is not None else np.asarray(X[:, keep_genes].sum(1)).ravel()
         self._train_cells = cell_tot > 0
         if not self._train_cells.any():
             raise CellvaeInputError("Every cell has zero counts: nothing to train on.")
@@ -161,7 +178,7 @@ class CountVAE:
             warn(f"{int((~self._train_cells).sum())} cells with zero counts are left out of training.")
 
         normal_transform = "none"
-        if gene_likelihood == "normal" and is_count_matrix(X):
+        if gene_likelihood == "normal" and (scan.is_count if scan is not None else is_count_matrix(X)):
             normal_transform = "log1p_cp10k"
         self.spec = DataSpec.from_adata(
             adata,
@@ -192,6 +209,8 @@ class CountVAE:
             raise CellvaeInputError(f"adversarial_mode must be one of {ADVERSARIAL_MODES}, got {mode!r}.")
         self.adata = adata
         self._data: TensorData | None = None
+        self.out_of_core = bool(out_of_core)
+        self._backed_scan = scan  # the streamed checks and totals of an out-of-core AnnData (None in memory)
         lib_means, lib_vars = None, None
         if not use_observed_lib_size and gene_likelihood != "normal":
             lib_means, lib_vars = self._library_prior(adata)
@@ -241,8 +260,16 @@ class CountVAE:
             raise CellvaeInputError("No AnnData attached to this model: pass adata=... to this method.")
         if adata is None or adata is self.adata:
             if self._data is None:
-                self._data = self.spec.prepare(self.adata)
+                self._data = self._prepare(self.adata, getattr(self, "_backed_scan", None))
             return self._data
+        return self._prepare(adata)
+
+    def _prepare(self, adata: ad.AnnData, scan=None) -> TensorData:
+        """``spec.prepare(adata)``; out of core, for a backed AnnData (``anndata.read_h5ad(path, backed="r")``), a
+        :class:`cellvae.backed.BackedData` that reads minibatches from disk (checked by a streamed pass unless
+        ``scan`` of this AnnData is given)."""
+        if getattr(self, "out_of_core", False) and is_backed(adata):
+            return BackedData(adata, self.spec, scan=scan)
         return self.spec.prepare(adata)
 
     # ---------------------------------------------------------------------------------------- training
@@ -264,6 +291,7 @@ class CountVAE:
         checkpoint_every: int = 10,
         resume: bool = False,
         max_bad_steps: int = 20,
+        accelerator: str = "auto",
     ) -> "CountVAE":
         """Fit the model by maximising the ELBO with Adam (see :class:`cellvae.train.TrainingPlan`).
 
@@ -290,6 +318,9 @@ class CountVAE:
             max_bad_steps: minibatches with a non-finite loss or gradients are skipped (counted in
                 ``history["n_skipped_steps"]``); this many in a row stop training with
                 :class:`cellvae.train.CellvaeTrainingError`.
+            accelerator: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the module returns to the CPU
+                after training. Under ``torchrun`` (``WORLD_SIZE`` > 1, process group initialised, see
+                :mod:`cellvae.distributed`) training is data-parallel over the processes.
 
         The first call initialises the weights from ``seed``; a later call continues from the current weights
         (with a fresh optimizer and warm-up) and replaces ``self.history``.
@@ -331,11 +362,13 @@ class CountVAE:
             n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
             n_threads=n_threads, checkpoint_every=int(checkpoint_every), max_bad_steps=int(max_bad_steps),
-            max_kl_weight=self.beta,
+            max_kl_weight=self.beta, accelerator=accelerator,
         )
         data = self._tensors(None)
         meta = {"model_class": type(self).__name__, "data_spec": _jsonable(self.spec.to_dict()),
                 "module_kwargs": _jsonable(self.module_kwargs)}
+        if isinstance(data, BackedData):  # another minibatch order: resume out of core only (no key in memory)
+            meta["out_of_core"] = True
         try:
             self.history = train_module(self.module, data, tr, va, plan, checkpoint_dir=checkpoint_dir,
                                         resume=resume, meta=meta)
@@ -584,7 +617,8 @@ class CountVAE:
         return target
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None) -> "CountVAE":
+    def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None,
+             out_of_core: bool = False) -> "CountVAE":
         """Load a model saved by :meth:`save`.
 
         Args:
@@ -593,6 +627,8 @@ class CountVAE:
                 ``get_*`` methods then need ``adata``. When it holds every training and validation cell of the
                 saved model (by obs name, from ``split.json``), ``train_indices`` and ``validation_indices`` are
                 set to their positions in it; otherwise they are None.
+            out_of_core: read backed AnnData (``adata`` and those passed to methods) from disk chunk by chunk
+                instead of into memory, as ``CountVAE(..., out_of_core=True)``; ``adata``, if given, must be backed.
 
         Raises:
             CellvaeInputError: missing files, a newer format version, weights that do not match the config,
@@ -652,7 +688,10 @@ class CountVAE:
         self.train_indices = self.validation_indices = None
         self._data = None
         self.adata = None
+        self.out_of_core = bool(out_of_core)
         if adata is not None:
+            if out_of_core:
+                _check_backed(adata)
             self.spec.gene_indexer(adata)  # fail early on missing genes
             self.adata = adata
         self._train_cells = None
@@ -826,6 +865,17 @@ class CountVAE:
             f"n_layers={k['n_layers']}, gene_likelihood={k['gene_likelihood']!r}, dispersion={k['dispersion']!r}, "
             f"n_batch={self.spec.n_batch}{f', beta={self.beta:g}' if self.beta != 1.0 else ''}, "
             f"trained={self.is_trained})"
+        )
+
+
+def _check_backed(adata) -> None:
+    """Raise unless ``adata`` is a backed AnnData that can be read out of core."""
+    if not is_backed(adata):
+        what = "a view of a backed AnnData" if getattr(adata, "isbacked", False) else "an in-memory AnnData"
+        raise CellvaeInputError(
+            f"out_of_core=True needs an AnnData opened with anndata.read_h5ad(path, backed='r') (or "
+            f"cellvae.backed.open_backed(path)), got {what}. Open the .h5ad backed, or leave out_of_core False to "
+            "train in memory."
         )
 
 
