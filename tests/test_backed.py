@@ -5,6 +5,7 @@ valid file."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -245,3 +246,24 @@ def test_checkpoint_of_out_of_core_run_resumes_only_out_of_core(kang_pair, tmp_p
     m = CountVAE(back, out_of_core=True).train(max_epochs=2, batch_size=64, progress_bar=False, n_threads=1,
                                                checkpoint_dir=ck, resume=True)
     assert m.history["resumed_from_epoch"] == 1
+
+
+def test_cli_fit_backed_writes_outputs_without_reading_the_matrix(tmp_path, kang_small):
+    from click.testing import CliRunner
+
+    from cellvae.cli import main
+
+    path = tmp_path / "k.h5ad"
+    kang_small.write_h5ad(path)
+    out = tmp_path / "out"
+    args = ["fit", str(path), "--out", str(out), "--backed", "--labels-key", "cell_type", "--batch-key", "donor",
+            "--max-epochs", "3", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["backed"] is True and m["metrics"]["kmeans_ari"] is not None
+    annotated = ad.read_h5ad(out / "cellvae.h5ad")
+    assert annotated.X is None and annotated.obsm["X_cellvae"].shape == (kang_small.n_obs, 10)
+    assert "cellvae_normalized" not in annotated.layers
+    res = CliRunner().invoke(main, [*args[:4], "--backed", "--n-top-genes", "50", "--overwrite"])
+    assert res.exit_code == 2 and "--n-top-genes" in res.output

@@ -66,6 +66,15 @@ def _fit_only_options(f):
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Epochs between training checkpoints in --out/checkpoints (a crash loses at most this "
                           "many)."),
+        click.option("--accelerator", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Device for training (auto: CUDA when available)."),
+        click.option("--backed", is_flag=True,
+                     help="Train out of core: read the .h5ad's matrix from disk in row chunks (CSR or dense X; "
+                          "see docs/backed.md). For data larger than memory."),
+        click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Train with this many processes on this machine (torch.distributed data parallel, "
+                          "launched with torchrun; gloo on CPU, nccl on GPUs). For several machines run torchrun "
+                          "yourself (see README)."),
     ]
     return _add(options, f)
 
@@ -87,15 +96,20 @@ def main():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @_fit_options
 @_fit_only_options
-def fit(data, out_dir, quiet, **kwargs):
+def fit(data, out_dir, quiet, nproc, **kwargs):
     """Fit a count VAE to DATA (.h5ad, 10x .h5 or directory, .csv/.tsv, URL) and write the model, an
     annotated .h5ad, figures, metrics and an HTML report to --out."""
+    import os
+
     from .job import fit_job
 
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(_launch_torchrun(nproc))
     t0 = time.perf_counter()
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     metrics = _run(fit_job, data=data, out_dir=out_dir, progress_bar=not quiet, log=log, **kwargs)
-    _summary(metrics, out_dir, time.perf_counter() - t0)
+    if metrics:  # empty on the ranks > 0 of a multi-process run: rank 0 reports
+        _summary(metrics, out_dir, time.perf_counter() - t0)
 
 
 @main.command()
@@ -289,6 +303,29 @@ def fit_images(data, out_dir, quiet, **kwargs):
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     click.echo(f"wall time: {time.perf_counter() - t0:.1f} s")
     click.echo(f"report: {(Path(out_dir) / 'report.html').resolve()}")
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Run this same ``cellvae fit`` command (without ``--nproc``) in ``nproc`` local processes under torchrun;
+    return its exit code."""
+    import subprocess
+
+    args = sys.argv[1:]
+    cleaned, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cellvae.cli", *cleaned]
+    click.echo(f"[cellvae] launching {nproc} processes: {' '.join(cmd)}", err=True)
+    return subprocess.call(cmd)
 
 
 def _summary(metrics: dict, out_dir: str, seconds: float) -> None:

@@ -24,10 +24,19 @@ import shutil
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .data import CellvaeInputError, get_counts, read_data, resolve_data_path, select_highly_variable_genes
+from .backed import open_backed
+from .data import (
+    CellvaeInputError,
+    counts_source,
+    get_counts,
+    read_data,
+    resolve_data_path,
+    select_highly_variable_genes,
+)
 from .fileio import write_atomic, write_text_atomic
 from .metrics import (
     batch_classifier_accuracy,
@@ -39,6 +48,7 @@ from .metrics import (
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
 from .report import render_report
+from .distributed import barrier, init_from_env, shutdown, world
 from .train import CellvaeTrainingError, torch_threads
 
 __all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
@@ -46,6 +56,8 @@ __all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_
 N_DE_SAMPLES = 2000  # posterior draws per one-vs-rest comparison for the report's marker genes
 N_MARKERS = 10
 NORMALIZED_LIBRARY_SIZE = 1e4
+BACKED_EMBED_MAX_CELLS = 200_000  # out of core, above this many cells no UMAP / Leiden (kNN graph of all cells)
+METRIC_MAX_CELLS = 50_000  # out of core, clustering and batch metrics on a seeded subsample of this many cells
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -119,13 +131,21 @@ def fit_job(
     log=print,
     resume: bool = False,
     checkpoint_every: int = 10,
+    accelerator: str = "auto",
+    backed: bool = False,
 ) -> dict:
     """Run the main job end to end; return the metrics dict (also written to ``metrics.json``).
 
     Args mirror ``cellvae fit`` (see ``cellvae fit --help``). ``data`` is a path, a name in
     ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines. ``resume``: continue an interrupted job in
     ``out_dir`` from ``out_dir/checkpoints`` (same data and options); ``checkpoint_every``: epochs between
-    training checkpoints.
+    training checkpoints. ``accelerator``: ``auto``/``cpu``/``cuda`` for training. ``backed``: train out of core
+    (the .h5ad's matrix is read from disk in row chunks, :mod:`cellvae.backed`): no ``cellvae_normalized`` layer is
+    written, clustering metrics use at most 50,000 cells, and above 200,000 cells the UMAP and Leiden clustering are
+    left out; ``n_top_genes`` is refused (select genes first).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes train one model together (:mod:`cellvae.distributed`);
+    rank 0 prepares ``out_dir`` and writes every output, the other ranks return an empty dict after training.
 
     Raises:
         CellvaeInputError: unreadable data, bad values, missing keys or layers, a bad output directory, a
@@ -133,17 +153,46 @@ def fit_job(
         CellvaeTrainingError: training diverged (repeated non-finite losses); the best weights so far are saved
             to ``out_dir/model`` and the checkpoint is kept.
     """
+    t_start = time.perf_counter()
+    distributed = init_from_env(accelerator)
+    try:
+        return _fit_job(data, out_dir, layer, batch_key, labels_key, gene_likelihood, dispersion, n_latent, n_hidden,
+                        n_layers, max_epochs, batch_size, n_top_genes, latent_library, adversarial_batch_weight,
+                        early_stopping, seed, overwrite, progress_bar, log, resume, checkpoint_every, accelerator,
+                        t_start, backed)
+    finally:
+        if distributed:
+            shutdown()
+
+
+def _fit_job(data, out_dir, layer, batch_key, labels_key, gene_likelihood, dispersion, n_latent, n_hidden, n_layers,
+             max_epochs, batch_size, n_top_genes, latent_library, adversarial_batch_weight, early_stopping, seed,
+             overwrite, progress_bar, log, resume, checkpoint_every, accelerator, t_start, backed=False) -> dict:
     import scanpy as sc
 
-    t_start = time.perf_counter()
+    rank, n_ranks = world()
+    if rank != 0:
+        log = (lambda m: None)  # noqa: E731 - rank 0 reports
     path = resolve_data_path(data)
-    out = prepare_out_dir(out_dir, [path], overwrite, resume=resume)
-    adata = read_data(path)
-    log(f"read {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
-    get_counts(adata, layer)  # missing layer -> clear error now
+    if rank == 0:
+        out = prepare_out_dir(out_dir, [path], overwrite, resume=resume)
+    barrier()
+    out = Path(out_dir)
+    if n_ranks > 1:
+        log(f"distributed training on {n_ranks} processes")
+    if backed and n_top_genes:
+        raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
+                                "a subsample) and write them to a new .h5ad, or drop --backed.")
+    adata = open_backed(path) if backed else read_data(path)
+    log(f"{'opened (backed)' if backed else 'read'} {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
+    counts_source(adata, layer)  # missing layer -> clear error now
     for key, what in ((batch_key, "--batch-key"), (labels_key, "--labels-key")):
         if key is not None and key not in adata.obs.columns:
             raise CellvaeInputError(f"{what} {key!r} is not an obs column; available: {list(adata.obs.columns)}.")
+    if backed and not (adata.var_names.is_unique and adata.obs_names.is_unique):
+        raise CellvaeInputError("The file has duplicated var_names or obs_names, which cannot be fixed in a backed "
+                                "file: make them unique (var_names_make_unique / obs_names_make_unique) and write a "
+                                "new .h5ad, or drop --backed.")
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
     if not adata.obs_names.is_unique:
@@ -159,6 +208,7 @@ def fit_job(
         adata_model, layer=layer, batch_key=batch_key, labels_key=labels_key, gene_likelihood=gene_likelihood,
         dispersion=dispersion, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
         use_observed_lib_size=not latent_library, adversarial_batch_weight=adversarial_batch_weight,
+        out_of_core=backed,
     )
     log(f"training {model!r}")
     t0 = time.perf_counter()
@@ -169,25 +219,35 @@ def fit_job(
     try:
         model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
                     progress_bar=progress_bar, checkpoint_dir=ck_dir, checkpoint_every=checkpoint_every,
-                    resume=resume)
+                    resume=resume, accelerator=accelerator)
     except CellvaeTrainingError as e:
+        if rank != 0:
+            raise
         model.save(out / "model", overwrite=True)
         raise CellvaeTrainingError(f"{e} The model with these weights was saved to {str(out / 'model')!r}.",
                                    e.history) from e
     train_seconds = time.perf_counter() - t0
+    if rank != 0:
+        return {}
     if hist_resumed := model.history.get("resumed_from_epoch"):
         log(f"resumed at epoch {hist_resumed}")
     with torch_threads(None):
         latent = model.get_latent_representation()
-        norm = model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE, return_numpy=True)
+        norm = None if backed else model.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE,
+                                                                   return_numpy=True)
     hist = model.history
     log(f"trained {len(hist['epoch'])} epochs in {train_seconds:.1f} s "
         f"({hist['train_cells_per_second']:.0f} cells/s); best epoch {hist['best_epoch']}")
 
     # ---- annotate
-    res = adata.copy()
+    if backed:  # obs, var and the latent space; the counts stay in the input file
+        res = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+    else:
+        res = adata.copy()
     res.obsm["X_cellvae"] = latent
-    if modelled.all() and len(model.spec.gene_names) == adata.n_vars:
+    if norm is None:
+        pass
+    elif modelled.all() and len(model.spec.gene_names) == adata.n_vars:
         res.layers["cellvae_normalized"] = norm
     else:
         # Sparse layer: the modelled genes' columns filled, the other columns empty (implicit zeros).
@@ -196,11 +256,19 @@ def fit_job(
         full = sp.csr_matrix((coo.data, (coo.row, cols[coo.col])), shape=(adata.n_obs, adata.n_vars))
         res.layers["cellvae_normalized"] = full
     res.var["cellvae_modelled"] = np.isin(res.var_names.astype(str), model.spec.gene_names)
-    sc.pp.neighbors(res, use_rep="X_cellvae", random_state=seed)
-    sc.tl.umap(res, random_state=seed)
-    sc.tl.leiden(res, key_added="cellvae_leiden", flavor="igraph", n_iterations=2, directed=False,
-                 random_state=seed)
-    log(f"{res.obs['cellvae_leiden'].nunique()} Leiden clusters")
+    embed = not (backed and res.n_obs > BACKED_EMBED_MAX_CELLS)
+    if embed:
+        sc.pp.neighbors(res, use_rep="X_cellvae", random_state=seed)
+        sc.tl.umap(res, random_state=seed)
+        sc.tl.leiden(res, key_added="cellvae_leiden", flavor="igraph", n_iterations=2, directed=False,
+                     random_state=seed)
+        log(f"{res.obs['cellvae_leiden'].nunique()} Leiden clusters")
+    else:
+        log(f"{res.n_obs} cells: UMAP and Leiden left out (out of core above {BACKED_EMBED_MAX_CELLS} cells)")
+    # Clustering and batch metrics on at most METRIC_MAX_CELLS cells (seeded) out of core.
+    sub = np.arange(res.n_obs)
+    if backed and res.n_obs > METRIC_MAX_CELLS:
+        sub = np.sort(np.random.default_rng(0).choice(res.n_obs, METRIC_MAX_CELLS, replace=False))
 
     # ---- metrics
     val = hist.get("validation_elbo") or []
@@ -216,25 +284,27 @@ def fit_job(
         "train_elbo": float(hist["train_elbo"][best - 1]),
         "train_seconds": round(train_seconds, 2),
         "train_cells_per_second": round(float(hist["train_cells_per_second"]), 1),
-        "n_leiden_clusters": int(res.obs["cellvae_leiden"].nunique()),
+        "n_leiden_clusters": int(res.obs["cellvae_leiden"].nunique()) if embed else None,
     }
+    if len(sub) < res.n_obs:
+        metrics["n_cells_metrics"] = int(len(sub))
+    z_sub = res.obsm["X_cellvae"][sub]
     if labels_key:
         labels = res.obs[labels_key].astype(str).to_numpy()
-        lei = clustering_agreement(labels, res.obs["cellvae_leiden"].to_numpy())
-        km = kmeans_agreement(res.obsm["X_cellvae"], labels, seed=0)
-        metrics.update(
-            leiden_ari=lei["ari"], leiden_nmi=lei["nmi"], kmeans_ari=km["ari"], kmeans_nmi=km["nmi"],
-            silhouette_labels=silhouette_labels(res.obsm["X_cellvae"], labels),
-        )
+        if embed:
+            lei = clustering_agreement(labels, res.obs["cellvae_leiden"].to_numpy())
+            metrics.update(leiden_ari=lei["ari"], leiden_nmi=lei["nmi"])
+        km = kmeans_agreement(z_sub, labels[sub], seed=0)
+        metrics.update(kmeans_ari=km["ari"], kmeans_nmi=km["nmi"], silhouette_labels=silhouette_labels(z_sub, labels[sub]))
     if batch_key and model.spec.n_batch >= 2:
-        batches = res.obs[batch_key].astype(str).to_numpy()
-        labels = res.obs[labels_key].astype(str).to_numpy() if labels_key else None
+        batches = res.obs[batch_key].astype(str).to_numpy()[sub]
+        labels = res.obs[labels_key].astype(str).to_numpy()[sub] if labels_key else None
         try:
-            metrics["batch_classifier_accuracy"] = batch_classifier_accuracy(res.obsm["X_cellvae"], batches)
+            metrics["batch_classifier_accuracy"] = batch_classifier_accuracy(z_sub, batches)
             metrics["batch_classifier_chance"] = 1.0 / model.spec.n_batch
         except ValueError as e:  # a batch smaller than the folds
             log(f"batch classifier accuracy not computed: {e}")
-        metrics["batch_asw"] = batch_silhouette(res.obsm["X_cellvae"], batches, labels)
+        metrics["batch_asw"] = batch_silhouette(z_sub, batches, labels)
 
     # ---- marker genes (Bayes-factor DE, one label vs the rest)
     markers: dict[str, list[str]] = {}
@@ -257,6 +327,8 @@ def fit_job(
         colors.append((labels_key, f"UMAP of the latent space colored by labels ({labels_key})"))
     if batch_key:
         colors.append((batch_key, f"UMAP of the latent space colored by batch ({batch_key})"))
+    if not embed:
+        colors = []
     for key, caption in colors:
         p = save_figure(plot_embedding(res, key), fig_dir / f"umap_{key}.png")
         figures.append((p, caption))
@@ -270,7 +342,8 @@ def fit_job(
         or max(1, min(400, hist["plan"]["max_epochs"] // 2)),
         "n_top_genes": n_top_genes, "library_size": "latent" if latent_library else "observed",
         "adversarial_batch_weight": adversarial_batch_weight,
-        "early_stopping": early_stopping, "seed": seed,
+        "early_stopping": early_stopping, "seed": seed, "n_processes": n_ranks,
+        "accelerator": accelerator, "backed": backed,
     }
     res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
                                     "normalized_library_size": NORMALIZED_LIBRARY_SIZE})
@@ -282,7 +355,8 @@ def fit_job(
     data_summary = {
         "file": path.name, "cells": adata.n_obs, "genes": adata.n_vars,
         "genes modelled": len(model.spec.gene_names),
-        "median counts per cell": float(np.median(np.asarray(get_counts(adata, layer).sum(1)).ravel())),
+        "median counts per cell": float(np.median(np.asarray(
+            (model._tensors(None).csr if backed else get_counts(adata, layer)).sum(1)).ravel())),
         "batches": f"{batch_key}: {', '.join(model.spec.batch_categories)}" if batch_key else "none",
         "labels": f"{labels_key}: {res.obs[labels_key].nunique()} categories" if labels_key else "none",
     }
