@@ -95,6 +95,7 @@ def main() -> None:
         names = d["label_names"].astype(str)
         phase = names[d["labels"]]
         split = d["split"].astype(str)
+        experiment = d["experiment"].astype(int) if "experiment" in d.files else np.ones(len(phase), dtype=int)
     train, test = split == "train", split == "test"
     x = images.astype(np.float32) / 255.0
     flat = x.reshape(len(x), -1)
@@ -146,6 +147,7 @@ def main() -> None:
     base = np.full(len(x), np.nan)
     base[scored] = ((pca_g1.inverse_transform(pca_g1.transform(flat[scored])) - flat[scored]) ** 2).sum(1)
     g1_test = test & (phase == "G1")
+    n_neg = {"G1 test": int(g1_test.sum()), "G1 test, experiment 1": int((g1_test & (experiment == 1)).sum())}
     anomaly = {}
     for method, s in (("ImageVAE -ELBO", score), ("PCA reconstruction error", base)):
         rows = {}
@@ -157,6 +159,15 @@ def main() -> None:
             t_sel, a_sel = test & (phase == ph), phase == ph
             rows[ph] = {"test": _auroc(s[g1_test], s[t_sel]) if t_sel.any() else None,
                         "all": _auroc(s[g1_test], s[a_sel]), "n_test": int(t_sel.sum()), "n_all": int(a_sel.sum())}
+        # Confound check: all S, G2 and mitotic images come from experiment 1, but 83 % of the G1 images from
+        # experiment 2. Negatives from experiment 1 only, and experiment-1 G1 against experiment-2 G1.
+        g1_e1, g1_e2 = g1_test & (experiment == 1), g1_test & (experiment == 2)
+        rows["all mitotic, negatives: experiment-1 G1"] = {
+            "test": _auroc(s[g1_e1], s[mit_test]), "all": _auroc(s[g1_e1], s[mit_all]),
+            "n_test": int(mit_test.sum()), "n_all": int(mit_all.sum())}
+        if g1_e1.any() and g1_e2.any():
+            rows["experiment-1 G1 vs experiment-2 G1 (batch effect)"] = {
+                "test": _auroc(s[g1_e2], s[g1_e1]), "all": None, "n_test": int(g1_e1.sum()), "n_all": None}
         anomaly[method] = rows
     mean_score = {ph: float(np.nanmean(score[test & (phase == ph)])) for ph in order}
 
@@ -199,7 +210,7 @@ def main() -> None:
                        "likelihood_sd": vae.module.scale().detach().flatten().tolist(),
                        "train_seconds": round(t_main, 1),
                        "images_per_second": round(float(hist["train_cells_per_second"]), 1)},
-        "g1_model": {"epochs_run": len(hist_g1["epoch"]), "best_epoch": hist_g1["best_epoch"],
+        "g1_model": {"negatives": n_neg, "epochs_run": len(hist_g1["epoch"]), "best_epoch": hist_g1["best_epoch"],
                      "n_train_images": int(g1_train.sum()), "train_seconds": round(t_g1, 1),
                      "scoring_seconds": round(t_score, 1), "mean_score_test_by_phase": mean_score},
         "pca_seconds": round(t_pca, 1),
@@ -270,9 +281,13 @@ def _markdown(r: dict, order) -> str:
         "",
         "## (b) Anomaly detection: G1-only model, AUROC of held-out G1 vs other phases",
         "",
-        "Negatives: the test-split G1 images (not seen in training). Positives: the test-split images of each "
-        "phase (`test`), or all images of the phase (`all`; the G1 model saw none of them). Score: negative ELBO "
-        "(nats per image; higher = more anomalous).",
+        f"Negatives: the {g['negatives']['G1 test']} test-split G1 images (not seen in training). Positives: the "
+        "test-split images of each phase (`test`), or all images of the phase (`all`; the G1 model saw none of them). "
+        "Score: negative ELBO (nats per image; higher = more anomalous). Confound check: every S, G2 and mitotic "
+        "image comes from experiment 1, but most G1 images (and so most of the G1 model's training images) from "
+        "experiment 2; the row with experiment-1 negatives uses only the "
+        f"{g['negatives']['G1 test, experiment 1']} experiment-1 G1 test images, and the last row scores "
+        "experiment-1 against experiment-2 G1 test images (0.5 = no batch effect seen by the score).",
         "",
         "| positives | n test / all | ImageVAE -ELBO test | ImageVAE -ELBO all | PCA recon. error test | "
         "PCA recon. error all |",
@@ -281,7 +296,7 @@ def _markdown(r: dict, order) -> str:
     a, b = r["anomaly_auroc"]["ImageVAE -ELBO"], r["anomaly_auroc"]["PCA reconstruction error"]
     for k in a:
         f = (lambda v: "-" if v is None else f"{v:.3f}")
-        lines.append(f"| {k} | {a[k]['n_test']} / {a[k]['n_all']} | {f(a[k]['test'])} | {f(a[k]['all'])} | "
+        lines.append(f"| {k} | {a[k]['n_test']} / {a[k]['n_all'] if a[k]['n_all'] is not None else '-'} | {f(a[k]['test'])} | {f(a[k]['all'])} | "
                      f"{f(b[k]['test'])} | {f(b[k]['all'])} |")
     lines += ["", "Mean anomaly score (nats per image) of the test images by phase: "
               + ", ".join(f"{ph} {v:.0f}" for ph, v in g["mean_score_test_by_phase"].items()) + ".", ""]
@@ -301,9 +316,10 @@ def _markdown(r: dict, order) -> str:
     ex = ar["nearest_excluding_operands"]
     lines += [
         "",
-        f"Nearest phase: latent space **{ar['nearest_latent']}**, mean image **{ar['nearest_mean_image']}**, decoded "
-        f"mean **{ar['nearest_decoded_mean']}**. Excluding the two operands ({', '.join(ARITH)}): latent "
-        f"**{ex['latent']}**, mean image **{ex['mean_image']}**, decoded mean **{ex['decoded_mean']}**.",
+        f"Nearest phase other than the two operands ({', '.join(ARITH)}): latent space **{ex['latent']}**, "
+        f"mean image **{ex['mean_image']}**, decoded mean **{ex['decoded_mean']}**. Including the operands: "
+        f"latent **{ar['nearest_latent']}** (the midpoint is equidistant from both operands by construction), "
+        f"mean image **{ar['nearest_mean_image']}**, decoded mean **{ar['nearest_decoded_mean']}**.",
         "",
     ]
     return "\n".join(lines)

@@ -59,6 +59,11 @@ def test_shapes_and_ranges(trained, jurkat):
     s1, s2 = vae.sample(5, seed=3), vae.sample(5, seed=3)
     assert s1.shape == (5, 40, 40, 3)
     np.testing.assert_array_equal(s1, s2)
+    a1 = vae.sample(4, seed=3, images=x)  # from the aggregate posterior of these images
+    assert a1.shape == (4, 40, 40, 3) and 0.0 <= a1.min() and a1.max() <= 1.0
+    np.testing.assert_array_equal(a1, vae.sample(4, seed=3, images=x))
+    with pytest.raises(CellvaeInputError, match="at least 2"):
+        vae.sample(2, images=x[:1])
     path, codes = vae.interpolate(z[0], z[1], n_steps=4, return_latent=True)
     assert path.shape == (4, 40, 40, 3) and codes.shape == (4, 6)
     np.testing.assert_allclose(path[0], dec[0], atol=1e-5)
@@ -235,3 +240,17 @@ def test_cli_fit_images_errors(tmp_path, jurkat):
     r = CliRunner().invoke(main, ["fit-images", str(tmp_path / "noimg.npz"), "--images-key", "pixels",
                                   "--labels-key", "phase", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "'phase'" in r.output
+
+
+def test_cli_fit_images_without_labels_or_split(tmp_path, jurkat):
+    np.savez_compressed(tmp_path / "plain.npz", images=jurkat["images"][:60])
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["fit-images", str(tmp_path / "plain.npz"), "--out", str(out), "--n-latent", "3",
+                                  "--max-epochs", "1", "--batch-size", "16", "--quiet"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["n_test"] == 12 and "probe_balanced_accuracy" not in metrics["metrics"]
+    assert "80/20" in metrics["settings"]["split"]
+    assert len(list((out / "figures").glob("*.png"))) == 6
+    with np.load(out / "latent.npz") as lat:
+        assert "labels" not in lat.files and lat["latent_mean"].shape == (60, 3)

@@ -14,7 +14,8 @@ Outputs in ``out_dir``:
 - ``figures/``: ``training_curves.png``, ``reconstructions.png`` (test images beside their reconstructions, one
   grayscale row per channel), ``latent_grid.png`` (images decoded on a grid over the two leading principal
   directions of the latent means), ``interpolation.png`` (decoded straight path between the mean codes of two
-  labels), ``latent_pca.png`` (latent means coloured by label), ``samples.png`` (decoded prior draws);
+  labels), ``latent_pca.png`` (latent means coloured by label), ``samples.png`` (decoded draws from the prior
+  and from the training images' aggregate posterior);
 - ``report.html`` (figures embedded as base64, metrics table), ``metrics.json``.
 
 Every output file is written to a temporary name and renamed.
@@ -323,9 +324,10 @@ def _figures(vae, images, labels, order, train, test, mean, recon_test, channel_
                  "panel per channel."))
 
     # interpolation between two label means
-    if labels is not None and len(order) >= 2:
-        a, b = (PREFERRED_INTERPOLATION if all(x in order for x in PREFERRED_INTERPOLATION)
-                else (order[0], order[-1]))
+    present = [x for x in order if (labels[train] == x).any()] if labels is not None else []
+    if len(present) >= 2:
+        a, b = (PREFERRED_INTERPOLATION if all(x in present for x in PREFERRED_INTERPOLATION)
+                else (present[0], present[-1]))
         za, zb = zt[labels[train] == a].mean(0), zt[labels[train] == b].mean(0)
         caption_ends = f"the mean latent codes of the {a} and {b} training images"
     else:
@@ -346,13 +348,21 @@ def _figures(vae, images, labels, order, train, test, mean, recon_test, channel_
                  "latent means" + (", coloured by label; large markers: label means, joined in label order."
                                    if labels is not None else ".")))
 
-    # prior samples
-    smp = vae.sample(N_SAMPLES, seed=seed)
-    rows = [smp[:, :, :, ch] for ch in range(images.shape[-1])]
-    fig = _image_table(rows, [_slug(x) for x in channel_names], [str(i + 1) for i in range(N_SAMPLES)], list(vmax),
-                       "Images decoded from z ~ N(0, I)")
+    # samples: from the prior, and from a Gaussian fitted to the training images' aggregate posterior
+    prior = vae.sample(N_SAMPLES, seed=seed)
+    agg = vae.sample(N_SAMPLES, seed=seed, images=images[train])
+    rows, row_names = [], []
+    for name, smp in (("prior", prior), ("aggregate", agg)):
+        for ch in range(images.shape[-1]):
+            rows.append(smp[:, :, :, ch])
+            row_names.append(f"{name}\n{_slug(channel_names[ch])}")
+    fig = _image_table(rows, row_names, [str(i + 1) for i in range(N_SAMPLES)],
+                       list(vmax) * 2, "Decoded latent draws: prior N(0, I) (top), aggregate posterior (bottom)")
     figs.append((save_figure(fig, fig_dir / "samples.png"),
-                 "Decoded draws from the prior z ~ N(0, I) (likelihood means), one row per channel."))
+                 "Decoded latent draws (likelihood means), one row per channel: top, from the prior z ~ N(0, I); "
+                 "bottom, from the Gaussian fitted to the aggregate posterior of the training images "
+                 "(ImageVAE.sample(n, images=...)). Prior draws that decode to implausible images show where the "
+                 "prior puts mass between the training codes."))
     return figs
 
 
