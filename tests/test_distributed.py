@@ -14,7 +14,7 @@ import torch
 
 from cellvae.distributed import per_rank_batch_size, resolve_device, shard_indices, world
 
-EPOCHS = "60"
+EPOCHS = "100"
 
 
 def _fit(data, out, extra=()):
