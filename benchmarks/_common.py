@@ -89,6 +89,14 @@ def machine_description() -> str:
             f"Python {platform.python_version()}, {platform.system()}")
 
 
+def loadavg() -> str:
+    """The 1-minute load average as text (``"?"`` where the OS has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # pragma: no cover
+        return "?"
+
+
 def package_version(dist: str) -> str:
     """Installed version of a distribution (without importing it), or '?'."""
     from importlib import metadata

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for _common
 from _common import (  # noqa: E402
+    loadavg,
     REPO_ROOT,
     atomic_write_text,
     cap_loaded_threads,
@@ -599,13 +599,6 @@ def _git_state() -> str:
     return head + (" + uncommitted changes in src/" if dirty else "")
 
 
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # pragma: no cover
-        return "?"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
@@ -639,7 +632,7 @@ def main(argv=None) -> int:
         "threads": args.threads, "epochs": args.epochs, "seeds": args.seeds, "fraction": args.fraction,
         "n_samples": args.n_samples, "variants": variants,
         "datasets": list(dict.fromkeys(old_meta.get("datasets", []) + [parse_dataset_spec(s)[0] for s in args.datasets])),
-        "loadavg_start": old_meta.get("loadavg_start", _loadavg()),
+        "loadavg_start": old_meta.get("loadavg_start", loadavg()),
         "wall_seconds": float(old_meta.get("wall_seconds", 0.0)),
         "notes": list(dict.fromkeys(old_meta.get("notes", []) + list(args.note))),
         "git": _git_state(),
@@ -709,10 +702,10 @@ def main(argv=None) -> int:
                         print(f"    {m:18s}: FAILED {row['error']}", flush=True)
                     rows.append(row)
         meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
-        meta["loadavg_end"] = _loadavg()
+        meta["loadavg_end"] = loadavg()
         write_outputs(rows, meta, md_path, json_path)  # after every dataset
     meta["wall_seconds"] = wall0 + time.perf_counter() - t_start
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     write_outputs(rows, meta, md_path, json_path)
     print(f"\ndone in {time.perf_counter() - t_start:.0f} s; wrote {md_path} and {json_path}\n", flush=True)
     print(render(rows, meta))

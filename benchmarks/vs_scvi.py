@@ -82,6 +82,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for _common
 from _common import (  # noqa: E402
+    loadavg,
     DEFAULT_DATASETS,
     REPO_ROOT,
     TOOL_LABEL,
@@ -854,13 +855,6 @@ def write_outputs(rows, meta, md_path: Path, json_path: Path, ttq: bool) -> None
     atomic_write_text(md_path, (render_ttq if ttq else render_main)(rows, meta) + "\n")
 
 
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # pragma: no cover
-        return "?"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
@@ -894,7 +888,7 @@ def main(argv=None) -> int:
         "n_mc_samples": args.n_mc_samples,
         "scvi_kl_warmup": args.scvi_kl_warmup,
         "cellvae_kl_warmup": args.cellvae_kl_warmup,
-        "loadavg_start": old_meta.get("loadavg_start", _loadavg()),
+        "loadavg_start": old_meta.get("loadavg_start", loadavg()),
         "notes": old_meta.get("notes", []),
     }
     if args.resume and old_meta:
@@ -989,9 +983,9 @@ def main(argv=None) -> int:
                         row["error"] = f"{type(e).__name__}: {e}"[:500]
                         print(f"  seed {seed} {tool:8s}: FAILED {row['error']}", flush=True)
                     rows.append(row)
-        meta["loadavg_end"] = _loadavg()
+        meta["loadavg_end"] = loadavg()
         write_outputs(rows, meta, md_path, json_path, mode == "ttq")  # after every dataset
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     write_outputs(rows, meta, md_path, json_path, mode == "ttq")
     print(f"\ndone in {time.perf_counter() - t_start:.0f} s; wrote {md_path} and {json_path}\n", flush=True)
     print((render_ttq if mode == "ttq" else render_main)(rows, meta))

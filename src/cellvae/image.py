@@ -42,8 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -53,7 +51,7 @@ from torch import nn
 
 from . import __version__
 from .data import CellvaeInputError, minibatch_slices
-from .fileio import write_atomic, write_text_atomic
+from .fileio import atomic_directory, write_atomic, write_text_atomic
 from .module import LossOutput, evaluation
 from .train import CellvaeTrainingError, TrainingPlan, train_module
 
@@ -744,26 +742,11 @@ class ImageVAE:
             FileExistsError: the directory exists and ``overwrite`` is False.
         """
         target = Path(dir_path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        tmp.chmod(0o755)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        try:
+        with atomic_directory(target, overwrite) as tmp:
             write_atomic(tmp / _WEIGHTS, lambda p: torch.save(state, p))
             write_text_atomic(tmp / _HISTORY, json.dumps(_jsonable(self.history)))
             write_text_atomic(tmp / _CONFIG, json.dumps(self._config(), indent=2))
-            if target.exists():
-                old = target.with_name(f".{target.name}.old{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     @classmethod

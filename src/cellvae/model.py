@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +27,8 @@ from .data import (
 )
 from .module import ADVERSARIAL_MODES, DISPERSIONS, GENE_LIKELIHOODS, VAEModule
 from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
-from .train import CellvaeTrainingError, TrainingPlan, _fsync_dir, default_max_epochs, train_module
+from .fileio import atomic_directory
+from .train import CellvaeTrainingError, TrainingPlan, default_max_epochs, train_module
 
 __all__ = ["CountVAE", "FORMAT_VERSION"]
 
@@ -587,12 +586,7 @@ class CountVAE:
             FileExistsError: the directory exists and ``overwrite`` is False.
         """
         target = Path(dir_path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        tmp.chmod(0o755)
-        try:
+        with atomic_directory(target, overwrite) as tmp:
             _write_synced(tmp / _CONFIG, json.dumps(self._config(), indent=2).encode())
             _write_synced(tmp / "history.json", json.dumps(_jsonable(self.history)).encode())
             split = self._split_names()
@@ -602,18 +596,6 @@ class CountVAE:
                 torch.save(self.module.state_dict(), f)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     @classmethod

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .data import CellvaeInputError, TensorData, minibatch_slices
+from .fileio import fsync_dir as _fsync_dir
 from .distributed import (
     allreduce_grads,
     allreduce_sum,
@@ -193,19 +194,6 @@ def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: i
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, checkpoint_dir: str | os.PathLike) -> Path:
     """Write ``state`` to ``checkpoint_dir/checkpoint.pt`` atomically: a temporary file in the same directory,
     flushed and fsynced, renamed over the old checkpoint, then the directory fsynced. A crash at any point leaves
