@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export CELLVAE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test bench-install bench bench-time-to-quality bench-clustering clean
+.PHONY: install demo test bench-install bench bench-time-to-quality bench-clustering bench-integration \
+	bench-imputation bench-large bench-throughput clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,25 @@ bench-time-to-quality: bench-install
 # Clustering quality only (KMeans ARI/NMI), each tool's own 90 % split.
 bench-clustering: bench-install
 	.venv-bench/bin/python benchmarks/clustering_vs_scvi.py $(BENCH_ARGS)
+
+# Batch integration with scib-metrics: cellvae (with / without the adversary), scvi-tools, PCA (about 1.5 h).
+bench-integration: bench-install
+	.venv-bench/bin/python benchmarks/integration.py $(BENCH_ARGS)
+
+# Imputation of hidden counts (scVI paper protocol), cellvae vs scvi-tools (about 1.5 h).
+bench-imputation: bench-install
+	.venv-bench/bin/python benchmarks/imputation.py $(BENCH_ARGS)
+
+# Generated 100,000-cell set for the throughput benchmark (a few minutes).
+LARGE ?= benchmarks/data/large_100000.h5ad
+$(LARGE): | $(VENV)/.installed
+	$(PY) benchmarks/make_large.py --n-cells 100000 --out $(LARGE)
+
+bench-large: $(LARGE)
+
+# Training throughput, time to scvi quality and peak RSS vs scvi-tools (about 20 min).
+bench-throughput: bench-install bench-large
+	.venv-bench/bin/python benchmarks/throughput.py --large-path $(LARGE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-bench demo_out
