@@ -14,7 +14,8 @@ Embeddings, all of all cells:
   KL warm-up, ``max_epochs`` = min(400, 20000/n_cells*400), no early stopping, train_size 0.9);
 - ``cellvae``: ``CountVAE(batch_key='batch')`` at its defaults (same architecture and epoch heuristic, KL warm-up
   over half the epochs, early stopping on the validation ELBO);
-- ``cellvae + adversary``: the same with ``adversarial_batch_weight`` (``--adv-weight``, default 10), with the
+- ``cellvae + adversary``: the same with ``adversarial_batch_weight`` (``--adv-weight``, default 10; the committed
+  results also hold weight-3 rows from a second run merged into the JSON, rendered with ``--report-only``), with the
   encoder trained against the latent batch classifier by domain confusion (``adversarial_mode="confusion"``, the
   default) or by gradient reversal (``"gradient_reversal"``).
 
@@ -68,7 +69,8 @@ BATCH_KEY = "batch"
 METHODS = ("pca", "scvi", "cellvae", "cellvae_adv", "cellvae_grl")
 METHOD_LABEL = {"pca": "PCA (unintegrated)", "scvi": "scvi-tools SCVI", "cellvae": "cellvae",
                 "cellvae_adv": "cellvae + adversary (confusion)",
-                "cellvae_grl": "cellvae + adversary (gradient reversal)"}
+                "cellvae_grl": "cellvae + adversary (gradient reversal)",
+                "cellvae_adv3": "cellvae + adversary (confusion, weight 3)"}  # merged from a --adv-weight 3 run
 ADV_MODE = {"cellvae_adv": "confusion", "cellvae_grl": "gradient_reversal"}
 SCORE_COLS = ("bio_conservation", "batch_correction", "total")
 DETAIL_COLS = ("isolated_labels", "kmeans_nmi", "kmeans_ari", "silhouette_label", "clisi", "bras", "ilisi", "kbet",
@@ -180,7 +182,7 @@ def render(payload: dict) -> str:
              "0.4 batch). `batch acc`: 5-fold balanced accuracy of a logistic regression predicting the batch from "
              "the embedding (lower = better mixed; chance in brackets). Mean ± sd over seeds.", ""]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in METHOD_LABEL if any(r["method"] == m for r in rows)]
     lines += ["| dataset | method | bio conservation | batch correction | total | batch acc (chance) | epochs |",
               "|---|---|---|---|---|---|---|"]
     verdicts = []
@@ -197,15 +199,15 @@ def render(payload: dict) -> str:
         tot = {m: mean_sd([r["total"] for r in rows if r["dataset"] == d and r["method"] == m])[0] for m in methods}
         bio = {m: mean_sd([r["bio_conservation"] for r in rows if r["dataset"] == d and r["method"] == m])[0]
                for m in methods}
-        cv = [m for m in ("cellvae", *ADV_MODE) if tot.get(m) is not None]
+        cv = [m for m in ("cellvae", *ADV_MODE, "cellvae_adv3") if tot.get(m) is not None]
         if cv and tot.get("scvi") is not None and bio.get("pca") is not None:
-            best = max(cv, key=lambda m: tot[m])
-            verdicts.append(
-                f"- {d}: best cellvae ({METHOD_LABEL[best]}) total {tot[best]:.3f} vs scvi {tot['scvi']:.3f} "
-                f"({'>=' if tot[best] >= tot['scvi'] else '<'} scvi); its bio conservation {bio[best]:.3f} vs PCA "
-                f"{bio['pca']:.3f} (difference {bio[best] - bio['pca']:+.3f}; floor -0.05). Without the adversary: "
-                f"total {tot.get('cellvae', float('nan')):.3f}.")
-    lines += ["", "## Against the issue's bar", "", *verdicts, "", "## All scib-metrics scores", "",
+            parts = []
+            for m in cv:
+                ok = tot[m] >= tot["scvi"] and bio[m] - bio["pca"] >= -0.05
+                parts.append(f"{METHOD_LABEL[m]}: total {tot[m]:.3f} vs scvi {tot['scvi']:.3f}, bio {bio[m]:.3f} vs "
+                             f"PCA {bio['pca']:.3f} ({bio[m] - bio['pca']:+.3f}) -> {'both met' if ok else 'not met'}")
+            verdicts.append(f"- {d} (mean over seeds): " + "; ".join(parts) + ".")
+    lines += ["", "## Against the issue's bar (total >= scvi-tools, bio conservation >= PCA - 0.05)", "", *verdicts, "", "## All scib-metrics scores", "",
               "| dataset | method | " + " | ".join(DETAIL_COLS) + " |", "|---|---|" + "---|" * len(DETAIL_COLS)]
     for d in datasets:
         for m in methods:

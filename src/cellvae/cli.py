@@ -46,8 +46,9 @@ def _fit_options(f):
                      help="Model only this many highly variable genes (seurat_v3 on counts)."),
         click.option("--adversarial-batch-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="With --batch-key: weight of an adversarial batch classifier on the latent space "
-                          "(domain confusion; 0 = off; 10 is a good start). Removes batch signal from the latent "
-                          "space beyond the decoder's batch covariate."),
+                          "(domain confusion; 0 = off; 3 scored best in benchmarks/results/integration.md, 10 "
+                          "over-mixed cell types on one dataset). Removes batch signal from the latent space beyond "
+                          "the decoder's batch covariate."),
         click.option("--latent-library/--observed-library", default=False, show_default=True,
                      help="Latent log-normal library size instead of the observed total counts."),
         click.option("--early-stopping/--no-early-stopping", default=True, show_default=True),
