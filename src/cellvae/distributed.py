@@ -23,13 +23,15 @@ Multi-node: run the same ``torchrun`` command on every node with ``--nnodes M --
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "is_main", "init_from_env", "shutdown", "resolve_device", "shard_indices", "allreduce_grads",
+__all__ = ["world", "is_main", "init_from_env", "shutdown", "with_process_group", "resolve_device", "shard_indices", "allreduce_grads",
            "allreduce_sum", "average_buffers", "broadcast_module", "barrier", "per_rank_batch_size"]
 
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -80,7 +82,27 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def with_process_group(fn):
+    """Decorate a job function with an ``accelerator`` parameter: join torchrun's process group (if any, see
+    :func:`init_from_env`) before it runs and leave it afterwards, also when it raises."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        distributed = init_from_env(bound.arguments.get("accelerator", "auto"))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if distributed:
+                shutdown()
+
+    return wrapper
+
+
 def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
     if world()[1] > 1:
         dist.barrier()
 

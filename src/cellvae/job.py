@@ -48,7 +48,7 @@ from .metrics import (
 from .model import CountVAE
 from .plot import plot_embedding, plot_training_curves, save_figure
 from .report import render_report
-from .distributed import barrier, init_from_env, shutdown, world
+from .distributed import barrier, with_process_group, world
 from .train import CellvaeTrainingError, torch_threads
 
 __all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
@@ -108,6 +108,7 @@ def _uns_safe(obj):
     return obj
 
 
+@with_process_group
 def fit_job(
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -154,20 +155,6 @@ def fit_job(
             to ``out_dir/model`` and the checkpoint is kept.
     """
     t_start = time.perf_counter()
-    distributed = init_from_env(accelerator)
-    try:
-        return _fit_job(data, out_dir, layer, batch_key, labels_key, gene_likelihood, dispersion, n_latent, n_hidden,
-                        n_layers, max_epochs, batch_size, n_top_genes, latent_library, adversarial_batch_weight,
-                        early_stopping, seed, overwrite, progress_bar, log, resume, checkpoint_every, accelerator,
-                        t_start, backed)
-    finally:
-        if distributed:
-            shutdown()
-
-
-def _fit_job(data, out_dir, layer, batch_key, labels_key, gene_likelihood, dispersion, n_latent, n_hidden, n_layers,
-             max_epochs, batch_size, n_top_genes, latent_library, adversarial_batch_weight, early_stopping, seed,
-             overwrite, progress_bar, log, resume, checkpoint_every, accelerator, t_start, backed=False) -> dict:
     import scanpy as sc
 
     rank, n_ranks = world()
@@ -175,7 +162,7 @@ def _fit_job(data, out_dir, layer, batch_key, labels_key, gene_likelihood, dispe
         log = (lambda m: None)  # noqa: E731 - rank 0 reports
     path = resolve_data_path(data)
     if rank == 0:
-        out = prepare_out_dir(out_dir, [path], overwrite, resume=resume)
+        prepare_out_dir(out_dir, [path], overwrite, resume=resume)
     barrier()
     out = Path(out_dir)
     if n_ranks > 1:
