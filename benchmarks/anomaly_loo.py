@@ -3,7 +3,8 @@
 For each labelled dataset and each cell type T: train a CountVAE (default settings, ``--epochs`` epochs, seed 0,
 1 thread) on a seeded random 90% of the cells of all other types; score the remaining 10% of those types
 (held-out reference, label 0) and every cell of T (novel, label 1); report the AUROC (``roc_auc_score``) of
-each score. Scores: ``latent_knn`` (the default of :func:`cellvae.anomaly.anomaly_score`), the negative ELBO
+each score. Scores: ``latent_knn`` (the default of :func:`cellvae.anomaly.anomaly_score`), ``gene_surprise``,
+``latent_knn_gene``, the negative ELBO
 with each ``normalize_library`` option, and the negative IWAE marginal log-likelihood (100 samples) regressed on
 log library size. For the default score it also reports the flag rates at the threshold calibrated with
 :func:`cellvae.anomaly.calibrate_threshold` (quantile 0.99 of the model's own validation cells).
@@ -36,12 +37,19 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from cellvae import CountVAE  # noqa: E402
 from cellvae.anomaly import anomaly_score, calibrate_threshold  # noqa: E402
 from cellvae.data import select_highly_variable_genes  # noqa: E402
+from cellvae.fileio import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CELLVAE_DATA_DIR") or ROOT.parent / "shared" / "data")
-DEFAULT_DATASETS = ["zeisel2015_cortex_subset_1464cells", "pbmc4k_10x_top2000genes", "kang2018_ifnb_pbmc_muscat"]
+DEFAULT_DATASETS = [  # every dataset in ../shared/data with obs['cell_type']
+    "zeisel2015_cortex_subset_1464cells", "pbmc4k_10x_top2000genes", "kang2018_ifnb_pbmc_muscat",
+    "pbmc_10x_3tech_savercat_2000cells", "human_kidney_top2000genes", "mouse_bladder_mca_2100cells",
+    "worm_neuron_cao2017", "cbmc_citeseq_rna_top2000genes", "mesc_kolodziejczyk2015_300cells"]
+DEV_DATASETS = ("kang2018_ifnb_pbmc_muscat", "pbmc4k_10x_top2000genes")  # where gene_surprise was designed
 SCORES = {  # name -> anomaly_score kwargs
     "latent_knn": dict(method="latent_knn"),
+    "gene_surprise": dict(method="gene_surprise"),
+    "latent_knn_gene": dict(method="latent_knn_gene"),
     "elbo_regress": dict(method="elbo", normalize_library="regress"),
     "elbo_per_count": dict(method="elbo", normalize_library="per_count"),
     "elbo_none": dict(method="elbo", normalize_library="none"),
@@ -96,7 +104,9 @@ def write_md(results: dict, path: Path, args) -> None:
         "For each cell type T: CountVAE with default settings trained on a random 90% of the cells of the other "
         "types; AUROC of the anomaly score separating every cell of T (positives) from the other 10% "
         "(held-out reference cells, negatives). `latent_knn` is the default score (mean distance to the 10 nearest "
-        "training cells in the latent space); `elbo_*` is the negative ELBO (5 z samples) with each "
+        "training cells in the latent space); `gene_surprise` the mean of the 20 largest per-gene NLL z-scores "
+        "(against the training cells) at the posterior mean; `latent_knn_gene` the sum of both, each z-scored on "
+        "the training cells; `elbo_*` is the negative ELBO (5 z samples) with each "
         "`normalize_library` option; `marginal_ll_regress` the negative IWAE log-likelihood (100 samples) "
         "regressed on log library size. Flag rates: fraction of cells above the threshold calibrated as the 0.99 "
         "quantile of `latent_knn` on the model's own validation cells (`calibrate_threshold`).",
@@ -121,20 +131,24 @@ def write_md(results: dict, path: Path, args) -> None:
         lines.append("")
         all_default.append(means["latent_knn"])
     lines += ["## Summary", "",
-              "| dataset | mean AUROC latent_knn (default) | mean AUROC elbo_regress | mean AUROC elbo_none |",
-              "|---|---:|---:|---:|"]
+              "Mean AUROC over the leave-one-type-out runs of each dataset. `gene_surprise` and `latent_knn_gene` "
+              f"were designed on {' and '.join(DEV_DATASETS)} (marked *dev*); the other datasets were not looked "
+              "at before these scores were fixed. `latent_knn` (the default) was chosen on Zeisel, pbmc4k and Kang.",
+              "", "| dataset | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    per_ds = {}
     for ds, res in results.items():
-        m = {n: np.mean([r["auroc"][n] for r in res["types"]]) for n in names}
-        lines.append(f"| {ds} | {m['latent_knn']:.3f} | {m['elbo_regress']:.3f} | {m['elbo_none']:.3f} |")
-    per_ds = [np.mean([r["auroc"]["latent_knn"] for r in res["types"]]) for res in results.values()]
-    best2 = sorted(per_ds, reverse=True)[:2]
-    lines += ["",
-              "Goal (mean AUROC >= 0.9 over the leave-one-type-out runs of two datasets, default score): best two "
-              f"datasets average {np.mean(best2):.3f} -> "
-              + ("met" if len(best2) == 2 and np.mean(best2) >= 0.9 else "not met")
-              + f"; datasets at >= 0.9: {sum(m >= 0.9 for m in per_ds)} of {len(per_ds)}.",
+        m = {n: float(np.mean([r["auroc"][n] for r in res["types"]])) for n in names}
+        per_ds[ds] = m
+        lines.append(f"| {ds}{' (*dev*)' if ds in DEV_DATASETS else ''} | "
+                     + " | ".join(f"{m[n]:.3f}" for n in names) + " |")
+    lines.append("| **mean over datasets** | " + " | ".join(
+        f"**{np.mean([m[n] for m in per_ds.values()]):.3f}**" for n in names) + " |")
+    lines += ["", "Datasets with mean AUROC >= 0.9 (the issue's bar: two labelled datasets): "
+              + "; ".join(f"`{n}` {sum(m[n] >= 0.9 for m in per_ds.values())} of {len(per_ds)} "
+                          f"({', '.join(ds for ds, m in per_ds.items() if m[n] >= 0.9) or 'none'})"
+                          for n in ("latent_knn", "gene_surprise", "latent_knn_gene")) + ".",
               "", f"Total runtime: {results_runtime(results):.0f} s (wall clock, on a shared 2-core machine).", ""]
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
 
 
 def results_runtime(results: dict) -> float:
@@ -145,7 +159,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--max-cells", type=int, default=1500)
+    p.add_argument("--max-cells", type=int, default=2000)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "anomaly_loo"))
     p.add_argument("--from-json", action="store_true", help="only rewrite the .md from an existing .json")
     args = p.parse_args()
@@ -173,11 +187,11 @@ def main() -> None:
                                 "seconds": time.perf_counter() - t0},
                        "types": res}
         print(ds, "mean", {k: round(float(np.mean([r["auroc"][k] for r in res])), 3) for k in SCORES}, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    write_md(results, out.with_suffix(".md"), args)
-    print("wrote", out.with_suffix(".md"))
+        out = Path(args.out)  # written after every dataset, so that a stopped run keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out.with_suffix(".json"), json.dumps(results, indent=1))
+        write_md(results, out.with_suffix(".md"), args)
+    print("wrote", Path(args.out).with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -204,9 +204,11 @@ def de(model_dir, data, groupby, group1, group2, mode, delta, fdr_target, n_samp
 @click.argument("data")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Output: .csv (cell, score, flag) or .h5ad (a copy of DATA with obs columns).")
-@click.option("--method", type=click.Choice(["latent_knn", "elbo", "marginal_ll"]), default="latent_knn",
-              show_default=True, help="Score: latent distance to the nearest reference cells, or the negative "
-                                      "ELBO / marginal log-likelihood with the library-size trend removed.")
+@click.option("--method", type=click.Choice(["latent_knn", "gene_surprise", "latent_knn_gene", "elbo", "marginal_ll"]),
+              default="latent_knn", show_default=True,
+              help="Score: latent distance to the nearest reference cells; the worst-explained genes' "
+                   "likelihood z-scores; the sum of both (z-scored); or the negative ELBO / marginal "
+                   "log-likelihood with the library-size trend removed.")
 @click.option("--reference", default=None,
               help="Normal cells the model was trained on (default: DATA, when it holds the training cells).")
 @click.option("--quantile", type=float, default=0.99, show_default=True,
