@@ -45,6 +45,14 @@ bench-time-to-quality: bench-install
 		--out benchmarks/results/vs_scvi_time_to_quality.md \
 		--json benchmarks/results/vs_scvi_time_to_quality.json $(BENCH_ARGS)
 
+# Likelihood metrics against scvi-tools' own with scvi-tools' weights copied into a CountVAE (about 2 min).
+bench-crosscheck: bench-install
+	.venv-bench/bin/python benchmarks/crosscheck_scvi.py
+
+# Leave-one-cell-type-out anomaly AUROC on every labelled dataset (about 30 min).
+bench-anomaly: $(VENV)/.installed
+	$(PY) benchmarks/anomaly_loo.py $(BENCH_ARGS)
+
 # Clustering quality only (KMeans ARI/NMI), each tool's own 90 % split.
 bench-clustering: bench-install
 	.venv-bench/bin/python benchmarks/clustering_vs_scvi.py $(BENCH_ARGS)
