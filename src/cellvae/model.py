@@ -720,7 +720,9 @@ class CountVAE:
                           **kwargs) -> np.ndarray:
         """Anomaly score per cell, (n_cells,) float, higher = less like the training (reference) cells.
 
-        ``method="latent_knn"`` (default): mean latent distance to the nearest reference cells; ``"elbo"`` or
+        ``method="latent_knn"`` (default): mean latent distance to the nearest reference cells;
+        ``"gene_surprise"``: mean of the largest per-gene likelihood z-scores (genes the model explains worst,
+        against the reference cells); ``"latent_knn_gene"``: both, z-scored and summed; ``"elbo"`` or
         ``"marginal_ll"``: negative ELBO / IWAE log-likelihood (nats per cell) with the log-library-size trend
         of the reference cells removed. See :func:`cellvae.anomaly.anomaly_score`.
 
