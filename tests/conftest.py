@@ -73,3 +73,16 @@ def savercat() -> ad.AnnData:
 def savercat_small(savercat) -> ad.AnnData:
     """600 cells x 300 genes of the three-chemistry PBMCs (fresh copy per test)."""
     return _subset(savercat, 600, 300, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pbmc4k() -> ad.AnnData:
+    """10x PBMC 4k, 4271 cells x 2000 genes, raw counts (about 10 % non-zero)."""
+    return _read("pbmc4k_10x_top2000genes.h5ad")
+
+
+@pytest.fixture()
+def pbmc_small(pbmc4k) -> ad.AnnData:
+    """300 random cells x all 2000 genes of pbmc4k (sparse: about 10 % non-zero; fresh copy per test)."""
+    rng = np.random.default_rng(3)
+    return pbmc4k[np.sort(rng.choice(pbmc4k.n_obs, size=300, replace=False))].copy()

@@ -21,6 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .distributions import csr_tensor
+
 __all__ = [
     "CellvaeInputError",
     "read_data",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 DENSE_MAX_ELEMENTS = 300_000_000  # ~1.2 GB float32: above this, minibatches are densified from CSR per batch
+SPARSE_MAX_DENSITY = 0.2  # sparse CSR training minibatches up to this fraction of non-zeros (slower above ~0.25)
 DATA_DIR_ENV = "CELLVAE_DATA_DIR"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -584,9 +587,27 @@ class TensorData:
             self.csr = sp.csr_matrix(X, dtype=np.float32)
         self.cat = cat
         self.cont = cont
+        self._sparse = None  # see sparse_counts
 
     def __len__(self) -> int:
         return self.n_cells
+
+    def sparse_counts(self) -> sp.csr_matrix | None:
+        """The data as a canonical float32 CSR matrix without stored zeros (for :meth:`iterate_sparse`) when at most
+        ``SPARSE_MAX_DENSITY`` of its entries are non-zero, else None. Made on first use (a dense ``X`` is
+        converted, a CSR one kept as it is when already canonical) and kept."""
+        if self._sparse is None:
+            nnz = self.csr.nnz if self.csr is not None else np.count_nonzero(self.X.numpy())
+            if nnz > SPARSE_MAX_DENSITY * self.n_cells * self.n_genes:
+                self._sparse = False
+            else:
+                m = self.csr if self.csr is not None else sp.csr_matrix(self.X.numpy())
+                if not (m.has_canonical_format and m.data.all()):  # sorted, no duplicates, no stored zeros
+                    m = m.copy()
+                    m.sum_duplicates()
+                    m.eliminate_zeros()
+                self._sparse = m
+        return self._sparse if self._sparse is not False else None
 
     def batch(self, idx: torch.Tensor):
         """Rows ``idx`` (int64 tensor) as ``(x, cat, cont)`` tensors."""
@@ -609,6 +630,26 @@ class TensorData:
             indices = indices[torch.randperm(len(indices), generator=generator)]
         for a, b in minibatch_slices(len(indices), batch_size):
             yield self.batch(indices[a:b])
+
+    def iterate_sparse(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple]:
+        """As :meth:`iterate` (the same minibatches in the same order, for the same generator state), with ``x`` a
+        torch sparse CSR tensor (n_batch, n_genes) float32. The rows of the whole pass are gathered once (scipy's
+        O(nnz) row indexing), so each minibatch is a contiguous slice of them. Needs :meth:`sparse_counts`."""
+        if shuffle:
+            indices = indices[torch.randperm(len(indices), generator=generator)]
+        m = self.sparse_counts()[indices.numpy()]  # stored values are the non-zero counts, as the likelihood needs
+        crow, col, val = (torch.from_numpy(a) for a in (m.indptr, m.indices, m.data))
+        for a, b in minibatch_slices(len(indices), batch_size):
+            s, e = int(crow[a]), int(crow[b])
+            x = csr_tensor(crow[a:b + 1] - s, col[s:e], val[s:e], (b - a, self.n_genes))
+            idx = indices[a:b]
+            yield x, self.cat.index_select(0, idx), self.cont.index_select(0, idx) if self.cont is not None else None
 
 
 def minibatch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:

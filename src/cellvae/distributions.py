@@ -20,6 +20,7 @@ Parameterisations follow scVI (Lopez et al. 2018, Nat. Methods 15:1053, Methods 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +305,19 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
 _TABLE_MAX = 32  # counts up to this use the per-gene lookup table; larger ones are computed directly
 
 
+def _lgamma_table(log_theta: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``theta`` (R, G) (R = 1 for per-gene ``log_theta`` (G,)) and the (R, k_max + 1, G) table of
+    ``lgamma(k + theta) - lgamma(theta) - lgamma(k + 1) = sum_{j<k} log(theta + j) - lgamma(k + 1)``."""
+    theta = log_theta.exp()
+    if theta.dim() == 1:
+        theta = theta.unsqueeze(0)  # (R=1, G)
+    j = torch.arange(k_max, dtype=theta.dtype, device=theta.device)
+    logs = torch.log(theta.unsqueeze(1) + j.view(1, -1, 1))  # (R, k_max, G)
+    k = torch.arange(k_max + 1, dtype=theta.dtype, device=theta.device)
+    table = torch.cat([torch.zeros_like(logs[:, :1]), logs.cumsum(1)], 1) - torch.lgamma(k + 1.0).view(1, -1, 1)
+    return theta, table
+
+
 def _count_table(x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None, k_max: int) -> torch.Tensor:
     """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` per element, from a table over integer counts.
 
@@ -312,13 +326,7 @@ def _count_table(x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | 
     gene instead of two ``lgamma`` per matrix element (and two ``digamma`` in the backward pass). Counts above
     ``k_max`` (rare) are computed with ``lgamma`` directly. Differentiable with respect to ``log_theta``.
     """
-    theta = log_theta.exp()
-    if theta.dim() == 1:
-        theta = theta.unsqueeze(0)  # (R=1, G)
-    j = torch.arange(k_max, dtype=theta.dtype, device=theta.device)
-    logs = torch.log(theta.unsqueeze(1) + j.view(1, -1, 1))  # (R, k_max, G)
-    k = torch.arange(k_max + 1, dtype=theta.dtype, device=theta.device)
-    table = torch.cat([torch.zeros_like(logs[:, :1]), logs.cumsum(1)], 1) - torch.lgamma(k + 1.0).view(1, -1, 1)
+    theta, table = _lgamma_table(log_theta, k_max)
     xi = x.clamp(max=k_max).long()
     if rows is None:
         out = table[0].gather(0, xi)
@@ -406,10 +414,13 @@ def count_log_prob_sum(
     - it takes ``log mu`` (library + log-softmax of the decoder), so no ``log`` of the mean is taken;
     - the ``lgamma`` terms of integer counts come from a per-gene table (:func:`_count_table`): ``k_max`` logs per
       gene instead of ``lgamma`` and ``digamma`` on every matrix element (they were half of a training step);
-    - NB / ZINB have a hand-written backward (:class:`_NBZeroTerms`).
+    - NB / ZINB have a hand-written backward (:class:`_NBZeroTerms`);
+    - with ``x`` a sparse CSR tensor (2-d), only the non-zero counts are read: every entry is scored as a zero count
+      from the parameters alone and the non-zero entries add their difference (:class:`_NBSparse`), so the count
+      terms cost in proportion to the non-zeros.
 
     Args:
-        x: (n_cells, n_genes) non-negative integer counts (float).
+        x: (n_cells, n_genes) non-negative integer counts (float), dense or sparse CSR (without stored zeros).
         log_mu: (n_cells, n_genes) log of the NB / Poisson mean.
         log_theta: log inverse dispersion: (n_genes,) per gene, or (R, n_genes) with ``theta_rows`` (n_cells,)
             picking each cell's row (per batch); None for Poisson.
@@ -419,6 +430,8 @@ def count_log_prob_sum(
     Returns:
         (n_cells,) log-likelihood per cell, nats.
     """
+    if x.layout == torch.sparse_csr:
+        return _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, table_max)
     if log_theta is None:  # Poisson
         return (x * log_mu - log_mu.exp() - _lgamma1_table(x, table_max)).sum(-1)
     table = _count_table(x, log_theta, theta_rows, table_max).sum(-1)
@@ -434,3 +447,119 @@ def _lgamma1_table(x: torch.Tensor, k_max: int) -> torch.Tensor:
     if bool(big.any()):
         out = torch.where(big, torch.lgamma(x + 1.0), out)
     return out
+
+
+# ------------------------------------------------------------------------- likelihood from the non-zero counts
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without invariant checks (callers pass valid CSR parts) and without torch's
+    one-time "beta" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def csr_rows(x: torch.Tensor) -> torch.Tensor:
+    """(nnz,) int64 row of each stored value of a sparse CSR matrix ``x``."""
+    crow = x.crow_indices()
+    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=x.device), crow.diff())
+
+
+class _NBSparse(torch.autograd.Function):
+    """Per-cell NB / ZINB log-likelihood from dense parameters and the non-zero counts only.
+
+    With ``d = log mu - log theta`` and ``A = log NB(0) = -theta softplus(d)``, every entry is first scored as a zero
+    count (dense, without reading the counts): NB ``A``; ZINB ``Z = logaddexp(zi, A) - softplus(zi) = A + u -
+    softplus(zi)`` with ``u = softplus(zi - A)``. Each non-zero entry then adds its difference to that,
+    ``x (d - softplus(d)) + T`` (NB), minus ``u`` for ZINB, where ``T = lgamma(x + theta) - lgamma(theta) -
+    lgamma(x + 1)`` is given (``table``, from :func:`_table_at`). Derivatives with ``q = sigmoid(d)`` and
+    ``w = sigmoid(A - zi)``: zeros ``dlog mu = -w theta q``, ``dlog theta = w (A + theta q)``,
+    ``dzi = 1 - w - sigmoid(zi)`` (NB: w = 1); non-zero entries add ``x (1 - q) - (1 - w) theta q``,
+    ``(1 - w)(A + theta q) - x (1 - q)`` and ``-(1 - w)``. The per-entry quantities of the non-zero entries are
+    recomputed from the gathered ``d`` and ``zi`` (a few thousand values) rather than gathered from dense tensors.
+
+    Args of ``apply``: ``log_mu`` (n, G); ``log_theta`` (G,) or (n, G); ``zi_logits`` (n, G) or None; ``rows``,
+    ``flat`` (nnz,) int64 row and ``row * G + gene`` of each non-zero count; ``theta_at`` (nnz,) int64 index of its
+    theta in ``log_theta.reshape(-1)``; ``xv`` (nnz,) the counts; ``table`` (nnz,) their ``T``.
+    Returns (n,) nats.
+    """
+
+    @staticmethod
+    def forward(ctx, log_mu, log_theta, zi_logits, rows, flat, theta_at, xv, table):
+        theta = log_theta.exp()
+        d = log_mu - log_theta
+        A = F.softplus(d).mul_(-theta)
+        d_nz = d.view(-1).take(flat)
+        th_nz = theta.reshape(-1).take(theta_at)
+        sp_nz = F.softplus(d_nz)
+        a_nz = sp_nz * -th_nz
+        corr = xv * (d_nz - sp_nz) + table
+        if zi_logits is None:
+            dense, zi_nz, t = A, None, None
+        else:
+            zi_nz = zi_logits.reshape(-1).take(flat)
+            t = zi_logits - A
+            dense = F.softplus(t).add_(A).sub_(F.softplus(zi_logits))
+            corr = corr - F.softplus(zi_nz - a_nz)
+        ctx.save_for_backward(d, A, theta, zi_logits, t, rows, flat, xv, d_nz, th_nz, a_nz, zi_nz)
+        ctx.theta_shape = log_theta.shape
+        return dense.sum(-1).index_add_(0, rows, corr)
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, A, theta, zi, t, rows, flat, xv, d_nz, th_nz, a_nz, zi_nz = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        gr = grad.take(rows)
+        ntq = torch.sigmoid(d).mul_(-theta)  # -theta q
+        apt = A - ntq  # A + theta q
+        ntq_nz = torch.sigmoid(d_nz).mul_(-th_nz)
+        gx = gr * xv * torch.sigmoid(-d_nz)  # g x (1 - q) at the non-zero entries
+        if zi is None:
+            dmu, dth, dzi = ntq.mul_(g), apt.mul_(g), None
+            dmu_nz, dth_nz = gx, -gx
+        else:
+            gv = gr * torch.sigmoid(zi_nz - a_nz)  # (1 - w) g at the non-zero entries
+            dmu_nz = torch.addcmul(gx, gv, ntq_nz)
+            dth_nz = torch.addcmul(-gx, gv, a_nz - ntq_nz)
+            vg = torch.sigmoid(t).mul_(g)  # (1 - w) g
+            wg = g - vg
+            dmu, dth = ntq.mul_(wg), apt.mul_(wg)
+            dzi = torch.addcmul(vg, torch.sigmoid(zi), g, value=-1.0)
+            dzi.view(-1).index_add_(0, flat, -gv)
+        dmu.view(-1).index_add_(0, flat, dmu_nz)
+        dth.view(-1).index_add_(0, flat, dth_nz)
+        while dth.dim() > len(ctx.theta_shape):
+            dth = dth.sum(0)
+        return dmu, dth, dzi, None, None, None, None, gr
+
+
+def _table_at(xv: torch.Tensor, genes: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | None,
+              k_max: int) -> torch.Tensor:
+    """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` at the given entries (counts ``xv``, genes ``genes``,
+    theta row ``rows`` or None for per-gene theta), from the table of :func:`_lgamma_table` (direct above
+    ``k_max``); (nnz,)."""
+    theta, table = _lgamma_table(log_theta, k_max)
+    n_genes = theta.shape[-1]
+    idx = xv.clamp(max=k_max).long() * n_genes + genes
+    if rows is not None:
+        idx = idx + rows * ((k_max + 1) * n_genes)
+    out = table.reshape(-1).take(idx)
+    big = (xv > k_max).nonzero().squeeze(1)
+    if len(big):
+        xb = xv[big]
+        tb = theta[0 if rows is None else rows[big], genes[big]]
+        out = out.index_put((big,), torch.lgamma(xb + tb) - torch.lgamma(tb) - torch.lgamma(xb + 1.0))
+    return out
+
+
+def _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, table_max):
+    """:func:`count_log_prob_sum` for a sparse CSR ``x`` whose stored values are the non-zero counts."""
+    rows, genes, xv = csr_rows(x), x.col_indices().long(), x.values()
+    flat = rows * log_mu.shape[-1] + genes
+    if log_theta is None:
+        lg = _lgamma1_table(xv, table_max)
+        return (-log_mu.exp().sum(-1)).index_add(0, rows, xv * log_mu.reshape(-1).take(flat) - lg)
+    trows = None if theta_rows is None else theta_rows.take(rows)
+    table = _table_at(xv, genes, log_theta, trows, table_max)
+    if theta_rows is None:
+        return _NBSparse.apply(log_mu, log_theta, zi_logits, rows, flat, genes, xv, table)
+    return _NBSparse.apply(log_mu, log_theta[theta_rows], zi_logits, rows, flat, flat, xv, table)

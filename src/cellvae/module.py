@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial, count_log_prob_sum
+from .distributions import (
+    NegativeBinomial,
+    Normal,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    count_log_prob_sum,
+    csr_rows,
+    csr_tensor,
+)
 from .nn import DecoderSCVI, Encoder
 
 __all__ = ["VAEModule", "LossOutput", "GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "evaluation", "grad_reverse"]
@@ -120,6 +128,10 @@ class VAEModule(nn.Module):
         use_fast_likelihood: compute the training loss with :func:`cellvae.distributions.count_log_prob_sum`
             where it applies (:attr:`fast_likelihood`); False uses the distribution classes (same values, slower;
             for tests and comparisons).
+        use_sparse_counts: accept minibatches of counts as sparse CSR tensors when the fast likelihood applies
+            (:attr:`sparse_input`; the training loop then feeds them, see :func:`cellvae.train.train_module`): the
+            encoder's first layer and the likelihood's count terms then cost in proportion to the non-zero counts.
+            False: dense minibatches only (same values to float rounding; for tests and comparisons).
 
     Raises:
         ValueError: on an unknown likelihood or dispersion, or a latent library without its prior.
@@ -149,6 +161,7 @@ class VAEModule(nn.Module):
         adversarial_batch_weight: float = 0.0,
         adversarial_mode: str = "confusion",
         use_fast_likelihood: bool = True,
+        use_sparse_counts: bool = True,
     ):
         super().__init__()
         if not (np.isfinite(adversarial_batch_weight) and adversarial_batch_weight >= 0):
@@ -196,6 +209,7 @@ class VAEModule(nn.Module):
             softmax=gene_likelihood != "normal",
         )
         self.use_fast_likelihood = bool(use_fast_likelihood)
+        self.use_sparse_counts = bool(use_sparse_counts)
         self.adversarial_batch_weight = float(adversarial_batch_weight)
         if adversarial_mode not in ADVERSARIAL_MODES:
             raise ValueError(f"adversarial_mode must be one of {ADVERSARIAL_MODES}, got {adversarial_mode!r}.")
@@ -222,7 +236,7 @@ class VAEModule(nn.Module):
         """Encode a minibatch.
 
         Args:
-            x: (n_cells, n_genes) counts (or log1p-normalized values for ``"normal"``).
+            x: (n_cells, n_genes) counts (or log1p-normalized values for ``"normal"``), dense or sparse CSR.
             cat: (n_cells, 1 + n_cat_covariates) int64 codes, batch first.
             cont: (n_cells, n_cont) continuous covariates or None.
             n_samples: number of z samples; > 1 adds a leading sample axis.
@@ -239,7 +253,7 @@ class VAEModule(nn.Module):
         z = qz_m + qz_v.sqrt() * torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
         out = {"qz_m": qz_m, "qz_v": qz_v, "z": z}
         if self.use_observed_lib_size:
-            library = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))
+            library = torch.log(_row_sums(x).clamp(min=1.0))
             out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library
         else:
             ql_m, ql_v = self.l_encoder(x_in, ecat, econt)
@@ -251,6 +265,11 @@ class VAEModule(nn.Module):
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.gene_likelihood == "normal":
             return x
+        if x.layout == torch.sparse_csr:  # the transform maps 0 to 0: applied to the stored values only
+            v = x.values()
+            if self.encoder_input == "log1p_cp10k":
+                v = v * (1e4 / _row_sums(x).clamp(min=1.0)).view(-1).take(csr_rows(x))
+            return csr_tensor(x.crow_indices(), x.col_indices(), torch.log1p(v), x.shape)
         if self.encoder_input == "log1p_cp10k":
             return torch.log1p(x * (1e4 / x.sum(-1, keepdim=True).clamp(min=1.0)))
         return torch.log1p(x)
@@ -341,6 +360,12 @@ class VAEModule(nn.Module):
         theta per gene or per gene and batch; equal to the distribution classes' ``log_prob`` to float rounding)."""
         return self.use_fast_likelihood and self.gene_likelihood != "normal" and self.dispersion != "gene-cell"
 
+    @property
+    def sparse_input(self) -> bool:
+        """Whether :meth:`forward` takes its counts as a sparse CSR tensor without densifying them (the fast
+        likelihood with ``use_sparse_counts``); other paths densify a sparse minibatch first."""
+        return self.use_sparse_counts and self.fast_likelihood
+
     def _fast_reconstruction(self, x, z, library, cat, cont) -> torch.Tensor:
         zinb = self.gene_likelihood == "zinb"
         logits, _, zi_logits = self.decoder.forward_logits(z, cat, cont, zero_inflation=zinb)
@@ -376,8 +401,11 @@ class VAEModule(nn.Module):
 
         For count likelihoods with theta per gene (or gene and batch) the reconstruction term is computed by
         :func:`cellvae.distributions.count_log_prob_sum` from the decoder's log-softmax (see
-        :attr:`fast_likelihood`); otherwise by :meth:`generative` and :meth:`loss`.
+        :attr:`fast_likelihood`); otherwise by :meth:`generative` and :meth:`loss`. ``x`` may be a sparse CSR
+        tensor (see :attr:`sparse_input`).
         """
+        if x.layout == torch.sparse_csr and not self.sparse_input:
+            x = x.to_dense()
         inf = self.inference(x, cat, cont)
         if self.fast_likelihood:
             recon = self._fast_reconstruction(x, inf["z"], inf["library"], cat, cont)
@@ -404,6 +432,13 @@ def evaluation(module: torch.nn.Module, seed: int | None = None):
             yield
     finally:
         module.train(was_training)
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1) sums of the rows of a dense or sparse CSR (n, m) tensor."""
+    if x.layout == torch.sparse_csr:
+        return torch.segment_reduce(x.values(), "sum", offsets=x.crow_indices()).unsqueeze(-1)
+    return x.sum(-1, keepdim=True)
 
 
 def _reshape_dist(px, shape):

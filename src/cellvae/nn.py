@@ -10,10 +10,45 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import scipy.sparse as sp
 import torch
 from torch import nn
 
-__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI"]
+__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear"]
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``x W^T + b`` for a sparse CSR ``x`` (n, n_in) that needs no gradient: the forward product and the weight
+    gradient ``g^T x = (x^T g)^T`` are sparse-dense products (work proportional to the non-zeros of ``x``). On the
+    CPU the weight gradient comes from scipy (``x^T`` is then a free CSC view), as an (n_in, n_out) row-major array
+    whose transpose has the layout of the first encoder weight (column-major, see :class:`Encoder`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.x = x
+        out = x @ weight.t()
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.x
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            if x.device.type == "cpu":
+                m = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
+                                  shape=x.shape)
+                dw = torch.from_numpy(m.T @ grad.numpy()).t()
+            else:
+                dw = grad.t() @ x.to_dense()
+        if ctx.needs_input_grad[2]:
+            db = grad.sum(0)
+        return None, dw, db
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` for a sparse CSR ``x`` (n, n_in) of data (no gradient with
+    respect to ``x``); weight (n_out, n_in), bias (n_out,); returns (n, n_out) dense."""
+    return _SparseLinear.apply(x, weight, bias)
 
 
 class CovariateLinear(nn.Module):
@@ -38,8 +73,8 @@ class CovariateLinear(nn.Module):
             nn.init.uniform_(emb.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
-        """x: (n, n_in); cat: (n, n_cat_covariates) int64 codes; cont: (n, n_cont) float."""
-        y = self.linear(x)
+        """x: (n, n_in) dense or sparse CSR (data); cat: (n, n_cat_covariates) int64 codes; cont: (n, n_cont)."""
+        y = sparse_linear(x, self.linear.weight, self.linear.bias) if x.layout == torch.sparse_csr else self.linear(x)
         if len(self.embeddings):
             j = 0
             for k, use in enumerate(self._use):
@@ -139,6 +174,10 @@ class Encoder(nn.Module):
         self.mean_encoder = nn.Linear(n_hidden, n_out)
         self.var_encoder = nn.Linear(n_hidden, n_out)
         self.var_eps = var_eps
+        # The first weight (n_hidden, n_in) is stored column-major (its transpose is contiguous), the layout in which
+        # sparse_linear reads it and computes its gradient: no transposing copies in a sparse training step.
+        first = self.encoder.linears[0].linear
+        first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         h = self.encoder(x, cat, cont)

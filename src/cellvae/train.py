@@ -2,7 +2,10 @@
 checkpoints and resume, and guards against non-finite losses and gradients.
 
 The loop touches tensors only (minibatches come from :class:`cellvae.data.TensorData`), accumulates epoch
-statistics on tensors, and reads them back once per epoch.
+statistics on tensors, and reads them back once per epoch. On the CPU, a module that takes sparse counts
+(``VAEModule.sparse_input``) gets the same minibatches as sparse CSR tensors when the data are sparse enough
+(:meth:`cellvae.data.TensorData.iterate_sparse`): the encoder's first layer and the likelihood then cost in
+proportion to the non-zero counts (issue 6; same results to float rounding, tests/test_sparse_path.py).
 
 Checkpoints (``checkpoint_dir``): every ``checkpoint_every`` epochs and at the end, ``checkpoint.pt`` holds the
 weights, the Adam state, the epoch and step (KL warm-up), the minibatch-order generator and torch's global RNG
@@ -174,13 +177,15 @@ def _to(batch, device: torch.device):
 
 @torch.no_grad()
 def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: int = 1024) -> dict:
-    """Mean ELBO and its parts (nats per cell) over ``indices``, in eval mode, one z sample per cell. In a
-    distributed run each rank passes its shard of cells and the sums are all-reduced (same value on every rank)."""
+    """Mean ELBO and its parts (nats per cell) over ``indices``, in eval mode, one z sample per cell (from sparse
+    minibatches where training uses them, see :func:`train_module`). In a distributed run each rank passes its shard
+    of cells and the sums are all-reduced (same value on every rank)."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # reconstruction, KL, cells
-    for batch in data.iterate(indices, batch_size):
+    minibatches = data.iterate_sparse if _sparse_minibatches(module, data, device) else data.iterate
+    for batch in minibatches(indices, batch_size):
         x, cat, cont = _to(batch, device)
         out = module(x, cat, cont, kl_weight=1.0)
         sums[0] += out.reconstruction_loss.sum()
@@ -314,6 +319,14 @@ def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan) -> torch.opti
     return torch.optim.Adam(params, **kw)
 
 
+def _sparse_minibatches(module, data, device: torch.device) -> bool:
+    """Whether to feed sparse CSR minibatches (training and validation): a module that takes them
+    (``VAEModule.sparse_input``) on the CPU, with data that offer them and are sparse enough
+    (``TensorData.sparse_counts``). The cells of each minibatch are the same either way."""
+    return (device.type == "cpu" and bool(getattr(module, "sparse_input", False))
+            and hasattr(data, "iterate_sparse") and data.sparse_counts() is not None)
+
+
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of the gradients (inf or NaN if any gradient is); one fused pass over the tensors."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -416,6 +429,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
                total=plan.max_epochs)
     consecutive_bad = 0
     last_good_step = step
+    minibatches = data.iterate_sparse if _sparse_minibatches(module, data, device) else data.iterate
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()
@@ -424,7 +438,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         n_ok = 0
         skipped = 0
         kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
-        for batch in data.iterate(train_t, batch_size, shuffle=True, generator=gen):
+        for batch in minibatches(train_t, batch_size, shuffle=True, generator=gen):
             x, cat, cont = _to(batch, device)
             kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
             if plan.check_finite:

@@ -1,0 +1,150 @@
+"""Sparse (CSR) training minibatches equal the dense path (issue 6: every optional speed-up has an equal-results
+test): the likelihood from the non-zero counts, the sparse first encoder layer, the CSR minibatches of
+``TensorData.iterate_sparse`` and a whole training run with ``use_sparse_counts`` on and off."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellvae.data import TensorData
+from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, count_log_prob_sum
+from cellvae.module import VAEModule
+from cellvae.nn import sparse_linear
+from cellvae.train import TrainingPlan, _sparse_minibatches, train_module
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # from x.to_sparse_csr()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def _counts(pbmc, n=128):
+    x = torch.as_tensor(pbmc.X[:n].toarray(), dtype=torch.float32)
+    x[0, :3] = torch.tensor([33.0, 150.0, 5e4])  # counts above the lookup table (32) and far above
+    return x
+
+
+@pytest.mark.parametrize("lik", ["zinb", "nb", "poisson"])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_sparse_likelihood_equals_distributions(pbmc_small, lik, per_batch):
+    if lik == "poisson" and per_batch:
+        pytest.skip("Poisson has no dispersion")
+    x = _counts(pbmc_small)
+    n, g = x.shape
+    gen = torch.Generator().manual_seed(1)
+    lib = x.sum(1, keepdim=True).log()
+    log_mu = (lib + torch.log_softmax(torch.randn(n, g, generator=gen) * 2, -1)).requires_grad_()
+    rows = torch.arange(n) % 3 if per_batch else None
+    log_theta = torch.randn(3, g, generator=gen) * 2 if per_batch else torch.randn(g, generator=gen) * 2
+    log_theta[..., 0] = 12.0  # theta ~ 1.6e5
+    log_theta.requires_grad_()
+    zi = (torch.randn(n, g, generator=gen) * 2).requires_grad_()
+    lt = log_theta[rows] if per_batch else log_theta
+    xs = x.to_sparse_csr()
+    if lik == "zinb":
+        fast = count_log_prob_sum(xs, log_mu, log_theta, zi, theta_rows=rows)
+        ref = ZeroInflatedNegativeBinomial(log_mu.exp(), lt.exp(), zi).log_prob(x).sum(-1)
+        inputs = [log_mu, log_theta, zi]
+    elif lik == "nb":
+        fast = count_log_prob_sum(xs, log_mu, log_theta, theta_rows=rows)
+        ref = NegativeBinomial(log_mu.exp(), lt.exp()).log_prob(x).sum(-1)
+        inputs = [log_mu, log_theta]
+    else:
+        fast = count_log_prob_sum(xs, log_mu)
+        ref = Poisson(log_mu.exp()).log_prob(x).sum(-1)
+        inputs = [log_mu]
+    assert fast.shape == (n,)
+    assert _rel(fast, ref) < 1e-5
+    w = torch.rand(n, generator=gen)
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_sparse_linear_equals_linear():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(50, 300, generator=gen) ** 6 * 4, generator=gen)
+    lin = torch.nn.Linear(300, 20)
+    lin.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous().t())  # the Encoder's column-major layout
+    g = torch.randn(50, 20, generator=gen)
+    outs = []
+    for xi in (x, x.to_sparse_csr()):
+        lin.zero_grad()
+        y = sparse_linear(xi, lin.weight, lin.bias) if xi.layout == torch.sparse_csr else lin(xi)
+        (y * g).sum().backward()
+        outs.append((y.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
+        assert lin.weight.grad.stride() == lin.weight.stride()  # no transposing copy of the gradient
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    {"gene_likelihood": "zinb"},
+    {"gene_likelihood": "nb", "dispersion": "gene-batch", "encoder_input": "log1p_cp10k"},
+    {"gene_likelihood": "poisson", "use_observed_lib_size": False},
+    {"gene_likelihood": "zinb", "dispersion": "gene-cell"},  # no sparse path: densified, same result
+])
+def test_module_sparse_input_same_loss_and_gradients(pbmc_small, kw):
+    x = _counts(pbmc_small)
+    cat = (torch.arange(len(x)) % 2).view(-1, 1)
+    if kw.get("use_observed_lib_size") is False:
+        kw = {**kw, "library_log_means": np.array([7.0, 7.0]), "library_log_vars": np.array([0.5, 0.5])}
+    torch.manual_seed(0)
+    m = VAEModule(x.shape[1], n_batch=2, **kw)
+    assert m.sparse_input == (kw.get("dispersion") != "gene-cell")
+    results = []
+    for xi in (x, x.to_sparse_csr()):
+        m.zero_grad()
+        torch.manual_seed(1)
+        out = m(xi, cat, None, kl_weight=0.7)
+        out.loss.backward()
+        results.append((out, {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    (o_dense, g_dense), (o_sparse, g_sparse) = results
+    assert abs(o_sparse.loss.item() - o_dense.loss.item()) <= 1e-5 * abs(o_dense.loss.item())
+    torch.testing.assert_close(o_sparse.reconstruction_loss, o_dense.reconstruction_loss, rtol=1e-5, atol=1e-3)
+    assert sorted(g_sparse) == sorted(g_dense)
+    flat_s = torch.cat([g_sparse[k].flatten() for k in sorted(g_dense)])
+    flat_d = torch.cat([g_dense[k].flatten() for k in sorted(g_dense)])
+    assert (flat_s - flat_d).norm() <= 1e-5 * flat_d.norm()
+
+
+def test_iterate_sparse_gives_the_same_minibatches():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.poisson(torch.rand(90, 40, generator=gen) ** 8 * 3, generator=gen).numpy()
+    csr = sp.csr_matrix(X)
+    csr.data[::7] = 0.0  # stored zeros are dropped from the minibatches
+    cat = torch.arange(90).view(-1, 1) % 3
+    cont = torch.randn(90, 2, generator=gen)
+    data = TensorData(csr, cat, cont)
+    assert data.sparse_counts() is not None
+    idx = torch.arange(5, 90)
+    dense = list(data.iterate(idx, 16, shuffle=True, generator=torch.Generator().manual_seed(4)))
+    sparse = list(data.iterate_sparse(idx, 16, shuffle=True, generator=torch.Generator().manual_seed(4)))
+    assert len(dense) == len(sparse) == 6  # 85 cells: five of 16 and one of 5
+    for (xd, cd, ud), (xs, cs, us) in zip(dense, sparse):
+        assert xs.layout == torch.sparse_csr and bool((xs.values() > 0).all())
+        assert torch.equal(xs.to_dense(), xd) and torch.equal(cs, cd) and torch.equal(us, ud)
+    assert TensorData(np.ones((10, 5), np.float32), cat[:10]).sparse_counts() is None  # dense data: dense batches
+
+
+def test_training_with_sparse_minibatches_same_weights(pbmc_small):
+    from cellvae.data import DataSpec
+
+    data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
+    train_idx, val_idx = np.arange(250), np.arange(250, 300)
+    states, histories = [], []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        m = VAEModule(data.n_genes, use_sparse_counts=sparse)
+        assert _sparse_minibatches(m, data, torch.device("cpu")) == sparse
+        plan = TrainingPlan(max_epochs=3, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
+        histories.append(train_module(m, data, train_idx, val_idx, plan))
+        states.append(m.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    np.testing.assert_allclose(histories[0]["train_elbo"], histories[1]["train_elbo"], rtol=1e-5)
+    np.testing.assert_allclose(histories[0]["validation_elbo"], histories[1]["validation_elbo"], rtol=1e-5)
