@@ -179,3 +179,26 @@ def test_hvg_selection_does_not_modify_input(zeisel):
     assert mask.sum() == 300 and mask.shape == (a.n_vars,)
     assert "highly_variable" not in a.var.columns
     assert (a.X != before).nnz == 0
+
+
+def test_hvg_falls_back_to_detected_genes_when_loess_fails(zeisel, monkeypatch):
+    """seurat_v3's loess can be singular with many undetected genes (it was on 2,000 random worm neurons): the
+    selection is retried on genes detected in >= 3 cells, with a warning, and only such genes are chosen."""
+    import scanpy as sc
+
+    real = sc.pp.highly_variable_genes
+    calls = []
+
+    def flaky(adata, **kw):
+        calls.append(adata.n_vars)
+        if len(calls) == 1:
+            raise ValueError("reciprocal condition number  6.2e-15")
+        return real(adata, **kw)
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", flaky)
+    a = zeisel[:300].copy()
+    detected = np.asarray((a.X > 0).sum(0)).ravel() >= 3
+    with pytest.warns(UserWarning, match="detected in at least 3 cells"):
+        mask = select_highly_variable_genes(a, 200)
+    assert calls == [a.n_vars, int(detected.sum())]
+    assert mask.shape == (a.n_vars,) and mask.sum() == 200 and not mask[~detected].any()

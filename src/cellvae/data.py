@@ -336,10 +336,20 @@ def select_highly_variable_genes(
     X = get_counts(adata, layer)
     tmp = ad.AnnData(X=X, obs=adata.obs[[batch_key]] if batch_key else None)
     tmp.var_names = adata.var_names
-    df = sc.pp.highly_variable_genes(
-        tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes), batch_key=batch_key, inplace=False
-    )
-    return np.asarray(df["highly_variable"], dtype=bool)
+    try:
+        df = sc.pp.highly_variable_genes(
+            tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes), batch_key=batch_key, inplace=False
+        )
+        return np.asarray(df["highly_variable"], dtype=bool)
+    except ValueError as err:  # the loess fit of seurat_v3 can be singular with many (nearly) undetected genes
+        detected = np.asarray((X > 0).sum(0)).ravel() >= 3
+        if detected.sum() <= n_top_genes or detected.all():
+            raise
+        warnings.warn(f"seurat_v3 highly variable genes failed ({err}); retrying on the {int(detected.sum())} "
+                      "genes detected in at least 3 cells.", stacklevel=2)
+        mask = np.zeros(adata.n_vars, dtype=bool)
+        mask[np.flatnonzero(detected)[select_highly_variable_genes(tmp[:, detected], n_top_genes)]] = True
+        return mask
 
 
 # --------------------------------------------------------------------------------------- covariates
