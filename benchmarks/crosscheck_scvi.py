@@ -57,9 +57,7 @@ from _common import (  # noqa: E402
     write_json_and_md,
 )
 
-BATCH_SIZE = 128
-TRAIN_FRACTION = 0.9
-ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb", "dispersion": "gene"}
+from vs_scvi import ARCH, BATCH_SIZE, TRAIN_FRACTION  # noqa: E402  (the same settings as the benchmark)
 MAX_ELEMENTS = 1 << 22  # samples x cells x genes per decoder pass (scvi-tools' marginal_ll chunks)
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 

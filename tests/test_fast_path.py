@@ -27,12 +27,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["dense", "sparse_csr"])  # sparse: the zero/non-zero split (_NBSparse)
 @pytest.mark.parametrize("lik", ["zinb", "nb", "poisson"])
 @pytest.mark.parametrize("per_batch", [False, True])
-def test_count_log_prob_sum_equals_distributions(lik, per_batch):
+def test_count_log_prob_sum_equals_distributions(lik, per_batch, layout):
     if lik == "poisson" and per_batch:
         pytest.skip("Poisson has no dispersion")
     x = _counts()
+    x_in = x.to_sparse_csr() if layout == "sparse_csr" else x
     n, g = x.shape
     gen = torch.Generator().manual_seed(1)
     log_mu = (torch.randn(n, g, generator=gen) * 2).requires_grad_()
@@ -43,15 +46,15 @@ def test_count_log_prob_sum_equals_distributions(lik, per_batch):
     zi = (torch.randn(n, g, generator=gen) * 2).requires_grad_()
     lt = log_theta[rows] if per_batch else log_theta
     if lik == "zinb":
-        fast = count_log_prob_sum(x, log_mu, log_theta, zi, theta_rows=rows)
+        fast = count_log_prob_sum(x_in, log_mu, log_theta, zi, theta_rows=rows)
         ref = ZeroInflatedNegativeBinomial(log_mu.exp(), lt.exp(), zi).log_prob(x).sum(-1)
         inputs = [log_mu, log_theta, zi]
     elif lik == "nb":
-        fast = count_log_prob_sum(x, log_mu, log_theta, theta_rows=rows)
+        fast = count_log_prob_sum(x_in, log_mu, log_theta, theta_rows=rows)
         ref = NegativeBinomial(log_mu.exp(), lt.exp()).log_prob(x).sum(-1)
         inputs = [log_mu, log_theta]
     else:
-        fast = count_log_prob_sum(x, log_mu)
+        fast = count_log_prob_sum(x_in, log_mu)
         ref = Poisson(log_mu.exp()).log_prob(x).sum(-1)
         inputs = [log_mu]
     assert fast.shape == (n,)

@@ -1,6 +1,8 @@
 """Sparse (CSR) training minibatches equal the dense path (issue 6: every optional speed-up has an equal-results
-test): the likelihood from the non-zero counts, the sparse first encoder layer, the CSR minibatches of
-``TensorData.iterate_sparse`` and a whole training run with ``use_sparse_counts`` on and off."""
+test): the sparse first encoder layer, the CSR minibatches of
+``TensorData.iterate_sparse``, a module given sparse real counts and a whole training run with
+``use_sparse_counts`` on and off. The likelihood from sparse counts is checked against the distribution classes
+in tests/test_fast_path.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import scipy.sparse as sp
 import torch
 
 from cellvae.data import TensorData
-from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, count_log_prob_sum
 from cellvae.module import VAEModule
 from cellvae.nn import sparse_linear
 from cellvae.train import TrainingPlan, _sparse_minibatches, train_module
@@ -27,42 +28,6 @@ def _counts(pbmc, n=128):
     x = torch.as_tensor(pbmc.X[:n].toarray(), dtype=torch.float32)
     x[0, :3] = torch.tensor([33.0, 150.0, 5e4])  # counts above the lookup table (32) and far above
     return x
-
-
-@pytest.mark.parametrize("lik", ["zinb", "nb", "poisson"])
-@pytest.mark.parametrize("per_batch", [False, True])
-def test_sparse_likelihood_equals_distributions(pbmc_small, lik, per_batch):
-    if lik == "poisson" and per_batch:
-        pytest.skip("Poisson has no dispersion")
-    x = _counts(pbmc_small)
-    n, g = x.shape
-    gen = torch.Generator().manual_seed(1)
-    lib = x.sum(1, keepdim=True).log()
-    log_mu = (lib + torch.log_softmax(torch.randn(n, g, generator=gen) * 2, -1)).requires_grad_()
-    rows = torch.arange(n) % 3 if per_batch else None
-    log_theta = torch.randn(3, g, generator=gen) * 2 if per_batch else torch.randn(g, generator=gen) * 2
-    log_theta[..., 0] = 12.0  # theta ~ 1.6e5
-    log_theta.requires_grad_()
-    zi = (torch.randn(n, g, generator=gen) * 2).requires_grad_()
-    lt = log_theta[rows] if per_batch else log_theta
-    xs = x.to_sparse_csr()
-    if lik == "zinb":
-        fast = count_log_prob_sum(xs, log_mu, log_theta, zi, theta_rows=rows)
-        ref = ZeroInflatedNegativeBinomial(log_mu.exp(), lt.exp(), zi).log_prob(x).sum(-1)
-        inputs = [log_mu, log_theta, zi]
-    elif lik == "nb":
-        fast = count_log_prob_sum(xs, log_mu, log_theta, theta_rows=rows)
-        ref = NegativeBinomial(log_mu.exp(), lt.exp()).log_prob(x).sum(-1)
-        inputs = [log_mu, log_theta]
-    else:
-        fast = count_log_prob_sum(xs, log_mu)
-        ref = Poisson(log_mu.exp()).log_prob(x).sum(-1)
-        inputs = [log_mu]
-    assert fast.shape == (n,)
-    assert _rel(fast, ref) < 1e-5
-    w = torch.rand(n, generator=gen)
-    for a, b in zip(torch.autograd.grad((fast * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
-        assert _rel(a, b) < 1e-5
 
 
 def test_sparse_linear_equals_linear():

@@ -636,8 +636,7 @@ class TensorData:
         generator: torch.Generator | None = None,
     ) -> Iterator[tuple]:
         """Yield ``(x, cat, cont)`` minibatches over ``indices``; see :func:`minibatch_slices`."""
-        if shuffle:
-            indices = indices[torch.randperm(len(indices), generator=generator)]
+        indices = _pass_order(indices, shuffle, generator)
         for a, b in minibatch_slices(len(indices), batch_size):
             yield self.batch(indices[a:b])
 
@@ -651,8 +650,7 @@ class TensorData:
         """As :meth:`iterate` (the same minibatches in the same order, for the same generator state), with ``x`` a
         torch sparse CSR tensor (n_batch, n_genes) float32. The rows of the whole pass are gathered once (scipy's
         O(nnz) row indexing), so each minibatch is a contiguous slice of them. Needs :meth:`sparse_counts`."""
-        if shuffle:
-            indices = indices[torch.randperm(len(indices), generator=generator)]
+        indices = _pass_order(indices, shuffle, generator)
         m = self.sparse_counts()[indices.numpy()]  # stored values are the non-zero counts, as the likelihood needs
         crow, col, val = (torch.from_numpy(a) for a in (m.indptr, m.indices, m.data))
         for a, b in minibatch_slices(len(indices), batch_size):
@@ -660,6 +658,11 @@ class TensorData:
             x = csr_tensor(crow[a:b + 1] - s, col[s:e], val[s:e], (b - a, self.n_genes))
             idx = indices[a:b]
             yield x, self.cat.index_select(0, idx), self.cont.index_select(0, idx) if self.cont is not None else None
+
+
+def _pass_order(indices: torch.Tensor, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The cells of one pass in minibatch order: ``indices`` permuted with ``generator`` when ``shuffle``."""
+    return indices[torch.randperm(len(indices), generator=generator)] if shuffle else indices
 
 
 def minibatch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
