@@ -579,8 +579,10 @@ class TensorData:
     """Prepared tensors for n cells: data (dense tensor or CSR), covariate codes and continuous covariates.
 
     Args:
-        X: (n_cells, n_genes) numpy array or scipy sparse matrix; stored densely as float32 when
-            n_cells * n_genes <= ``DENSE_MAX_ELEMENTS``, else kept as CSR and densified per minibatch.
+        X: (n_cells, n_genes) numpy array or scipy sparse matrix. Kept as float32 CSR (and densified per
+            minibatch where a dense one is needed) when it is sparse with at most ``SPARSE_MAX_DENSITY`` of its
+            entries non-zero (most count matrices: a fifth of the memory of a dense copy, and what the sparse
+            training minibatches read) or has more than ``DENSE_MAX_ELEMENTS`` entries; else stored densely.
         cat: (n_cells, 1 + n_cat_covariates) int64 codes (batch first).
         cont: (n_cells, n_cont) float32 or None.
     """
@@ -588,7 +590,8 @@ class TensorData:
     def __init__(self, X, cat: torch.Tensor, cont: torch.Tensor | None = None):
         n, g = X.shape
         self.n_cells, self.n_genes = n, g
-        if n * g <= DENSE_MAX_ELEMENTS:
+        sparse_enough = sp.issparse(X) and X.nnz <= SPARSE_MAX_DENSITY * n * g
+        if n * g <= DENSE_MAX_ELEMENTS and not sparse_enough:
             dense = X.toarray() if sp.issparse(X) else np.asarray(X)
             self.X = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
             self.csr = None
