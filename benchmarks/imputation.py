@@ -70,12 +70,10 @@ from _common import (  # noqa: E402
     package_version,
     parse_dataset_spec,
 )
+from vs_scvi import ARCH, BATCH_SIZE, SCVI_DEFAULT_KL_WARMUP  # noqa: E402  (the same settings as vs_scvi.py)
 
 DEFAULT_DATASETS = ["pbmc4k_10x_top2000genes", "zeisel2015_cortex_subset_1464cells",
                     "cbmc_citeseq_rna_top2000genes"]
-ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb", "dispersion": "gene"}
-BATCH_SIZE = 128
-SCVI_DEFAULT_KL_WARMUP = 400  # scvi-tools TrainingPlan n_epochs_kl_warmup default
 VARIANTS = ("scvi", "cellvae", "cellvae_kl400")
 MODEL_LABEL = {
     "scvi": "scvi-tools SCVI (defaults)",
@@ -249,16 +247,7 @@ def _run_scvi(scvi, task, adata, rows, cols, lib) -> dict:
     elbo_last = float(hist["elbo_train"].iloc[-1, 0]) if "elbo_train" in hist else None
 
     t1 = time.perf_counter()
-    kw = dict(n_samples=S, return_mean=True, return_numpy=True, batch_size=BATCH_SIZE)
-    torch.manual_seed(seed + 1000)
-    rho = model.get_normalized_expression(adata, library_size=1.0, **kw)
-    torch.manual_seed(seed + 1000)
-    lat = model.get_normalized_expression(adata, library_size="latent", **kw)
-    nb = rho[rows, cols].astype(np.float64) * lib[rows]
-    torch.manual_seed(seed + 2000)
-    rho1 = model.get_normalized_expression(adata, library_size=1.0, n_samples=1, return_numpy=True,
-                                           batch_size=BATCH_SIZE)
-    nb1 = rho1[rows, cols].astype(np.float64) * lib[rows]
+    nb, lat, nb1 = _api_means(model, adata, S, rows, cols, lib, seed, n1_seed=seed + 2000, return_mean=True)
     torch.manual_seed(seed + 1000)
     nb_int, zinb = _scvi_module_means(model, adata, S, rows, cols)
     return {
@@ -270,6 +259,27 @@ def _run_scvi(scvi, task, adata, rows, cols, lib) -> dict:
         "module_vs_api_nb_max_rel_diff": _latent_check(nb, nb_int),
         "eval_seconds": time.perf_counter() - t1,
     }
+
+
+def _api_means(model, adata, S, rows, cols, lib, seed, n1_seed=None, **kw):
+    """Through the tool's public ``get_normalized_expression`` (the same call in scvi-tools and cellvae), at the
+    hidden entries: NB means ``rho * library`` averaged over S z draws, the same draws with the latent library
+    (``library_size="latent"``, full n_cells x n_genes), and with a single draw. ``n1_seed`` reseeds torch before
+    the single draw (None: it continues the stream)."""
+    import numpy as np
+    import torch
+
+    kw = dict(return_numpy=True, batch_size=BATCH_SIZE, **kw)
+    torch.manual_seed(seed + 1000)
+    rho = model.get_normalized_expression(adata, library_size=1.0, n_samples=S, **kw)
+    torch.manual_seed(seed + 1000)
+    lat = model.get_normalized_expression(adata, library_size="latent", n_samples=S, **kw)
+    if n1_seed is not None:
+        torch.manual_seed(n1_seed)
+    kw.pop("return_mean", None)
+    rho1 = model.get_normalized_expression(adata, library_size=1.0, n_samples=1, **kw)
+    return (rho[rows, cols].astype(np.float64) * lib[rows], lat,
+            rho1[rows, cols].astype(np.float64) * lib[rows])
 
 
 def _scvi_module_means(model, adata, S, rows, cols):
@@ -310,16 +320,7 @@ def _run_cellvae(cellvae, task, adata, rows, cols, lib) -> dict:
     warm = (hist.get("plan") or {}).get("n_epochs_kl_warmup")
 
     t1 = time.perf_counter()
-    torch.manual_seed(seed + 1000)
-    rho = model.get_normalized_expression(adata, library_size=1.0, n_samples=S, batch_size=BATCH_SIZE,
-                                          return_numpy=True)
-    torch.manual_seed(seed + 1000)
-    lat = model.get_normalized_expression(adata, library_size="latent", n_samples=S, batch_size=BATCH_SIZE,
-                                          return_numpy=True)
-    nb = rho[rows, cols].astype(np.float64) * lib[rows]
-    rho1 = model.get_normalized_expression(adata, library_size=1.0, n_samples=1, batch_size=BATCH_SIZE,
-                                           return_numpy=True)
-    nb1 = rho1[rows, cols].astype(np.float64) * lib[rows]
+    nb, lat, nb1 = _api_means(model, adata, S, rows, cols, lib, seed)
     torch.manual_seed(seed + 1000)
     nb_int, zinb = _cellvae_module_means(model, adata, S, rows, cols)
     return {
