@@ -324,10 +324,22 @@ def select_highly_variable_genes(
 ) -> np.ndarray:
     """Highly variable genes on raw counts with scanpy's ``seurat_v3`` flavour (Stuart et al. 2019).
 
-    Works on a copy of the matrix; ``adata`` is not modified.
+    Works on a copy of the matrix; ``adata`` is not modified. When the flavour's loess fit fails (it can be singular
+    when many genes are (nearly) undetected), the selection is retried on the genes detected in at least 3 cells,
+    with a ``UserWarning``; other genes are then never selected.
+
+    Args:
+        adata: (n_cells, n_genes) raw counts in ``X`` or ``layer``.
+        n_top_genes: number of genes to select; at least n_genes selects every gene.
+        layer: layer holding the counts (default ``X``).
+        batch_key: obs column for scanpy's per-batch selection.
 
     Returns:
         Boolean mask over genes, shape (n_genes,).
+
+    Raises:
+        ValueError: scanpy's error when the fit fails even on the detected genes, or when at most ``n_top_genes``
+            genes are detected in 3 cells.
     """
     import scanpy as sc
 
