@@ -142,6 +142,10 @@ def test_backed_countvae_matches_in_memory(kang_pair, tmp_path):
     again = CountVAE.load(tmp_path / "model", adata=back, out_of_core=True)
     again.train(max_epochs=1, batch_size=64, progress_bar=False, n_threads=1)
     assert again.get_latent_representation().shape == (mem.n_obs, 5)
+    # anomaly scores whose reference statistics come from the backed training cells
+    from cellvae.anomaly import anomaly_score
+    s = anomaly_score(again, mem[:20].copy(), method="latent_knn_gene")
+    assert s.shape == (20,) and np.isfinite(s).all()
 
 
 @pytest.mark.parametrize("value, match", [(np.nan, "2 NaN or infinite"), (-2.0, r"negative values \(min -2\)"),

@@ -184,6 +184,11 @@ def test_tensor_data_keeps_sparse_counts_as_csr(pbmc_small):
     assert kept.sparse_counts() is kept.csr  # canonical CSR: no second copy
     idx = torch.tensor([5, 0, 17, 3])
     torch.testing.assert_close(kept.batch(idx)[0], dense.batch(idx)[0])
+    kept.densify()  # a training loop with dense minibatches: one dense copy, the same rows
+    assert kept.X is not None and kept.csr is not None
+    torch.testing.assert_close(kept.batch(idx)[0], dense.batch(idx)[0])
+    with pytest.raises(ValueError, match="at most 20% non-zero"):
+        next(TensorData(X.toarray() + 1, cat).iterate_sparse(torch.arange(3), 2))
 
 
 def test_hvg_selection_does_not_modify_input(zeisel):

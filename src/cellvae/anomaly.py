@@ -134,6 +134,16 @@ def _gene_surprise(module, data: TensorData, stats, n_top: int, batch_size: int)
     return torch.cat(out).numpy()
 
 
+def _subset_in_memory(adata: ad.AnnData, idx: np.ndarray) -> ad.AnnData:
+    """The cells ``idx`` (in increasing order) as an in-memory AnnData. A backed AnnData can neither be copied
+    without a filename nor turned to memory without closing its file: its rows of ``X`` are read instead."""
+    sub = adata[np.sort(idx)]
+    if not adata.isbacked:
+        return sub.copy()
+    return ad.AnnData(X=sub.X, obs=sub.obs.copy(), var=sub.var.copy(),
+                      layers={k: sub.layers[k] for k in sub.layers.keys()})
+
+
 def _default_reference(model: "CountVAE") -> tuple[ad.AnnData, np.ndarray]:
     if model.adata is None:
         raise CellvaeInputError(
@@ -285,7 +295,7 @@ def anomaly_score(
     if same:
         ref_score, ref_lib = score[ref_idx], lib[ref_idx]
     else:
-        sub = ref_adata[ref_idx].copy()
+        sub = _subset_in_memory(ref_adata, ref_idx)
         sub_data = model._tensors(sub)
         ref_score, ref_lib = _raw_scores(model, sub, sub_data, method, n_samples, batch_size, seed), _library(sub_data)
     return score - _library_trend(np.log(np.maximum(ref_lib, 1.0)), ref_score)(np.log(np.maximum(lib, 1.0)))
@@ -302,7 +312,7 @@ def _gene_methods(model, adata_, data, method, reference, n_neighbors, n_top_gen
     sub_idx = ref_idx
     if len(sub_idx) > _MAX_GENE_REFERENCE:
         sub_idx = np.sort(np.random.default_rng(seed).choice(sub_idx, _MAX_GENE_REFERENCE, replace=False))
-    ref_data = model._tensors(ref_adata[sub_idx].copy())
+    ref_data = model._tensors(_subset_in_memory(ref_adata, sub_idx))
     stats = _gene_reference_stats(model.module, ref_data, batch_size)
     gene = _gene_surprise(model.module, data, stats, n_top_genes, batch_size)
     if method == "gene_surprise":

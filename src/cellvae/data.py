@@ -360,7 +360,7 @@ def select_highly_variable_genes(
         warnings.warn(f"seurat_v3 highly variable genes failed ({err}); retrying on the {int(detected.sum())} "
                       "genes detected in at least 3 cells.", stacklevel=2)
         mask = np.zeros(adata.n_vars, dtype=bool)
-        mask[np.flatnonzero(detected)[select_highly_variable_genes(tmp[:, detected], n_top_genes)]] = True
+        mask[np.flatnonzero(detected)[select_highly_variable_genes(tmp[:, detected], n_top_genes, batch_key=batch_key)]] = True
         return mask
 
 
@@ -634,6 +634,13 @@ class TensorData:
                 self._sparse = m
         return self._sparse if self._sparse is not False else None
 
+    def densify(self) -> None:
+        """Store a dense float32 copy of CSR-kept data that has at most ``DENSE_MAX_ELEMENTS`` entries, so that
+        :meth:`batch` selects rows instead of densifying every minibatch (for a training loop that feeds dense
+        minibatches); a no-op otherwise."""
+        if self.X is None and self.n_cells * self.n_genes <= DENSE_MAX_ELEMENTS:
+            self.X = torch.from_numpy(self.csr.toarray().astype(np.float32, copy=False))
+
     def batch(self, idx: torch.Tensor):
         """Rows ``idx`` (int64 tensor) as ``(x, cat, cont)`` tensors."""
         if self.X is not None:
@@ -664,9 +671,17 @@ class TensorData:
     ) -> Iterator[tuple]:
         """As :meth:`iterate` (the same minibatches in the same order, for the same generator state), with ``x`` a
         torch sparse CSR tensor (n_batch, n_genes) float32. The rows of the whole pass are gathered once (scipy's
-        O(nnz) row indexing), so each minibatch is a contiguous slice of them. Needs :meth:`sparse_counts`."""
+        O(nnz) row indexing), so each minibatch is a contiguous slice of them.
+
+        Raises:
+            ValueError: the data are too dense for sparse minibatches (:meth:`sparse_counts` is None).
+        """
+        counts = self.sparse_counts()
+        if counts is None:
+            raise ValueError(f"iterate_sparse needs data with at most {SPARSE_MAX_DENSITY:.0%} non-zero entries; "
+                             "use iterate().")
         indices = _pass_order(indices, shuffle, generator)
-        m = self.sparse_counts()[indices.numpy()]  # stored values are the non-zero counts, as the likelihood needs
+        m = counts[indices.numpy()]  # stored values are the non-zero counts, as the likelihood needs
         crow, col, val = (torch.from_numpy(a) for a in (m.indptr, m.indices, m.data))
         for a, b in minibatch_slices(len(indices), batch_size):
             s, e = int(crow[a]), int(crow[b])

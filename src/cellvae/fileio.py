@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["write_atomic", "write_text_atomic", "atomic_directory", "fsync_dir"]
+__all__ = ["write_atomic", "write_text_atomic", "write_synced", "atomic_directory", "fsync_dir"]
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
@@ -34,6 +34,15 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> P
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync the file's contents (for files inside :func:`atomic_directory`, whose
+    rename is the atomic step)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_dir(d: str | os.PathLike) -> None:

@@ -39,6 +39,7 @@ Image arrays passed to the public methods are channels-last ``(n, H, W, C)``: ``
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from torch import nn
 
 from . import __version__
 from .data import CellvaeInputError, minibatch_slices
-from .fileio import atomic_directory, write_atomic, write_text_atomic
+from .fileio import atomic_directory, write_synced
 from .module import LossOutput, evaluation
 from .train import CellvaeTrainingError, TrainingPlan, train_module
 
@@ -735,7 +736,7 @@ class ImageVAE:
         """Save to a directory: ``config.json`` (format version and settings), ``model.pt`` (a plain state dict,
         loadable with ``torch.load(weights_only=True)``) and ``history.json``.
 
-        Every file is written atomically (:func:`cellvae.fileio.write_atomic`) into a temporary directory beside
+        Every file is written and fsynced (:func:`cellvae.fileio.write_synced`) in a temporary directory beside
         the target, which is then renamed onto it, so a crash never leaves a half-written or mixed model.
 
         Raises:
@@ -743,10 +744,12 @@ class ImageVAE:
         """
         target = Path(dir_path)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        with atomic_directory(target, overwrite) as tmp:
-            write_atomic(tmp / _WEIGHTS, lambda p: torch.save(state, p))
-            write_text_atomic(tmp / _HISTORY, json.dumps(_jsonable(self.history)))
-            write_text_atomic(tmp / _CONFIG, json.dumps(self._config(), indent=2))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with atomic_directory(target, overwrite) as tmp:  # each file fsynced, then the directory renamed
+            write_synced(tmp / _WEIGHTS, buf.getvalue())
+            write_synced(tmp / _HISTORY, json.dumps(_jsonable(self.history)).encode())
+            write_synced(tmp / _CONFIG, json.dumps(self._config(), indent=2).encode())
         return target
 
     @classmethod

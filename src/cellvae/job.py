@@ -160,16 +160,16 @@ def fit_job(
     rank, n_ranks = world()
     if rank != 0:
         log = (lambda m: None)  # noqa: E731 - rank 0 reports
+    if backed and n_top_genes:  # before the output directory is touched
+        raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
+                                "a subsample) and write them to a new .h5ad, or drop --backed.")
     path = resolve_data_path(data)
     if rank == 0:
         prepare_out_dir(out_dir, [path], overwrite, resume=resume)
     barrier()
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().resolve()  # the directory prepare_out_dir made (e.g. '~/res')
     if n_ranks > 1:
         log(f"distributed training on {n_ranks} processes")
-    if backed and n_top_genes:
-        raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
-                                "a subsample) and write them to a new .h5ad, or drop --backed.")
     adata = open_backed(path) if backed else read_data(path)
     log(f"{'opened (backed)' if backed else 'read'} {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
     counts_source(adata, layer)  # missing layer -> clear error now

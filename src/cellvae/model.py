@@ -27,7 +27,7 @@ from .data import (
 )
 from .module import ADVERSARIAL_MODES, DISPERSIONS, GENE_LIKELIHOODS, VAEModule
 from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
-from .fileio import atomic_directory
+from .fileio import atomic_directory, write_synced
 from .train import CellvaeTrainingError, TrainingPlan, default_max_epochs, train_module
 
 __all__ = ["CountVAE", "FORMAT_VERSION"]
@@ -587,11 +587,11 @@ class CountVAE:
         """
         target = Path(dir_path)
         with atomic_directory(target, overwrite) as tmp:
-            _write_synced(tmp / _CONFIG, json.dumps(self._config(), indent=2).encode())
-            _write_synced(tmp / "history.json", json.dumps(_jsonable(self.history)).encode())
+            write_synced(tmp / _CONFIG, json.dumps(self._config(), indent=2).encode())
+            write_synced(tmp / "history.json", json.dumps(_jsonable(self.history)).encode())
             split = self._split_names()
             if split is not None:
-                _write_synced(tmp / _SPLIT, json.dumps(split).encode())
+                write_synced(tmp / _SPLIT, json.dumps(split).encode())
             with open(tmp / _WEIGHTS, "wb") as f:
                 torch.save(self.module.state_dict(), f)
                 f.flush()
@@ -934,13 +934,6 @@ def _state_mismatch(e: RuntimeError) -> str:
         return str(e).splitlines()[0][:200]
     more = f"; {len(parts) - 1} more differences" if len(parts) > 1 else ""
     return parts[0][:300] + more
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _jsonable(obj):

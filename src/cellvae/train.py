@@ -429,7 +429,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
                total=plan.max_epochs)
     consecutive_bad = 0
     last_good_step = step
-    minibatches = data.iterate_sparse if _sparse_minibatches(module, data, device) else data.iterate
+    sparse = _sparse_minibatches(module, data, device)
+    if not sparse and hasattr(data, "densify"):  # dense steps select rows of one dense copy, not CSR per batch
+        data.densify()
+    minibatches = data.iterate_sparse if sparse else data.iterate
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()

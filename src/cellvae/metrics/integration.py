@@ -109,7 +109,8 @@ def batch_silhouette(latent: np.ndarray, batches, labels=None, sample_size: int 
     scores = []
     for lab in np.unique(labels[idx]):
         sel = idx[labels[idx] == lab]
-        if len(np.unique(batches[sel])) < 2 or len(sel) < 3:
+        n_b = len(np.unique(batches[sel]))
+        if n_b < 2 or n_b >= len(sel):  # silhouettes need 2 <= batches <= cells - 1
             continue
         s = silhouette_samples(latent[sel], batches[sel])
         scores.append(float(np.mean(1.0 - np.abs(s))))
