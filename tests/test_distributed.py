@@ -64,3 +64,35 @@ def test_single_process_helpers_are_no_ops():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
         assert resolve_device("auto").type == "cpu"
+
+
+def _loss_flag_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from cellvae.distributed import allreduce_grads
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), float(rank + 1))
+        loss = torch.tensor(float("inf") if rank == 1 else 2.0)  # only rank 1 sees a non-finite loss
+        mean = allreduce_grads([p], loss)
+        out[rank] = (bool(torch.isfinite(mean)), p.grad.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allreduce_shares_a_non_finite_loss_between_ranks():
+    """A non-finite loss on one rank is non-finite on all after the gradient all-reduce, so every rank skips the
+    same step (the training guard) and the replicas never drift apart; gradients are averaged."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_loss_flag_worker, args=(port, out), nprocs=2, join=True)
+    assert out[0] == (False, [1.5, 1.5, 1.5]) and out[1] == (False, [1.5, 1.5, 1.5])

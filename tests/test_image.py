@@ -254,3 +254,34 @@ def test_cli_fit_images_without_labels_or_split(tmp_path, jurkat):
     assert len(list((out / "figures").glob("*.png"))) == 6
     with np.load(out / "latent.npz") as lat:
         assert "labels" not in lat.files and lat["latent_mean"].shape == (60, 3)
+
+
+def test_training_failure_says_images_and_keeps_weights(jurkat, monkeypatch):
+    """Non-finite losses stop training with an image-specific hint, and the model keeps its last finite weights
+    as a trained model (as CountVAE does)."""
+    from cellvae import CellvaeTrainingError
+
+    vae = ImageVAE(3, 40, **SMALL)
+    orig_build = vae._build_module
+
+    def build():  # the training loss is NaN from the 3rd step on (20 bad steps in a row stop training)
+        mod = orig_build()
+        fwd, n = mod.forward, {"steps": 0}
+
+        def forward(*a, **k):
+            out = fwd(*a, **k)
+            if mod.training:
+                n["steps"] += 1
+                if n["steps"] >= 3:
+                    out.loss = out.loss * float("nan")
+            return out
+
+        mod.forward = forward
+        return mod
+
+    monkeypatch.setattr(vae, "_build_module", build)
+    with pytest.raises(CellvaeTrainingError, match="pixel values") as e:
+        vae.train(jurkat["images"][:64], max_epochs=12, batch_size=16, seed=0, progress_bar=False, n_threads=1)
+    assert "counts per cell" not in str(e.value)
+    assert vae.is_trained and "plan" in vae.history
+    assert all(torch.isfinite(p).all() for p in vae.module.parameters())

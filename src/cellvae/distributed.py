@@ -67,12 +67,19 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
 
 def init_from_env(accelerator: str = "auto") -> bool:
     """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1); no-op otherwise or when
-    already initialised. Returns True when running distributed."""
+    already initialised. Returns True when running distributed. On CUDA each process first selects its own GPU
+    (``LOCAL_RANK``), so that NCCL collectives (the first barrier included) never all run on GPU 0.
+
+    Raises:
+        ValueError: as :func:`resolve_device`; and the errors of ``torch.distributed.init_process_group``.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if resolve_device(accelerator).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        device = resolve_device(accelerator)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
 
@@ -132,16 +139,21 @@ def broadcast_module(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def allreduce_grads(params: list[torch.Tensor]) -> None:
+def allreduce_grads(params: list[torch.Tensor], loss: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients over ranks in place (one all-reduce of a flat buffer). Parameters without a gradient
-    are the same on every rank (same model, same code path) and are skipped."""
+    are the same on every rank (same model, same code path) and are skipped.
+
+    ``loss`` (a scalar) rides in the same buffer and its mean over ranks is returned (``loss`` itself in a single
+    process): non-finite on every rank when it is on any, so that every rank skips the same steps.
+    """
     size = world()[1]
     if size == 1:
-        return
+        return loss
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    extra = [] if loss is None else [loss.detach().reshape(1).to(grads[0].dtype if grads else torch.float32)]
+    if not grads and not extra:
+        return loss
+    flat = torch.cat([g.reshape(-1) for g in grads] + extra)
     dist.all_reduce(flat)
     flat /= size
     offset = 0
@@ -149,6 +161,7 @@ def allreduce_grads(params: list[torch.Tensor]) -> None:
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+    return flat[-1] if extra else None
 
 
 def allreduce_sum(t: torch.Tensor) -> torch.Tensor:

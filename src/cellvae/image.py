@@ -161,6 +161,9 @@ class ImageData:
         self.cat = torch.zeros(self.n_cells, 1, dtype=torch.int64)
         self.cont = None
         self.csr = None
+        # what a training failure suggests (cellvae.train; the default text is about count data)
+        self.failure_hint = ("images with non-finite or extreme pixel values (scale them to [0, 1]; "
+                             "cellvae.image.to_float_images)")
 
     def __len__(self) -> int:
         return self.n_cells
@@ -466,16 +469,19 @@ class ImageVAE:
         )
         try:
             self.history = train_module(self.module, ImageData(x), tr, va, plan)
-        except CellvaeTrainingError as e:
+        except CellvaeTrainingError as e:  # the best (or last finite) weights are kept, as in CountVAE
             self.history = e.history
+            self._finish_training(plan, tr, va)
             raise
-        finally:
-            self.train_indices, self.validation_indices = tr, va
-            self.module.eval()
+        self._finish_training(plan, tr, va)
+        return self.history
+
+    def _finish_training(self, plan: TrainingPlan, tr: np.ndarray, va: np.ndarray) -> None:
+        self.train_indices, self.validation_indices = tr, va
+        self.module.eval()
         self.history["plan"] = {k: getattr(plan, k) for k in plan.__dataclass_fields__}
         self.history["n_train"], self.history["n_validation"] = int(len(tr)), int(len(va))
         self.is_trained = True
-        return self.history
 
     # ------------------------------------------------------------------------------------ inference
     def _encode(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

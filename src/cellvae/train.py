@@ -373,6 +373,9 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     train_t = shard_indices(torch.as_tensor(np.asarray(train_idx), dtype=torch.int64), plan.seed)
     val_t = shard_indices(torch.as_tensor(np.asarray(val_idx), dtype=torch.int64), plan.seed)
     has_val = len(val_idx) > 0
+    if has_val and len(val_t) == 0:
+        raise CellvaeInputError(f"{len(val_idx)} validation cells for {world()[1]} processes: each process needs at "
+                                "least one. Use a larger train/validation split (train_size) or fewer processes.")
     batch_size = per_rank_batch_size(plan.batch_size)
     broadcast_module(module)
 
@@ -450,10 +453,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             out = module(x, cat, cont, kl_weight=kl_w)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            allreduce_grads(params)
+            mean_loss = allreduce_grads(params, out.loss)  # over ranks: every rank skips the same steps
             bad = None
             if plan.check_finite:  # one host sync per step; which part failed is looked up only on failure
-                loss_ok = torch.isfinite(out.loss.detach())
+                loss_ok = torch.isfinite(mean_loss)
                 if not bool(loss_ok & torch.isfinite(_grad_norm(params))):
                     bad = "gradients" if bool(loss_ok) else "loss"
             step += 1
@@ -566,12 +569,16 @@ def _fail(module, data, train_t, plan, history, epoch, step, bad, consecutive, n
     checkpoint, raise CellvaeTrainingError with the likely causes."""
     history["n_skipped_steps"] = n_skipped
     history["stopped_early"] = False
-    try:
-        lib = (data.X.index_select(0, train_t).sum(1).numpy() if data.X is not None
-               else np.asarray(data.csr[train_t.numpy()].sum(1)).ravel())
-        lib_text = f"median {np.median(lib):.3g}, max {lib.max():.3g} counts per cell"
-    except Exception:  # noqa: BLE001 - only for the message
-        lib_text = "see adata.X.sum(1)"
+    data_hint = getattr(data, "failure_hint", None)  # e.g. image data
+    if data_hint is None:
+        try:
+            lib = (data.X.index_select(0, train_t).sum(1).numpy() if data.X is not None
+                   else np.asarray(data.csr[train_t.numpy()].sum(1)).ravel())
+            lib_text = f"median {np.median(lib):.3g}, max {lib.max():.3g} counts per cell"
+        except Exception:  # noqa: BLE001 - only for the message
+            lib_text = "see adata.X.sum(1)"
+        data_hint = ("data that are not raw counts (pass the raw-count layer, or gene_likelihood='normal' for "
+                     f"normalized data), or extreme library sizes ({lib_text}; filter outlier cells)")
     done = len(history["epoch"])
     saved = ""
     if ck_dir is not None:
@@ -589,8 +596,6 @@ def _fail(module, data, train_t, plan, history, epoch, step, bad, consecutive, n
     raise CellvaeTrainingError(
         f"Training stopped in epoch {epoch + 1} (step {step}): {consecutive} consecutive minibatches gave non-finite "
         f"(NaN or inf) {bad}, so the weights were not updated ({n_skipped} minibatches skipped in all). Likely "
-        f"causes: a learning rate too high (lr={plan.lr:g}; try 1e-3 or lower), data that are not raw counts "
-        "(pass the raw-count layer, or gene_likelihood='normal' for normalized data), or extreme library sizes "
-        f"({lib_text}; filter outlier cells). {kept}{saved}",
+        f"causes: a learning rate too high (lr={plan.lr:g}; try 1e-3 or lower), or {data_hint}. {kept}{saved}",
         history,
     )
