@@ -31,6 +31,7 @@ from .distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
     count_log_prob_sum,
+    softmax_count_log_prob_sum,
     csr_rows,
     csr_tensor,
 )
@@ -369,11 +370,10 @@ class VAEModule(nn.Module):
     def _fast_reconstruction(self, x, z, library, cat, cont) -> torch.Tensor:
         zinb = self.gene_likelihood == "zinb"
         logits, _, zi_logits = self.decoder.forward_logits(z, cat, cont, zero_inflation=zinb)
-        log_mu = library + torch.log_softmax(logits, dim=-1)
         if self.gene_likelihood == "poisson":
-            return -count_log_prob_sum(x, log_mu)
+            return -count_log_prob_sum(x, library + torch.log_softmax(logits, dim=-1))
         rows = cat[:, 0] if self.dispersion == "gene-batch" else None
-        return -count_log_prob_sum(x, log_mu, self.px_r, zi_logits, theta_rows=rows)
+        return -softmax_count_log_prob_sum(x, logits, library, self.px_r, zi_logits, theta_rows=rows)
 
     def _adversarial_loss(self, qz_m: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Classifier cross-entropy plus the encoder's adversarial term (nats per cell, mean over cells).

@@ -14,19 +14,29 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from . import native
+
 __all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear"]
 
 
 class _SparseLinear(torch.autograd.Function):
     """``x W^T + b`` for a sparse CSR ``x`` (n, n_in) that needs no gradient: the forward product and the weight
     gradient ``g^T x = (x^T g)^T`` are sparse-dense products (work proportional to the non-zeros of ``x``). On the
-    CPU the weight gradient comes from scipy (``x^T`` is then a free CSC view), as an (n_in, n_out) row-major array
+    CPU both come from the native kernels of :mod:`cellvae.native` when available; otherwise the weight gradient
+    comes from scipy (``x^T`` is then a free CSC view), as an (n_in, n_out) row-major array
     whose transpose has the layout of the first encoder weight (column-major, see :class:`Encoder`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.x = x
-        out = x @ weight.t()
+        wt = weight.t()
+        if _native_csr(x, wt, bias):
+            crow, col, val = ctx.parts = native.csr_parts(x)
+            out = wt.new_empty(x.shape[0], wt.shape[1])
+            native.library().cv_csr_linear(x.shape[0], wt.shape[1], crow.data_ptr(), col.data_ptr(), val.data_ptr(),
+                                           wt.data_ptr(), native.ptr(bias), out.data_ptr())
+            return out
+        out = x @ wt
         return out + bias if bias is not None else out
 
     @staticmethod
@@ -34,7 +44,14 @@ class _SparseLinear(torch.autograd.Function):
         x = ctx.x
         dw = db = None
         if ctx.needs_input_grad[1]:
-            if x.device.type == "cpu":
+            grad = grad.contiguous()
+            if _native_csr(x, grad):
+                crow, col, val = getattr(ctx, "parts", None) or native.csr_parts(x)
+                dwt = grad.new_empty(x.shape[1], grad.shape[1])
+                native.library().cv_csr_linear_wgrad(x.shape[0], x.shape[1], grad.shape[1], crow.data_ptr(),
+                                                     col.data_ptr(), val.data_ptr(), grad.data_ptr(), dwt.data_ptr())
+                dw = dwt.t()
+            elif x.device.type == "cpu":
                 m = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
                                   shape=x.shape)
                 dw = torch.from_numpy(m.T @ grad.numpy()).t()
@@ -43,6 +60,13 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = grad.sum(0)
         return None, dw, db
+
+
+def _native_csr(x: torch.Tensor, *dense: torch.Tensor | None) -> bool:
+    """Whether the native CSR kernels of :mod:`cellvae.native` apply (float32 CPU tensors)."""
+    return (x.dtype == torch.float32
+            and all(t is None or t.dtype == torch.float32 for t in dense)
+            and native.usable(x.crow_indices(), x.col_indices(), x.values(), *dense))
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,171 @@
+"""The optional native (C) kernels equal the PyTorch code (issue 6: every optional speed-up has an equal-results
+test): the fused log-softmax + NB / ZINB likelihood against the distribution classes, with gradients, for dense and
+CSR counts, per-gene and per-batch dispersion and extreme parameters; the CSR encoder layer against its PyTorch
+fallback; a whole training run with the kernels on and off; and the build / fallback logic of
+:mod:`cellvae.native`."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cellvae import native
+from cellvae.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, softmax_count_log_prob_sum
+from cellvae.nn import sparse_linear
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
+HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """The PyTorch code paths only, for this test."""
+    monkeypatch.setitem(native._state, "lib", None)
+    monkeypatch.setitem(native._state, "reason", "disabled for the test")
+
+
+@pytest.fixture(autouse=True)
+def _require_native(request):
+    if "no_native" not in request.fixturenames and not native.available():
+        if HAS_CC:
+            pytest.fail(f"a C compiler is present but the native kernels did not build: {native.reason_unavailable()}")
+        pytest.skip("no C compiler: the native kernels are not built")
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def _case(zinb, per_batch, seed=0, n=64, n_genes=300):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n, n_genes, generator=gen) ** 3 * 6, generator=gen)
+    x[0, :4] = torch.tensor([33.0, 150.0, 5e4, 1.0])  # above the product form (32) and far above
+    logits = (torch.randn(n, n_genes, generator=gen) * 2).requires_grad_()
+    lib = (torch.rand(n, 1, generator=gen) * 3 + 5).requires_grad_()
+    lt = torch.randn(3 if per_batch else 1, n_genes, generator=gen) * 2
+    lt[:, :3] = torch.tensor([-9.0, 14.0, 0.0])  # theta 1e-4 and 1.2e6 (near-Poisson)
+    lt = (lt if per_batch else lt[0]).requires_grad_()
+    rows = torch.randint(0, 3, (n,), generator=gen) if per_batch else None
+    zi = (torch.randn(n, n_genes, generator=gen) * 3).requires_grad_() if zinb else None
+    return x, logits, lib, lt, rows, zi
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("zinb", [True, False])
+def test_fused_likelihood_equals_distribution_classes(zinb, per_batch, layout):
+    x, logits, lib, lt, rows, zi = _case(zinb, per_batch)
+    inputs = [logits, lib, lt] + ([zi] if zinb else [])
+    w = torch.randn(len(x), generator=torch.Generator().manual_seed(1))  # unequal per-cell gradients
+    xin = x.to_sparse_csr() if layout == "csr" else x
+    got = softmax_count_log_prob_sum(xin, logits, lib, lt, zi, rows)
+    assert got.grad_fn is not None and "Native" in type(got.grad_fn).__name__  # the kernel ran
+    g_got = torch.autograd.grad((got * w).sum(), inputs)
+    mu = (lib + torch.log_softmax(logits, -1)).exp()
+    theta = (lt[rows] if per_batch else lt).exp()
+    dist = ZeroInflatedNegativeBinomial(mu, theta, zi) if zinb else NegativeBinomial(mu, theta)
+    want = dist.log_prob(x).sum(-1)
+    g_want = torch.autograd.grad((want * w).sum(), inputs)
+    assert _rel(got.detach(), want.detach()) < 1e-5
+    for a, b in zip(g_got, g_want):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
+def test_fused_likelihood_without_gradients_and_nonfinite_logits():
+    x, logits, lib, lt, rows, zi = _case(True, False)
+    with torch.no_grad():
+        ll = softmax_count_log_prob_sum(x.to_sparse_csr(), logits, lib, lt, zi)
+        bad = logits.clone()
+        bad[3, 7] = float("nan")
+        ll_bad = softmax_count_log_prob_sum(x.to_sparse_csr(), bad, lib, lt, zi)
+    assert ll.requires_grad is False and torch.isfinite(ll).all()
+    assert torch.isnan(ll_bad[3]) and torch.isfinite(ll_bad[torch.arange(len(x)) != 3]).all()
+
+
+def test_fused_likelihood_fallback_is_the_same(no_native):
+    """Without the kernels, the same function gives the same values (the PyTorch code)."""
+    x, logits, lib, lt, rows, zi = _case(True, True)
+    got = softmax_count_log_prob_sum(x.to_sparse_csr(), logits, lib, lt, zi, rows)
+    assert "Native" not in type(got.grad_fn).__name__
+    theta = lt[rows].exp()
+    want = ZeroInflatedNegativeBinomial((lib + torch.log_softmax(logits, -1)).exp(), theta, zi).log_prob(x).sum(-1)
+    assert _rel(got.detach(), want.detach()) < 1e-5
+
+
+def _linear_case():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(50, 300, generator=gen) ** 6 * 4, generator=gen).to_sparse_csr()
+    w = torch.randn(300, 20, generator=gen).t().requires_grad_()  # column-major (n_out, n_in), as the Encoder
+    b = torch.randn(20, generator=gen).requires_grad_()
+    g = torch.randn(50, 20, generator=gen)
+    y = sparse_linear(x, w, b)
+    dw, db = torch.autograd.grad((y * g).sum(), [w, b])
+    return y.detach(), dw, db
+
+
+def test_sparse_linear_native_equals_fallback(monkeypatch):
+    got = _linear_case()
+    monkeypatch.setitem(native._state, "lib", None)
+    want = _linear_case()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[1].stride() == (1, 20)  # the weight's column-major layout: no transposing copy
+
+
+def test_training_with_and_without_native_kernels_same_weights(pbmc_small, monkeypatch):
+    from cellvae.data import DataSpec
+    from cellvae.module import VAEModule
+    from cellvae.train import TrainingPlan, train_module
+
+    data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
+    train_idx, val_idx = np.arange(250), np.arange(250, 300)
+    states, histories = [], []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setitem(native._state, "lib", None)
+        torch.manual_seed(0)
+        m = VAEModule(data.n_genes, n_batch=1)
+        plan = TrainingPlan(max_epochs=3, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
+        histories.append(train_module(m, data, train_idx, val_idx, plan))
+        states.append(m.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    np.testing.assert_allclose(histories[0]["train_elbo"], histories[1]["train_elbo"], rtol=1e-5)
+    np.testing.assert_allclose(histories[0]["validation_elbo"], histories[1]["validation_elbo"], rtol=1e-5)
+
+
+def test_disabled_by_environment(monkeypatch, no_native):
+    monkeypatch.delitem(native._state, "lib")
+    monkeypatch.setenv("CELLVAE_NATIVE", "0")
+    assert native.library() is None and not native.available()
+    assert "CELLVAE_NATIVE" in native.reason_unavailable()
+
+
+def test_failed_build_falls_back(monkeypatch, tmp_path, no_native):
+    """A source that does not compile gives None and a reason, never an exception; nothing is left in the cache
+    but finished libraries."""
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.delitem(native._state, "lib")
+    monkeypatch.setattr(native, "_SOURCE", bad)
+    monkeypatch.setenv("CELLVAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CELLVAE_NATIVE", raising=False)
+    assert native.library() is None
+    assert "failed" in native.reason_unavailable() or "compiler" in native.reason_unavailable()
+    cache = tmp_path / "cache" / "native"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_build_into_cache_dir(monkeypatch, tmp_path):
+    """The library is compiled into $CELLVAE_CACHE_DIR/native under a content hash and reused from there."""
+    monkeypatch.setenv("CELLVAE_CACHE_DIR", str(tmp_path))
+    lib = native._build()
+    files = list((tmp_path / "native").glob("fastpath-*.so"))
+    assert len(files) == 1 and hasattr(lib, "cv_nb_loglik")
+    mtime = files[0].stat().st_mtime_ns
+    native._build()
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
