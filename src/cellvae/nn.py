@@ -66,7 +66,7 @@ def _native_csr(x: torch.Tensor, *dense: torch.Tensor | None) -> bool:
     """Whether the native CSR kernels of :mod:`cellvae.native` apply (float32 CPU tensors)."""
     return (x.dtype == torch.float32
             and all(t is None or t.dtype == torch.float32 for t in dense)
-            and native.usable(x.crow_indices(), x.col_indices(), x.values(), *dense))
+            and native.usable(x.values(), *dense))  # int32 indices are converted by native.csr_parts
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
