@@ -569,6 +569,9 @@ def _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, tabl
 
 
 # ------------------------------------------------------------------ fused log-softmax + likelihood (native)
+_NATIVE_TABLE_COUNT, _NATIVE_TABLE_MAX_ROWS = 8, 16  # TABLE_COUNT and TABLE_MAX_ROWS of csrc/fastpath.c
+
+
 class _SoftmaxNBNative(torch.autograd.Function):
     """Per-cell NB / ZINB log-likelihood from the decoder logits, computed by the native kernel
     ``cv_nb_loglik`` (``csrc/fastpath.c``), which also returns every derivative in the same pass when a gradient
@@ -591,9 +594,11 @@ class _SoftmaxNBNative(torch.autograd.Function):
         gth = torch.empty_like(logits) if grad else None
         gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
         glib = logits.new_empty(n) if grad else None
-        work = logits.new_empty(2 * n_genes)
+        n_rows = lt.shape[0]
+        work = logits.new_empty(n_genes * (2 + (2 * n_rows * (_NATIVE_TABLE_COUNT + 1)
+                                                if n_rows <= _NATIVE_TABLE_MAX_ROWS else 0)))
         p = native.ptr
-        native.library().cv_nb_loglik(n, n_genes, p(logits), p(loglib), p(theta), p(lt), p(theta_rows),
+        native.library().cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows),
                                       p(zi_logits), p(crow), p(col), p(xv), p(xdense), p(ll), p(ga), p(gth),
                                       p(gzi), p(glib), p(work))
         if grad:

@@ -96,7 +96,7 @@ def _build() -> ctypes.CDLL:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.cv_nb_loglik.argtypes = [i64, i64] + [p] * 16
+    lib.cv_nb_loglik.argtypes = [i64, i64, i64] + [p] * 16
     lib.cv_nb_loglik.restype = None
     lib.cv_csr_linear.argtypes = [i64, i64, p, p, p, p, p, p]
     lib.cv_csr_linear.restype = None

@@ -65,6 +65,27 @@ static inline float log1p_01(float e) {
     return e * p;
 }
 
+/* log(y) for a positive normal float y: y = 2^k m with m in [sqrt(1/2), sqrt(2)), f = m - 1,
+ * log(m) = 2 atanh(s) with s = f / (2 + f), |s| < 0.172 (series to s^11, truncation < 1e-10 relative). */
+static inline float log_pos(float y) {
+    int32_t b = float_to_bits(y);
+    int32_t k = ((b >> 23) & 0xff) - 127;
+    float m = bits_to_float((b & 0x007fffff) | 0x3f800000); /* in [1, 2) */
+    int big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    k = big ? k + 1 : k;
+    float f = m - 1.0f;
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float p = 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return (float)k * 0.693147180559945f + 2.0f * s * p;
+}
+
 /* softplus(x) = log(1 + e^x), sigmoid(x) and sigmoid(-x), sharing one exponential. */
 static inline void softplus_sigmoid(float x, float *sp, float *sig, float *sig_neg) {
     float e = exp_nonpos(-fabsf(x));
@@ -113,6 +134,31 @@ static inline double count_term(double x, double theta, double *dT) {
     return lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0);
 }
 
+#define TABLE_COUNT 8     /* counts up to this come from a per-(theta row, gene) table built once per call */
+#define TABLE_MAX_ROWS 16 /* ... when theta has at most this many rows (genes x batches) */
+
+/* tab[(r * (TABLE_COUNT + 1) + k) * G + g] = T and dtab[...] = dT of count_term for count k, theta[r, g], built
+ * with float arithmetic vectorised over genes (T is a sum of k logs: error ~k float roundings). */
+static void build_count_table(int64_t R, int64_t G, const float *theta, float *tab, float *dtab) {
+    for (int64_t r = 0; r < R; ++r) {
+        const float *th = theta + r * G;
+        float *t0 = tab + r * (TABLE_COUNT + 1) * G, *d0 = dtab + r * (TABLE_COUNT + 1) * G;
+        memset(t0, 0, G * sizeof(float));
+        memset(d0, 0, G * sizeof(float));
+        for (int k = 1; k <= TABLE_COUNT; ++k) {
+            const float *tp = t0 + (k - 1) * G, *dp = d0 + (k - 1) * G;
+            float *tk = t0 + k * G, *dk = d0 + k * G;
+            const float j = (float)(k - 1), logk = (float)log((double)k);
+#pragma omp simd
+            for (int64_t g = 0; g < G; ++g) {
+                const float v = th[g] + j;
+                tk[g] = tp[g] + (log_pos(v) - logk);
+                dk[g] = dp[g] + th[g] / v;
+            }
+        }
+    }
+}
+
 /*
  * Per-cell NB (zi == NULL) or ZINB log-likelihood, nats: ll[i] = sum_g log p(x_ig | mu_ig, theta_g[, zi_ig]),
  * log mu_ig = loglib[i] + a_ig - logsumexp_g(a_i.).
@@ -127,7 +173,8 @@ static inline double count_term(double x, double theta, double *dT) {
  * ll            (n,) output
  * ga, gth, gzi, glib   NULL (no derivatives) or outputs: d ll_i / d a_ig (n, G), d ll_i / d log theta at (i, g)
  *               (n, G), d ll_i / d zi_ig (n, G; only with zi), d ll_i / d loglib_i (n,)
- * work          2 G floats of scratch
+ * R             rows of theta
+ * work          scratch: 2 G floats, plus 2 R (TABLE_COUNT + 1) G when R <= TABLE_MAX_ROWS
  */
 static inline __attribute__((always_inline)) void nb_row(
     int64_t G, const float *RESTRICT a, float loglib, const float *RESTRICT theta, const float *RESTRICT lt,
@@ -189,12 +236,15 @@ static inline __attribute__((always_inline)) void nb_row(
     *ll_out = ll;
 }
 
-void cv_nb_loglik(int64_t n, int64_t G, const float *a, const float *loglib, const float *theta,
+void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *loglib, const float *theta,
                   const float *log_theta, const int64_t *theta_rows, const float *zi, const int64_t *crow,
                   const int64_t *col, const float *xv, const float *xdense, float *ll, float *ga, float *gth,
                   float *gzi, float *glib, float *work) {
     const int grad = ga != NULL;
     float *xrow = work, *gmu = work + G;
+    const int use_table = R <= TABLE_MAX_ROWS;
+    float *tab = work + 2 * G, *dtab = tab + R * (TABLE_COUNT + 1) * G;
+    if (use_table) build_count_table(R, G, theta, tab, dtab);
     if (!log_factorial_ready) { /* idempotent: concurrent first calls write the same values */
         for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
         log_factorial_ready = 1;
@@ -219,21 +269,22 @@ void cv_nb_loglik(int64_t n, int64_t G, const float *a, const float *loglib, con
         else if (grad) nb_row(G, a + o, loglib[i], th, lt, NULL, x, &lli, gar, gthr, NULL, &glibi, gmu, 0, 1);
         else nb_row(G, a + o, loglib[i], th, lt, NULL, x, &lli, NULL, NULL, NULL, &glibi, gmu, 0, 0);
         /* the lgamma terms of the non-zero counts */
-        if (xdense) {
-            for (int64_t g = 0; g < G; ++g) {
-                if (x[g] != 0.0f) {
-                    double dT;
-                    lli += count_term(x[g], th[g], &dT);
-                    if (grad) gthr[g] += (float)dT;
-                }
+        const float *tabr = tab + r * (TABLE_COUNT + 1) * G, *dtabr = dtab + r * (TABLE_COUNT + 1) * G;
+        const int64_t k0 = xdense ? 0 : crow[i], k1 = xdense ? G : crow[i + 1];
+        for (int64_t k = k0; k < k1; ++k) {
+            const int64_t g = xdense ? k : col[k];
+            const float xg = xdense ? x[g] : xv[k];
+            if (xg == 0.0f) continue;
+            double T, dT;
+            if (use_table && xg <= TABLE_COUNT) {
+                const int64_t at = (int64_t)xg * G + g;
+                T = tabr[at];
+                dT = dtabr[at];
+            } else {
+                T = count_term(xg, th[g], &dT);
             }
-        } else {
-            for (int64_t k = crow[i]; k < crow[i + 1]; ++k) {
-                const int64_t g = col[k];
-                double dT;
-                lli += count_term(xv[k], th[g], &dT);
-                if (grad) gthr[g] += (float)dT;
-            }
+            lli += T;
+            if (grad) gthr[g] += (float)dT;
         }
         ll[i] = (float)lli;
         if (grad) glib[i] = (float)glibi;
