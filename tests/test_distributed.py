@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,24 @@ def test_single_process_helpers_are_no_ops():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
         assert resolve_device("auto").type == "cpu"
+
+
+def test_shards_are_disjoint_and_change_with_the_seed(monkeypatch):
+    """Each rank gets len // n_ranks cells, disjoint across ranks; a new seed (the training loop passes seed +
+    epoch) gives another split, so the cells left out of one epoch are trained on in others."""
+    import cellvae.distributed as D
+
+    idx = torch.arange(11) * 3
+    left_out = []
+    for seed in range(6):
+        parts = []
+        for rank in range(2):
+            monkeypatch.setattr(D, "world", lambda rank=rank: (rank, 2))
+            parts.append(D.shard_indices(idx, seed))
+        both = torch.cat(parts)
+        assert [len(p) for p in parts] == [5, 5] and len(both.unique()) == 10
+        left_out.append(int(np.setdiff1d(idx.numpy(), both.numpy())[0]))
+    assert len(set(left_out)) > 1
 
 
 def _loss_flag_worker(rank, port, out):

@@ -7,7 +7,8 @@ element-wise pass per operator: the fused scVI log-softmax + NB / ZINB log-likel
 relative); the kernels only make a step faster.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into
-``$CELLVAE_CACHE_DIR/native`` (default ``~/.cache/cellvae/native``), once per source, compiler and CPU: the
+``$CELLVAE_CACHE_DIR/native`` (default ``~/.cache/cellvae/native``; a folder in the temporary directory when that
+cannot be created), once per source, compiler and CPU: the
 library is built for the machine it runs on (``-march=native``), so its file name includes a hash of the CPU's
 flags. The compiled file is written to a temporary name and renamed, so concurrent processes (torchrun) never load
 a half-written library. Set ``CELLVAE_NATIVE=0`` to use the PyTorch code only. When no compiler is found or the
@@ -74,8 +75,13 @@ def _build() -> ctypes.CDLL:
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
         out = _cache_dir() / f"fastpath-{key}.so"
-        if not out.exists():
+        try:
             out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # no writable home: a per-user folder in the temporary directory
+            uid = getattr(os, "getuid", lambda: 0)()
+            out = Path(tempfile.gettempdir()) / f"cellvae-native-{uid}" / out.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.exists():
             fd, tmp = tempfile.mkstemp(prefix=".fastpath-", suffix=".so", dir=out.parent)
             os.close(fd)
             try:

@@ -370,7 +370,8 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
 
     torch.manual_seed(plan.seed + rank)  # dropout and z samples differ between ranks; rank 0 = a 1-process run
     gen = torch.Generator().manual_seed(plan.seed + rank)
-    train_t = shard_indices(torch.as_tensor(np.asarray(train_idx), dtype=torch.int64), plan.seed)
+    train_all = torch.as_tensor(np.asarray(train_idx), dtype=torch.int64)
+    train_t = shard_indices(train_all, plan.seed)
     val_t = shard_indices(torch.as_tensor(np.asarray(val_idx), dtype=torch.int64), plan.seed)
     has_val = len(val_idx) > 0
     if has_val and len(val_t) == 0:
@@ -444,7 +445,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         n_ok = 0
         skipped = 0
         kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
-        for batch in minibatches(train_t, batch_size, shuffle=True, generator=gen):
+        # torchrun: a new split of the training cells between the processes every epoch (as DistributedSampler
+        # does), so the len % n_ranks cells left out change; a single process keeps its cells (shard_indices).
+        epoch_cells = shard_indices(train_all, plan.seed + epoch) if n_ranks > 1 else train_t
+        for batch in minibatches(epoch_cells, batch_size, shuffle=True, generator=gen):
             x, cat, cont = _to(batch, device)
             kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
             if plan.check_finite:
