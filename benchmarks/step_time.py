@@ -10,13 +10,17 @@ do not count) of each is reported, so contention for caches and cores affects th
 - ``dense``: this cellvae with ``use_sparse_counts=False`` (dense minibatches);
 - ``base`` (with ``--baseline-src DIR``): another cellvae source tree, e.g. the last commit's
   (``git archive HEAD src/cellvae | tar -x -C /tmp/base`` then ``--baseline-src /tmp/base/src``), imported as
-  ``cellvae_base`` beside this one.
+  ``cellvae_base`` beside this one; dense minibatches, or CSR ones with ``--baseline-sparse`` (a tree that has
+  ``use_sparse_counts``).
+- ``python`` (with ``--python-only``): this cellvae with its native kernels off (``CELLVAE_NATIVE=0``: the PyTorch
+  code of the same step, see ``cellvae.native``), CSR minibatches.
 
 ``--epochs N`` also times whole ``CountVAE.train`` runs (N epochs, no early stopping, validation on 10 % of the
 cells each epoch), three per variant, alternating: wall-clock cells/s from the training history and cells per CPU
 second of the whole ``train()`` call.
 
     .venv/bin/python benchmarks/step_time.py [--rounds 9] [--steps 30] [--epochs 0] [--baseline-src DIR]
+        [--baseline-sparse] [--python-only]
 """
 
 from __future__ import annotations
@@ -50,14 +54,16 @@ def _submodules(pkg_name: str):
     return {m: importlib.import_module(f"{pkg_name}.{m}") for m in ("data", "module", "train")}
 
 
-def _step_timer(pkg_name: str, adata, sparse: bool, batch_size: int, steps: int):
+def _step_timer(pkg_name: str, adata, sparse: bool, batch_size: int, steps: int, python_only: bool = False):
     """A function that runs ``steps`` training steps and returns the mean CPU ms per step."""
     import torch
+
+    from cellvae import native
 
     mods = _submodules(pkg_name)
     data = mods["data"].DataSpec(list(map(str, adata.var_names))).prepare(adata)
     torch.manual_seed(0)
-    kw = {"use_sparse_counts": sparse} if pkg_name == "cellvae" else {}
+    kw = {"use_sparse_counts": sparse} if pkg_name == "cellvae" or sparse else {}
     module = mods["module"].VAEModule(data.n_genes, **kw)
     params = list(module.parameters())
     train = mods["train"]
@@ -67,28 +73,42 @@ def _step_timer(pkg_name: str, adata, sparse: bool, batch_size: int, steps: int)
     batches = list(it(torch.arange(data.n_cells), batch_size, shuffle=True, generator=gen))[:steps]
 
     def run() -> float:
-        t0 = time.thread_time()
-        for x, cat, cont in batches:
-            out = module(x, cat, cont, kl_weight=0.5)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            bool(torch.isfinite(out.loss.detach()) & torch.isfinite(train._grad_norm(params)))
-            opt.step()
-        return (time.thread_time() - t0) / len(batches) * 1e3
+        lib = native.library()
+        if python_only:
+            native._state["lib"] = None  # this variant: the PyTorch code paths
+        try:
+            t0 = time.thread_time()
+            for x, cat, cont in batches:
+                out = module(x, cat, cont, kl_weight=0.5)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                bool(torch.isfinite(out.loss.detach()) & torch.isfinite(train._grad_norm(params)))
+                opt.step()
+            return (time.thread_time() - t0) / len(batches) * 1e3
+        finally:
+            native._state["lib"] = lib
 
     run()  # warm-up
     return run
 
 
-def _train_rates(pkg_name: str, adata, sparse: bool, epochs: int) -> tuple[float, float]:
+def _train_rates(pkg_name: str, adata, sparse: bool, epochs: int, python_only: bool = False) -> tuple[float, float]:
     """(wall-clock training cells/s of the history, training cells x epochs per CPU second of ``train()``)."""
     import importlib
 
-    kw = {"use_sparse_counts": sparse} if pkg_name == "cellvae" else {}
+    from cellvae import native
+
+    kw = {"use_sparse_counts": sparse} if pkg_name == "cellvae" or sparse else {}
     model = importlib.import_module(pkg_name).CountVAE(adata, **kw)
-    t0 = time.process_time()
-    model.train(max_epochs=epochs, n_threads=1, progress_bar=False, early_stopping=False)
-    cpu = time.process_time() - t0
+    lib = native.library()
+    if python_only:
+        native._state["lib"] = None
+    try:
+        t0 = time.process_time()
+        model.train(max_epochs=epochs, n_threads=1, progress_bar=False, early_stopping=False)
+        cpu = time.process_time() - t0
+    finally:
+        native._state["lib"] = lib
     return model.history["train_cells_per_second"], len(model.train_indices) * epochs / cpu
 
 
@@ -100,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=0, help="also time CountVAE.train for this many epochs")
     p.add_argument("--baseline-src", default=None, help="directory holding another cellvae/ package")
+    p.add_argument("--baseline-sparse", action="store_true", help="CSR minibatches for the baseline too")
+    p.add_argument("--python-only", action="store_true", help="also time this cellvae without its native kernels")
     args = p.parse_args(argv)
 
     import anndata as ad
@@ -109,11 +131,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     adata = ad.read_h5ad(args.data)
     variants = {"sparse": ("cellvae", True), "dense": ("cellvae", False)}
+    if args.python_only:
+        variants["python"] = ("cellvae", True)
     if args.baseline_src:
         _import_baseline(args.baseline_src)
-        variants["base"] = ("cellvae_base", False)
+        variants["base"] = ("cellvae_base", args.baseline_sparse)
     print(f"{args.data}: {adata.n_obs} cells x {adata.n_vars} genes; variants {list(variants)}")
-    timers = {v: _step_timer(pkg, adata, sparse, args.batch_size, args.steps) for v, (pkg, sparse) in variants.items()}
+    timers = {v: _step_timer(pkg, adata, sparse, args.batch_size, args.steps, python_only=v == "python")
+              for v, (pkg, sparse) in variants.items()}
     times: dict = {v: [] for v in timers}
     for _ in range(args.rounds):
         for v, run in timers.items():
@@ -124,7 +149,7 @@ def main(argv=None) -> int:
         rates: dict = {v: [] for v in variants}
         for _ in range(3):
             for v, (pkg, sparse) in variants.items():
-                rates[v].append(_train_rates(pkg, adata, sparse, args.epochs))
+                rates[v].append(_train_rates(pkg, adata, sparse, args.epochs, python_only=v == "python"))
         what = f"(median of 3 alternating runs of {args.epochs} epochs)"
         _report(f"CountVAE.train cells/s, wall clock {what}",
                 {v: statistics.median(r[0] for r in rs) for v, rs in rates.items()}, lower_is_better=False)
