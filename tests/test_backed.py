@@ -116,6 +116,51 @@ def test_shuffled_epoch_covers_each_index_once_and_is_reproducible(tmp_path):
     assert sorted(epoch(0, dup)[1].tolist()) == sorted(dup.tolist())
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_minibatches_equal_dense_ones(tmp_path):
+    """iterate_sparse gives the minibatches of iterate (same cells, order and values) as CSR tensors of the
+    non-zero counts, shuffled or not; too dense data are refused."""
+    rng = np.random.default_rng(0)
+    X = sp.random(700, 200, density=0.08, random_state=3, data_rvs=lambda k: rng.integers(1, 9, k)).tocsr()
+    X.data[::11] = 0.0  # stored zeros in the file are dropped from the sparse minibatches
+    a = ad.AnnData(X.astype(np.float32))
+    a.var_names = [f"g{j}" for j in range(200)]
+    back = _backed(a, tmp_path / "sparse.h5ad")
+    bd = BackedData(back, DataSpec.from_adata(back, gene_names=back.var_names), chunk_size=64, buffer_chunks=3)
+    assert bd.sparse_counts() is not None
+    idx = torch.arange(3, 700)
+    for shuffle in (True, False):
+        dense = list(bd.iterate(idx, 50, shuffle=shuffle, generator=torch.Generator().manual_seed(5)))
+        csr = list(bd.iterate_sparse(idx, 50, shuffle=shuffle, generator=torch.Generator().manual_seed(5)))
+        assert len(dense) == len(csr) == 14
+        for (xd, cd, _), (xs, cs, _) in zip(dense, csr):
+            assert xs.layout == torch.sparse_csr and bool((xs.values() > 0).all())
+            assert torch.equal(xs.to_dense(), xd) and torch.equal(cs, cd)
+    dense_file = _id_file(tmp_path)  # 30 % non-zero: dense minibatches only
+    bd2 = BackedData(dense_file, DataSpec.from_adata(dense_file, gene_names=dense_file.var_names))
+    assert bd2.sparse_counts() is None
+    with pytest.raises(ValueError, match="iterate_sparse"):
+        next(bd2.iterate_sparse(torch.arange(10), 5))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_out_of_core_training_with_sparse_minibatches_same_weights(pbmc_small, tmp_path):
+    """Out-of-core training feeds CSR minibatches on sparse data (pbmc, ~10 % non-zero) and ends with the weights of
+    the same run on dense minibatches."""
+    from cellvae.train import _sparse_minibatches
+
+    back = _backed(pbmc_small.copy(), tmp_path / "pbmc.h5ad")
+    states = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        m = CountVAE(back, out_of_core=True, use_sparse_counts=sparse)
+        assert _sparse_minibatches(m.module, m._tensors(None), torch.device("cpu")) == sparse
+        m.train(max_epochs=2, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
+        states.append(m.module.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_backed_countvae_matches_in_memory(kang_pair, tmp_path):
     mem, back = kang_pair
     kw = dict(batch_key="batch", categorical_covariate_keys=["donor"], use_observed_lib_size=False, n_latent=5)

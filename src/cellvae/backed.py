@@ -48,6 +48,7 @@ import scipy.sparse as sp
 import torch
 
 from .data import (
+    SPARSE_MAX_DENSITY,
     CellvaeInputError,
     DataSpec,
     counts_source,
@@ -58,6 +59,7 @@ from .data import (
     resolve_data_path,
     value_summary,
 )
+from .distributions import csr_tensor
 
 __all__ = ["BackedData", "BackedRows", "ScanResult", "scan_counts", "is_backed", "open_backed",
            "DEFAULT_CHUNK_SIZE", "DEFAULT_BUFFER_CHUNKS"]
@@ -366,6 +368,7 @@ class BackedData:
                                                                               True: scan.cell_abs}
         self.csr = BackedRows(self)
         self._batch_bufs = _Buffers()  # reused by batch(), whose result is copied (dense) before it returns
+        self._sparse_ok: bool | None = None  # see sparse_counts
 
     def __len__(self) -> int:
         return self.n_cells
@@ -396,10 +399,11 @@ class BackedData:
         u, inv = np.unique(idx, return_inverse=True)
         return _take(self.read_rows(u, bufs), inv)
 
-    def _pack(self, x: np.ndarray, ids: np.ndarray) -> tuple:
+    def _pack(self, x, ids: np.ndarray) -> tuple:
+        """``(x, cat, cont)`` tensors for the cells ``ids``; ``x`` a dense array or already a (CSR) tensor."""
         t = torch.from_numpy(ids)
         cont = self.cont.index_select(0, t) if self.cont is not None else None
-        return torch.from_numpy(x), self.cat.index_select(0, t), cont
+        return x if isinstance(x, torch.Tensor) else torch.from_numpy(x), self.cat.index_select(0, t), cont
 
     def batch(self, idx) -> tuple:
         """Rows ``idx`` (int64 tensor or array; any order, repeats allowed) as ``(x, cat, cont)`` tensors."""
@@ -410,15 +414,52 @@ class BackedData:
                 generator: torch.Generator | None = None) -> Iterator[tuple]:
         """Yield ``(x, cat, cont)`` minibatches over ``indices`` with the sizes of
         :func:`cellvae.data.minibatch_slices`: in the given order, or shuffled chunk-wise with ``generator``."""
+        yield from self._iterate(indices, batch_size, shuffle, generator, sparse=False)
+
+    def iterate_sparse(self, indices, batch_size: int, shuffle: bool = False,
+                       generator: torch.Generator | None = None) -> Iterator[tuple]:
+        """As :meth:`iterate` (the same minibatches in the same order, for the same generator state), with ``x`` a
+        torch sparse CSR tensor (n_batch, n_genes) float32 whose stored values are the non-zero counts: the rows
+        are never densified (see :func:`cellvae.train.train_module`).
+
+        Raises:
+            ValueError: the data are too dense for sparse minibatches (:meth:`sparse_counts` is None).
+        """
+        if self.sparse_counts() is None:
+            raise ValueError(f"iterate_sparse needs data with at most {SPARSE_MAX_DENSITY:.0%} non-zero entries; "
+                             "use iterate().")
+        yield from self._iterate(indices, batch_size, shuffle, generator, sparse=True)
+
+    def sparse_counts(self) -> BackedRows | None:
+        """The row view :attr:`csr` when the data are sparse enough for CSR minibatches (at most
+        ``SPARSE_MAX_DENSITY`` non-zero entries, estimated on the first chunk of rows), else None; the counterpart of
+        :meth:`cellvae.data.TensorData.sparse_counts` for the training loop."""
+        if self._sparse_ok is None:
+            m = self.read_rows(np.arange(min(self.n_cells, self.chunk_size), dtype=np.int64))
+            m.eliminate_zeros()
+            self._sparse_ok = m.nnz <= SPARSE_MAX_DENSITY * max(m.shape[0], 1) * self.n_genes
+        return self.csr if self._sparse_ok else None
+
+    def _iterate(self, indices, batch_size: int, shuffle: bool, generator, sparse: bool) -> Iterator[tuple]:
         idx = _as_numpy_indices(indices)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n_cells):
             raise IndexError(f"cell index out of range [0, {self.n_cells})")
         if shuffle:
-            yield from self._shuffled(idx, int(batch_size), generator)
+            yield from self._shuffled(idx, int(batch_size), generator, sparse)
         else:
-            yield from self._ordered(idx, int(batch_size))
+            yield from self._ordered(idx, int(batch_size), sparse)
 
-    def _ordered(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple]:
+    def _minibatch(self, m: sp.csr_matrix, sparse: bool):
+        """A minibatch's rows (CSR, may share memory with read buffers) as a dense array, or as a torch CSR tensor
+        of their non-zero counts (copied: without stored zeros, sorted columns)."""
+        if not sparse:
+            return m.toarray()
+        m = sp.csr_matrix((m.data.copy(), m.indices.copy(), m.indptr.copy()), shape=m.shape)
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        return csr_tensor(*(torch.from_numpy(a) for a in (m.indptr, m.indices, m.data)), m.shape)
+
+    def _ordered(self, idx: np.ndarray, batch_size: int, sparse: bool = False) -> Iterator[tuple]:
         slices = minibatch_slices(len(idx), batch_size)
         window = max(self.chunk_size, batch_size)
         bufs = _Buffers()
@@ -436,12 +477,12 @@ class BackedData:
                 u, inv = np.unique(rows, return_inverse=True)
                 block = self.read_rows(u, bufs)
             for a, b in slices[i:j]:
-                yield self._pack(_take(block, inv[a - wa:b - wa]).toarray(), idx[a:b])
+                yield self._pack(self._minibatch(_take(block, inv[a - wa:b - wa]), sparse), idx[a:b])
             del block
             _release_free_memory()
             i = j
 
-    def _shuffled(self, idx: np.ndarray, batch_size: int, generator) -> Iterator[tuple]:
+    def _shuffled(self, idx: np.ndarray, batch_size: int, generator, sparse: bool = False) -> Iterator[tuple]:
         sizes = [b - a for a, b in minibatch_slices(len(idx), batch_size)]
         if not sizes:
             return
@@ -468,16 +509,18 @@ class BackedData:
             while pos < len(local):
                 take = min(need, len(local) - pos)
                 sel = local[pos:pos + take]
-                parts.append((block[sel].toarray(), u[sel]))
+                parts.append((block[sel] if sparse else block[sel].toarray(), u[sel]))
                 pos += take
                 need -= take
                 if need == 0:
                     if len(parts) == 1:
                         x, ids = parts[0]
                     else:
-                        x, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                        ids = np.concatenate([p[1] for p in parts])
+                        x = (sp.vstack([p[0] for p in parts], format="csr") if sparse
+                             else np.concatenate([p[0] for p in parts]))
                     parts = []
-                    yield self._pack(x, ids)
+                    yield self._pack(self._minibatch(x, True) if sparse else x, ids)
                     k += 1
                     need = sizes[k] if k < len(sizes) else 0
             del block
