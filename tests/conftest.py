@@ -86,3 +86,32 @@ def pbmc_small(pbmc4k) -> ad.AnnData:
     """300 random cells x all 2000 genes of pbmc4k (sparse: about 10 % non-zero; fresh copy per test)."""
     rng = np.random.default_rng(3)
     return pbmc4k[np.sort(rng.choice(pbmc4k.n_obs, size=300, replace=False))].copy()
+
+
+@pytest.fixture()
+def train_pbmc_small(pbmc_small):
+    """``run(**module_kwargs) -> (module, history)``: 3 seeded epochs of a VAEModule on ``pbmc_small`` (250
+    training, 50 validation cells, batch 64, one thread), for tests that compare two ways of training."""
+    from cellvae.data import DataSpec
+    from cellvae.module import VAEModule
+    from cellvae.train import TrainingPlan, train_module
+
+    data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
+
+    def run(**module_kwargs):
+        torch.manual_seed(0)
+        m = VAEModule(data.n_genes, **module_kwargs)
+        plan = TrainingPlan(max_epochs=3, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
+        return m, train_module(m, data, np.arange(250), np.arange(250, 300), plan)
+
+    run.data = data
+    return run
+
+
+def assert_same_training(a, b) -> None:
+    """Two ``(module, history)`` results have the same weights (1e-5) and ELBO histories (1e-5 relative)."""
+    sa, sb = a[0].state_dict(), b[0].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+    for key in ("train_elbo", "validation_elbo"):
+        np.testing.assert_allclose(a[1][key], b[1][key], rtol=1e-5)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
+
+from conftest import assert_same_training
 
 from cellvae import native
 from cellvae.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, softmax_count_log_prob_sum
@@ -117,26 +118,10 @@ def test_sparse_linear_native_equals_fallback(monkeypatch):
     assert got[1].stride() == (1, 20)  # the weight's column-major layout: no transposing copy
 
 
-def test_training_with_and_without_native_kernels_same_weights(pbmc_small, monkeypatch):
-    from cellvae.data import DataSpec
-    from cellvae.module import VAEModule
-    from cellvae.train import TrainingPlan, train_module
-
-    data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
-    train_idx, val_idx = np.arange(250), np.arange(250, 300)
-    states, histories = [], []
-    for use in (True, False):
-        if not use:
-            monkeypatch.setitem(native._state, "lib", None)
-        torch.manual_seed(0)
-        m = VAEModule(data.n_genes, n_batch=1)
-        plan = TrainingPlan(max_epochs=3, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
-        histories.append(train_module(m, data, train_idx, val_idx, plan))
-        states.append(m.state_dict())
-    for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
-    np.testing.assert_allclose(histories[0]["train_elbo"], histories[1]["train_elbo"], rtol=1e-5)
-    np.testing.assert_allclose(histories[0]["validation_elbo"], histories[1]["validation_elbo"], rtol=1e-5)
+def test_training_with_and_without_native_kernels_same_weights(train_pbmc_small, monkeypatch):
+    with_native = train_pbmc_small()
+    monkeypatch.setitem(native._state, "lib", None)
+    assert_same_training(with_native, train_pbmc_small())
 
 
 def test_disabled_by_environment(monkeypatch, no_native):

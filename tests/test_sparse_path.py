@@ -12,10 +12,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conftest import assert_same_training
+
 from cellvae.data import TensorData
 from cellvae.module import VAEModule
 from cellvae.nn import sparse_linear
-from cellvae.train import TrainingPlan, _sparse_minibatches, train_module
+from cellvae.train import _sparse_minibatches
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # from x.to_sparse_csr()
 
@@ -96,20 +98,9 @@ def test_iterate_sparse_gives_the_same_minibatches():
     assert TensorData(np.ones((10, 5), np.float32), cat[:10]).sparse_counts() is None  # dense data: dense batches
 
 
-def test_training_with_sparse_minibatches_same_weights(pbmc_small):
-    from cellvae.data import DataSpec
-
-    data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
-    train_idx, val_idx = np.arange(250), np.arange(250, 300)
-    states, histories = [], []
+def test_training_with_sparse_minibatches_same_weights(train_pbmc_small):
+    runs = []
     for sparse in (True, False):
-        torch.manual_seed(0)
-        m = VAEModule(data.n_genes, use_sparse_counts=sparse)
-        assert _sparse_minibatches(m, data, torch.device("cpu")) == sparse
-        plan = TrainingPlan(max_epochs=3, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
-        histories.append(train_module(m, data, train_idx, val_idx, plan))
-        states.append(m.state_dict())
-    for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
-    np.testing.assert_allclose(histories[0]["train_elbo"], histories[1]["train_elbo"], rtol=1e-5)
-    np.testing.assert_allclose(histories[0]["validation_elbo"], histories[1]["validation_elbo"], rtol=1e-5)
+        runs.append(train_pbmc_small(use_sparse_counts=sparse))
+        assert _sparse_minibatches(runs[-1][0], train_pbmc_small.data, torch.device("cpu")) == sparse
+    assert_same_training(*runs)
