@@ -155,3 +155,48 @@ def test_build_into_cache_dir(monkeypatch, tmp_path):
     mtime = files[0].stat().st_mtime_ns
     native._build()
     assert files[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("log_theta", [6.0, 18.0, 25.0, 35.0])
+def test_large_theta_and_large_counts_match_float64(log_theta):
+    """Near-Poisson genes (theta up to 1.6e15) with counts above the product form: the native kernel and the
+    PyTorch fast path both match the float64 distribution class (whose lgamma difference is the Stirling form)."""
+    n_genes = 6
+    x = torch.tensor([[40.0, 1000.0, 3.0, 0.0, 33.0, 5e4]])
+    logits = torch.zeros(1, n_genes, requires_grad=True)
+    lib = x.sum().log().view(1, 1)
+    lt = torch.full((n_genes,), log_theta, requires_grad=True)
+    mu = (lib + torch.log_softmax(logits, -1)).double().exp()
+    ref = NegativeBinomial(mu, lt.double().exp()).log_prob(x.double()).sum()
+    (g_ref,) = torch.autograd.grad(NegativeBinomial((lib + torch.log_softmax(logits, -1)).double().exp(),
+                                                    lt.double().exp()).log_prob(x.double()).sum(), [lt])
+    for use in (True, False):
+        saved = native._state.get("lib")
+        if not use:
+            native._state["lib"] = None
+        try:
+            got = softmax_count_log_prob_sum(x.to_sparse_csr(), logits, lib, lt)
+            (g,) = torch.autograd.grad(got.sum(), [lt])
+        finally:
+            native._state["lib"] = saved
+        assert abs(got.item() - ref.item()) < 1e-4 * abs(ref.item()) + 1e-2, (use, got.item(), ref.item())
+        assert (g.double() - g_ref).abs().max() < 1e-3 * g_ref.abs().max() + 1e-2, (use, g, g_ref)
+
+
+def test_bad_inputs_raise_instead_of_reaching_the_kernel():
+    """Inputs the kernel would trust (shapes, theta rows, non-negative counts) are checked first: the PyTorch code
+    runs and raises, nothing reads or writes out of bounds."""
+    x, logits, lib, lt, rows, zi = _case(True, 3)
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        softmax_count_log_prob_sum(x[:, :10].contiguous().to_sparse_csr(), logits, lib, lt, zi, rows)
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        softmax_count_log_prob_sum(x[:, :10].contiguous(), logits, lib, lt, zi, rows)
+    with pytest.raises((RuntimeError, IndexError)):
+        softmax_count_log_prob_sum(x, logits, lib, lt, zi, rows + 5000)
+    bad = x.clone()
+    bad[0, 5] = -3.0
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        softmax_count_log_prob_sum(bad.to_sparse_csr(), logits, lib, lt, zi, rows)
+    w = torch.randn(20, 300).t()  # column-major (20 outputs, 300 inputs)
+    with pytest.raises(RuntimeError):
+        sparse_linear(torch.ones(4, 310).to_sparse_csr(), w, None)

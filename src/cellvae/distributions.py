@@ -342,7 +342,7 @@ def _count_table(x: torch.Tensor, log_theta: torch.Tensor, rows: torch.Tensor | 
         r, c = big.nonzero(as_tuple=True)
         xb = x[r, c]
         tb = theta[0 if rows is None else rows[r], c]
-        out = out.index_put((r, c), torch.lgamma(xb + tb) - torch.lgamma(tb) - torch.lgamma(xb + 1.0))
+        out = out.index_put((r, c), lgamma_ratio(xb, tb) - torch.lgamma(xb + 1.0))
     return out
 
 
@@ -550,7 +550,7 @@ def _table_at(xv: torch.Tensor, genes: torch.Tensor, log_theta: torch.Tensor, ro
     if len(big):
         xb = xv[big]
         tb = theta[0 if rows is None else rows[big], genes[big]]
-        out = out.index_put((big,), torch.lgamma(xb + tb) - torch.lgamma(tb) - torch.lgamma(xb + 1.0))
+        out = out.index_put((big,), lgamma_ratio(xb, tb) - torch.lgamma(xb + 1.0))
     return out
 
 
@@ -569,9 +569,6 @@ def _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, tabl
 
 
 # ------------------------------------------------------------------ fused log-softmax + likelihood (native)
-_NATIVE_TABLE_COUNT, _NATIVE_TABLE_MAX_ROWS = 8, 16  # TABLE_COUNT and TABLE_MAX_ROWS of csrc/fastpath.c
-
-
 class _SoftmaxNBNative(torch.autograd.Function):
     """Per-cell NB / ZINB log-likelihood from the decoder logits, computed by the native kernel
     ``cv_nb_loglik`` (``csrc/fastpath.c``), which also returns every derivative in the same pass when a gradient
@@ -579,26 +576,27 @@ class _SoftmaxNBNative(torch.autograd.Function):
 
     Args of ``apply``: ``logits`` (n, G); ``log_library`` (n, 1) or (n,); ``log_theta`` (G,) or (R, G);
     ``zi_logits`` (n, G) or None; ``theta_rows`` (n,) int64 or None; ``crow``, ``col``, ``xv``: CSR counts
-    (int64, int64, float32) or None; ``xdense`` (n, G) counts or None. Returns (n,) nats.
+    (int64, int64, float32) or None; ``xdense`` (n, G) counts or None; ``grad``: whether to compute the
+    derivatives (decided by the caller: grad mode is off inside ``forward``). The inputs are checked by
+    :func:`_native_inputs` (shapes, theta rows, non-negative counts): the kernel trusts them. Returns (n,) nats.
     """
 
     @staticmethod
-    def forward(ctx, logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv, xdense):
+    def forward(ctx, logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv, xdense, grad):
         n, n_genes = logits.shape
         lt = log_theta.reshape(-1, n_genes).contiguous()
         theta = lt.exp()
         loglib = log_library.reshape(n).contiguous()
-        grad = any(ctx.needs_input_grad[:4])
         ll = logits.new_empty(n)
         ga = torch.empty_like(logits) if grad else None
         gth = torch.empty_like(logits) if grad else None
         gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
         glib = logits.new_empty(n) if grad else None
         n_rows = lt.shape[0]
-        work = logits.new_empty(n_genes * (2 + (2 * n_rows * (_NATIVE_TABLE_COUNT + 1)
-                                                if n_rows <= _NATIVE_TABLE_MAX_ROWS else 0)))
+        lib = native.library()
+        work = logits.new_empty(lib.cv_nb_work_size(n_genes, n_rows))
         p = native.ptr
-        native.library().cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows),
+        lib.cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows),
                                       p(zi_logits), p(crow), p(col), p(xv), p(xdense), p(ll), p(ga), p(gth),
                                       p(gzi), p(glib), p(work))
         if grad:
@@ -620,7 +618,42 @@ class _SoftmaxNBNative(torch.autograd.Function):
             else:
                 d_lt = gth.new_zeros(n_rows, gth.shape[1]).index_add_(0, rows, gth * g).reshape(theta_shape)
         d_zi = gzi * g if ctx.needs_input_grad[3] and gzi is not None else None
-        return d_logits, d_lib, d_lt, d_zi, None, None, None, None, None
+        return d_logits, d_lib, d_lt, d_zi, None, None, None, None, None, None
+
+
+def _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows):
+    """``(theta_rows, crow, col, xv, xdense)`` for :class:`_SoftmaxNBNative`, or None where the kernel does not
+    apply or the inputs are not what it trusts them to be (then the PyTorch code runs, and raises its own errors):
+    float32 CPU tensors, matching shapes, theta rows in range.
+
+    Raises:
+        ValueError: counts whose shape differs from the logits', or (where the kernel applies) negative counts.
+    """
+    if tuple(x.shape) != tuple(logits.shape):
+        raise ValueError(f"counts of shape {tuple(x.shape)} for decoder logits of shape {tuple(logits.shape)}: "
+                         "they must match (cells x genes).")
+    if log_theta is None or logits.dim() != 2:
+        return None
+    n, n_genes = logits.shape
+    if (log_theta.shape[-1] != n_genes or log_theta.dim() > 2 or log_library.numel() != n
+            or (zi_logits is not None and zi_logits.shape != logits.shape)
+            or (theta_rows is None and log_theta.numel() != n_genes)
+            or (theta_rows is not None and (log_theta.dim() != 2 or theta_rows.shape != (n,)))):
+        return None  # the PyTorch code broadcasts or raises
+    if any(t is not None and t.dtype != torch.float32 for t in (x, logits, log_library, log_theta, zi_logits)):
+        return None
+    sparse = x.layout == torch.sparse_csr
+    parts = (*native.csr_parts(x), None) if sparse else (None, None, None, x)
+    if theta_rows is not None:
+        theta_rows = theta_rows.long().contiguous()
+        if n and (int(theta_rows.min()) < 0 or int(theta_rows.max()) >= log_theta.shape[0]):
+            return None
+    values = parts[2] if sparse else x
+    if values.numel() and bool(values.min() < 0):
+        raise ValueError("negative counts: the NB / ZINB likelihood needs non-negative integer counts.")
+    if not native.usable(logits, log_library, log_theta, zi_logits, theta_rows, *parts):
+        return None
+    return (theta_rows, *parts)
 
 
 def softmax_count_log_prob_sum(
@@ -651,15 +684,15 @@ def softmax_count_log_prob_sum(
 
     Returns:
         (n_cells,) log-likelihood per cell, nats.
+
+    Raises:
+        ValueError: ``x`` and ``logits`` differ in shape; negative counts (checked where the native kernel runs).
+        IndexError: ``theta_rows`` out of range of ``log_theta``'s rows.
     """
-    if log_theta is not None and logits.dim() == 2:
-        sparse = x.layout == torch.sparse_csr
-        parts = (*native.csr_parts(x), None) if sparse else (None, None, None, x)
-        if theta_rows is not None:
-            theta_rows = theta_rows.long().contiguous()
-        ok = native.usable(logits, log_library, log_theta, zi_logits, theta_rows, *parts)
-        if ok and x.dtype == logits.dtype == log_library.dtype == log_theta.dtype == torch.float32 and (
-                zi_logits is None or zi_logits.dtype == torch.float32):
-            return _SoftmaxNBNative.apply(logits, log_library, log_theta, zi_logits, theta_rows, *parts)
+    got = _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows)
+    if got is not None:
+        inputs = (logits, log_library, log_theta, zi_logits)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        return _SoftmaxNBNative.apply(*inputs, *got, grad)
     return count_log_prob_sum(x, log_library + torch.log_softmax(logits, dim=-1), log_theta, zi_logits,
                               theta_rows)

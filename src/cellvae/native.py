@@ -70,17 +70,22 @@ def _build() -> ctypes.CDLL:
     src = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
-    for arch in _ARCH_FLAGS:
+    signature = _cpu_signature()
+    known_cpu = signature.rsplit("|", 1)[-1] != ""  # without the CPU's flags, a -march=native build is not keyed
+    for arch in (_ARCH_FLAGS if known_cpu else ([],)):
         flags = [*arch, *_FLAGS]
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
-                                         _cpu_signature().encode()])).hexdigest()[:16]
+                                         signature.encode()])).hexdigest()[:16]
         out = _cache_dir() / f"fastpath-{key}.so"
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # no writable home: a per-user folder in the temporary directory
+        except OSError:  # no writable home: a private per-user folder in the temporary directory
             uid = getattr(os, "getuid", lambda: 0)()
             out = Path(tempfile.gettempdir()) / f"cellvae-native-{uid}" / out.name
-            out.parent.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(mode=0o700, exist_ok=True)
+            st = out.parent.stat()
+            if hasattr(os, "getuid") and (st.st_uid != uid or st.st_mode & 0o022):
+                raise RuntimeError(f"{out.parent} is not a private folder of this user; set CELLVAE_CACHE_DIR")
         if not out.exists():
             fd, tmp = tempfile.mkstemp(prefix=".fastpath-", suffix=".so", dir=out.parent)
             os.close(fd)
@@ -104,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.cv_nb_loglik.argtypes = [i64, i64, i64] + [p] * 16
     lib.cv_nb_loglik.restype = None
+    lib.cv_nb_work_size.argtypes = [i64, i64]
+    lib.cv_nb_work_size.restype = i64
     lib.cv_csr_linear.argtypes = [i64, i64, p, p, p, p, p, p]
     lib.cv_csr_linear.restype = None
     lib.cv_csr_linear_wgrad.argtypes = [i64, i64, i64, p, p, p, p, p]
@@ -139,14 +146,12 @@ def reason_unavailable() -> str | None:
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels apply to these tensors: native library present, and every tensor on the CPU,
     contiguous, and float32 (int64 index tensors are accepted as they are)."""
-    if library() is None:
-        return False
     for t in tensors:
         if t is None:
             continue
         if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int64):
             return False
-    return True
+    return library() is not None  # compiled only once a CPU tensor asks for it (not on GPU runs)
 
 
 def csr_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

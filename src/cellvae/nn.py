@@ -30,7 +30,7 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.x = x
         wt = weight.t()
-        if _native_csr(x, wt, bias):
+        if x.dim() == 2 and x.shape[1] == wt.shape[0] and _native_csr(x, wt, bias):  # else torch raises
             crow, col, val = ctx.parts = native.csr_parts(x)
             out = wt.new_empty(x.shape[0], wt.shape[1])
             native.library().cv_csr_linear(x.shape[0], wt.shape[1], crow.data_ptr(), col.data_ptr(), val.data_ptr(),

@@ -130,6 +130,14 @@ static inline double count_term(double x, double theta, double *dT) {
         *dT = theta * inv;
         return logs + log(prod) - log_factorial[k];
     }
+    if (theta > 1e8) {
+        /* lgamma(x + theta) - lgamma(theta) = x log theta + sum_{j<x} log1p(j / theta): the lgamma difference
+         * cancels in double here, so use the power sums S1..S3 of j (error O(x (x / theta)^4)). */
+        const double s1 = x * (x - 1.0) / 2.0, s2 = (x - 1.0) * x * (2.0 * x - 1.0) / 6.0, s3 = s1 * s1;
+        const double u = 1.0 / theta;
+        *dT = x - u * (s1 - u * (s2 - u * s3));
+        return x * log(theta) + u * (s1 - u * (s2 / 2.0 - u * s3 / 3.0)) - lgamma(x + 1.0);
+    }
     *dT = theta * (digamma_pos(x + theta) - digamma_pos(theta));
     return lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0);
 }
@@ -151,7 +159,7 @@ static void build_count_table(int64_t R, int64_t G, const float *theta, float *t
             const float j = (float)(k - 1), logk = (float)log((double)k);
 #pragma omp simd
             for (int64_t g = 0; g < G; ++g) {
-                const float v = th[g] + j;
+                const float v = fmaxf(th[g] + j, 1.17549435e-38f); /* a normal float: log_pos needs one */
                 tk[g] = tp[g] + (log_pos(v) - logk);
                 dk[g] = dp[g] + th[g] / v;
             }
@@ -234,6 +242,11 @@ static inline __attribute__((always_inline)) void nb_row(
         *glib_out = gsum;
     }
     *ll_out = ll;
+}
+
+/* Floats of scratch cv_nb_loglik needs for G genes and R theta rows (its `work` argument). */
+int64_t cv_nb_work_size(int64_t G, int64_t R) {
+    return G * (2 + (R <= TABLE_MAX_ROWS ? 2 * R * (TABLE_COUNT + 1) : 0));
 }
 
 void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *loglib, const float *theta,
