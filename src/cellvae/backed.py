@@ -451,13 +451,14 @@ class BackedData:
 
     def _minibatch(self, m: sp.csr_matrix, sparse: bool):
         """A minibatch's rows (CSR, may share memory with read buffers) as a dense array, or as a torch CSR tensor
-        of their non-zero counts (copied: without stored zeros, sorted columns)."""
+        of their non-zero counts (copied: without stored zeros, sorted columns, int64 indices)."""
         if not sparse:
             return m.toarray()
         m = sp.csr_matrix((m.data.copy(), m.indices.copy(), m.indptr.copy()), shape=m.shape)
         m.sum_duplicates()
         m.eliminate_zeros()
-        return csr_tensor(*(torch.from_numpy(a) for a in (m.indptr, m.indices, m.data)), m.shape)
+        return csr_tensor(torch.from_numpy(m.indptr).long(), torch.from_numpy(m.indices).long(),
+                          torch.from_numpy(m.data), m.shape)
 
     def _ordered(self, idx: np.ndarray, batch_size: int, sparse: bool = False) -> Iterator[tuple]:
         slices = minibatch_slices(len(idx), batch_size)

@@ -670,7 +670,8 @@ class TensorData:
         generator: torch.Generator | None = None,
     ) -> Iterator[tuple]:
         """As :meth:`iterate` (the same minibatches in the same order, for the same generator state), with ``x`` a
-        torch sparse CSR tensor (n_batch, n_genes) float32. The rows of the whole pass are gathered once (scipy's
+        torch sparse CSR tensor (n_batch, n_genes) float32 with int64 indices (converted once per minibatch, the
+        form the native kernels read; the pass itself keeps scipy's index type). The rows of the whole pass are gathered once (scipy's
         O(nnz) row indexing), so each minibatch is a contiguous slice of them.
 
         Raises:
@@ -685,7 +686,7 @@ class TensorData:
         crow, col, val = (torch.from_numpy(a) for a in (m.indptr, m.indices, m.data))
         for a, b in minibatch_slices(len(indices), batch_size):
             s, e = int(crow[a]), int(crow[b])
-            x = csr_tensor(crow[a:b + 1] - s, col[s:e], val[s:e], (b - a, self.n_genes))
+            x = csr_tensor((crow[a:b + 1] - s).long(), col[s:e].long(), val[s:e], (b - a, self.n_genes))
             idx = indices[a:b]
             yield x, self.cat.index_select(0, idx), self.cont.index_select(0, idx) if self.cont is not None else None
 

@@ -31,9 +31,9 @@ from .distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
     count_log_prob_sum,
-    softmax_count_log_prob_sum,
     csr_rows,
     csr_tensor,
+    softmax_count_log_prob_sum,
 )
 from .nn import DecoderSCVI, Encoder
 

@@ -156,7 +156,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 def csr_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(crow, col, values)`` of a sparse CSR tensor with int64 indices, as the kernels take them (int32 indices
-    are converted: a copy of the minibatch's indices)."""
+    are converted: a copy; the training minibatches already come with int64 indices)."""
     return x.crow_indices().long(), x.col_indices().long(), x.values()
 
 
