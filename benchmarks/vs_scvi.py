@@ -144,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="subsample datasets with more cells to this many (seeded; reported in the tables)")
     p.add_argument("--cellvae-kl-warmup", type=int, default=None,
                    help="cellvae n_epochs_kl_warmup (default: cellvae's own, half of --max-epochs)")
+    p.add_argument("--cellvae-lr", type=float, default=None,
+                   help="cellvae peak learning rate (default: cellvae's own, 2e-3)")
+    p.add_argument("--cellvae-lr-schedule", choices=["cosine", "constant"], default=None,
+                   help="cellvae learning-rate schedule (default: cellvae's own, cosine); "
+                        "--cellvae-lr 1e-3 --cellvae-lr-schedule constant is scvi-tools' optimizer")
     p.add_argument("--scvi-kl-warmup", type=int, default=None,
                    help=f"scvi-tools n_epochs_kl_warmup (default: scvi-tools' own, {SCVI_DEFAULT_KL_WARMUP})")
     p.add_argument("--time-to-quality", action="store_true",
@@ -341,6 +346,10 @@ def _cellvae_train_kwargs(task) -> dict:
           "seed": task["seed"], "progress_bar": False, "n_threads": task["threads"]}
     if task["cellvae_kl_warmup"] is not None:
         kw["n_epochs_kl_warmup"] = task["cellvae_kl_warmup"]
+    if task.get("cellvae_lr") is not None:
+        kw["lr"] = task["cellvae_lr"]
+    if task.get("cellvae_lr_schedule") is not None:
+        kw["lr_schedule"] = task["cellvae_lr_schedule"]
     return kw
 
 
@@ -550,7 +559,12 @@ def _header(meta: dict, title: str) -> list[str]:
                   f"default max_epochs // 2 = {max(1, min(400, meta['max_epochs'] // 2))} epochs (full weight "
                   "afterwards)")
                + ". Held-out ELBO and log p(x) are evaluated at KL weight 1, so they partly reflect this "
-               "difference of the tools' defaults (`--scvi-kl-warmup` / `--cellvae-kl-warmup` align them).")
+               "difference of the tools' defaults (`--scvi-kl-warmup` / `--cellvae-kl-warmup` align them). "
+               "Optimizer: Adam (eps 0.01, weight decay 1e-6) in both; scvi-tools lr 1e-3 constant (its default), "
+               f"cellvae lr {meta.get('cellvae_lr') or 2e-3:g} "
+               f"{meta.get('cellvae_lr_schedule') or 'cosine'}"
+               + (" (its default: cosine annealing to lr / 100 at max_epochs)" if not meta.get("cellvae_lr")
+                  and not meta.get("cellvae_lr_schedule") else "") + ".")
     out.append("- Data: datasets with > 5000 genes are reduced to 2000 highly variable genes "
                "(`scanpy.pp.highly_variable_genes(flavor=\"seurat_v3\", n_top_genes=2000)` on raw counts); cells "
                "without counts are dropped. Per seed, one permutation `numpy.random.default_rng(seed)` of the "
@@ -888,13 +902,16 @@ def main(argv=None) -> int:
         "n_mc_samples": args.n_mc_samples,
         "scvi_kl_warmup": args.scvi_kl_warmup,
         "cellvae_kl_warmup": args.cellvae_kl_warmup,
+        "cellvae_lr": args.cellvae_lr,
+        "cellvae_lr_schedule": args.cellvae_lr_schedule,
         "loadavg_start": old_meta.get("loadavg_start", loadavg()),
         "notes": old_meta.get("notes", []),
     }
     if args.resume and old_meta:
         meta["notes"] = list(dict.fromkeys(meta["notes"] + [
             f"Resumed run: rows from an earlier run started {old_meta.get('date', '?')} were kept."]))
-        for key in ("max_epochs", "n_mc_samples", "threads", "scvi_kl_warmup", "cellvae_kl_warmup"):
+        for key in ("max_epochs", "n_mc_samples", "threads", "scvi_kl_warmup", "cellvae_kl_warmup", "cellvae_lr",
+                    "cellvae_lr_schedule"):
             if key in old_meta and old_meta[key] != meta[key]:
                 msg = (f"--resume: kept rows were made with {key}={old_meta[key]}, this run uses {meta[key]}; "
                        "the tables mix both")
@@ -946,7 +963,8 @@ def main(argv=None) -> int:
                     task = {"mode": mode, "tool": tool, "seed": seed, "threads": args.threads,
                             "max_epochs": args.max_epochs, "n_mc_samples": args.n_mc_samples,
                             "h5ad": str(h5ad), "split": str(split_path),
-                            "scvi_kl_warmup": args.scvi_kl_warmup, "cellvae_kl_warmup": args.cellvae_kl_warmup}
+                            "scvi_kl_warmup": args.scvi_kl_warmup, "cellvae_kl_warmup": args.cellvae_kl_warmup,
+                            "cellvae_lr": args.cellvae_lr, "cellvae_lr_schedule": args.cellvae_lr_schedule}
                     t0 = time.perf_counter()
                     try:
                         res = run_in_child(task)

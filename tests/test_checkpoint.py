@@ -33,18 +33,37 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"{k} differs")
 
 
-def test_resume_equals_uninterrupted(tmp_path, zeisel_small):
-    """6 epochs straight == 3 epochs + resume to 6: same weights (bit for bit on CPU), history and best epoch."""
-    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=6, **TRAIN)
-    first = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)
-    assert first.history["epoch"] == [1, 2, 3]
+@pytest.mark.parametrize("lr_schedule", ["cosine", "constant"])
+def test_resume_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch, lr_schedule):
+    """A 6-epoch run that fails after its epoch-3 checkpoint, resumed: the same weights (bit for bit on CPU),
+    history and best epoch as 6 epochs straight; the cosine learning rate continues where it was."""
+    import cellvae.train as train_mod
+
+    kw = dict(TRAIN, lr_schedule=lr_schedule, checkpoint_every=3)
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=6, **kw)
+    calls = []
+
+    def crash_at_second_checkpoint(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash_at_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        CountVAE(zeisel_small, **SMALL).train(max_epochs=6, checkpoint_dir=tmp_path, **kw)
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
+    assert load_checkpoint(tmp_path)["epoch"] == 3
     resumed = CountVAE(zeisel_small, **SMALL)  # a fresh object, as after a crash
-    resumed.train(max_epochs=6, checkpoint_dir=tmp_path, resume=True, **TRAIN)
+    resumed.train(max_epochs=6, checkpoint_dir=tmp_path, resume=True, **kw)
     _assert_same_weights(_state(resumed), _state(straight))
     h, r = straight.history, resumed.history
     assert r["resumed_from_epoch"] == 3 and h["resumed_from_epoch"] == 0
-    for key in ("epoch", "kl_weight", "train_loss", "train_elbo", "validation_elbo", "skipped_steps"):
+    for key in ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo", "skipped_steps"):
         assert r[key] == h[key], key
+    if lr_schedule == "cosine":
+        assert h["lr"][0] < 2e-3 and 2e-5 < h["lr"][-1] < 3e-5 and np.all(np.diff(h["lr"]) < 0)
+    else:
+        assert h["lr"] == [2e-3] * 6
     assert r["best_epoch"] == h["best_epoch"] and r["n_skipped_steps"] == 0
     np.testing.assert_array_equal(resumed.validation_indices, straight.validation_indices)
 
@@ -52,7 +71,8 @@ def test_resume_equals_uninterrupted(tmp_path, zeisel_small):
 def test_resume_restores_early_stopping_state(tmp_path, zeisel_small):
     """Best weights, best epoch and epochs-without-improvement survive a resume: early stopping fires at the same
     epoch and the same best weights are restored."""
-    kw = dict(TRAIN, n_epochs_kl_warmup=1, lr=3e-2, early_stopping_patience=2)
+    # constant lr: the interrupted run is simulated by a smaller max_epochs, which a cosine schedule depends on
+    kw = dict(TRAIN, n_epochs_kl_warmup=1, lr=3e-2, lr_schedule="constant", early_stopping_patience=2)
     straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=40, **kw)
     h = straight.history
     assert h["stopped_early"], "set-up: this run should stop early"
@@ -95,7 +115,7 @@ def test_checkpoint_refusals_and_damage(tmp_path, zeisel_small, kang_small):
         CountVAE(zeisel_small, n_hidden=16).train(max_epochs=2, checkpoint_dir=d, resume=True, **TRAIN)
     with pytest.raises(CellvaeInputError, match=r"seed \(3 in the checkpoint, 4 now\)"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=2, checkpoint_dir=d, resume=True, **dict(TRAIN, seed=4))
-    with pytest.warns(UserWarning, match=r"changed settings.*lr: 0.001 -> 0.0001"):
+    with pytest.warns(UserWarning, match=r"changed settings.*lr: 0.002 -> 0.0001"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=3, checkpoint_dir=d, resume=True, lr=1e-4, **TRAIN)
     with pytest.raises(CellvaeInputError, match="needs the checkpoint_dir"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=2, resume=True, **TRAIN)

@@ -54,7 +54,8 @@ def test_nan_loss_steps_are_skipped_and_counted(zeisel_small, monkeypatch):
 def test_skipped_steps_leave_weights_and_batchnorm_untouched(zeisel_small, monkeypatch):
     """An epoch whose every step is bad leaves every weight and batch-norm statistic exactly as it was (no
     validation cells, so no best-weights restore hides it)."""
-    kw = dict(TRAIN, n_epochs_kl_warmup=0, train_size=1.0)
+    # constant lr: a cosine schedule over 1 epoch and one over 2 epochs differ in epoch 1
+    kw = dict(TRAIN, n_epochs_kl_warmup=0, train_size=1.0, lr_schedule="constant")
     ref = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **kw)
     m = CountVAE(zeisel_small, **SMALL)
     orig_build = m._build_module
@@ -141,7 +142,8 @@ def test_guard_off_gives_the_same_result(zeisel_small):
     torch.manual_seed(TRAIN["seed"])
     b.module = b._build_module()
     data = b._tensors(None)
-    plan = TrainingPlan(max_epochs=2, batch_size=64, seed=1, progress_bar=False, n_threads=1, check_finite=False)
+    plan = TrainingPlan(max_epochs=2, batch_size=64, seed=1, progress_bar=False, n_threads=1, check_finite=False,
+                        lr=2e-3, lr_schedule="cosine")  # CountVAE.train's defaults
     train_module(b.module, data, a.train_indices, a.validation_indices, plan)
     for k, v in a.module.state_dict().items():
         torch.testing.assert_close(b.module.state_dict()[k], v, rtol=0, atol=0)

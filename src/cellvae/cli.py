@@ -52,6 +52,11 @@ def _fit_options(f):
         click.option("--latent-library/--observed-library", default=False, show_default=True,
                      help="Latent log-normal library size instead of the observed total counts."),
         click.option("--early-stopping/--no-early-stopping", default=True, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
+                     help="Peak learning rate of Adam."),
+        click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+                     help="cosine: from --lr down to --lr/100 at the last epoch; constant: --lr throughout "
+                          "(--lr 1e-3 --lr-schedule constant is scvi-tools' optimizer)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

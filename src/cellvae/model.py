@@ -279,9 +279,10 @@ class CountVAE:
         train_size: float = 0.9,
         early_stopping: bool = True,
         early_stopping_patience: int = 45,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         weight_decay: float = 1e-6,
         eps: float = 0.01,
+        lr_schedule: str = "cosine",
         n_epochs_kl_warmup: int | None = None,
         seed: int = 0,
         progress_bar: bool = True,
@@ -301,7 +302,13 @@ class CountVAE:
                 for early stopping and the reported validation ELBO.
             early_stopping: stop when the validation ELBO stalls for ``early_stopping_patience`` epochs after
                 KL warm-up, keeping the best weights.
-            lr, weight_decay, eps: Adam settings.
+            lr, weight_decay, eps: Adam settings; ``lr`` is the peak learning rate.
+            lr_schedule: ``"cosine"`` (default): the learning rate falls per step from ``lr`` to ``lr / 100`` at
+                the end of ``max_epochs`` (cosine annealing, Loshchilov & Hutter 2017); ``"constant"``: ``lr``
+                throughout. ``lr=1e-3, lr_schedule="constant"`` is scvi-tools' optimizer. The default reaches the
+                same validation ELBO in fewer epochs, and a best validation ELBO within 0.1 % of (mostly above)
+                scvi-tools' settings with early stopping, on zeisel, kidney, bladder and worm-neuron data
+                (``benchmarks/results/lr_schedule.md``).
             n_epochs_kl_warmup: KL warm-up length in epochs (None: half of ``max_epochs``, at most 400).
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
@@ -358,7 +365,7 @@ class CountVAE:
             max_epochs = default_max_epochs(len(cells))
         plan = TrainingPlan(
             max_epochs=int(max_epochs), batch_size=int(batch_size), lr=lr, weight_decay=weight_decay, eps=eps,
-            n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
+            lr_schedule=lr_schedule, n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
             n_threads=n_threads, checkpoint_every=int(checkpoint_every), max_bad_steps=int(max_bad_steps),
             max_kl_weight=self.beta, accelerator=accelerator,

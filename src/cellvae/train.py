@@ -111,7 +111,11 @@ class TrainingPlan:
     Attributes:
         max_epochs: number of passes over the training cells.
         batch_size: cells per minibatch (128).
-        lr, weight_decay, eps: Adam settings (1e-3, 1e-6, 0.01).
+        lr, weight_decay, eps: Adam settings (1e-3, 1e-6, 0.01); ``lr`` is the peak learning rate of a schedule.
+        lr_schedule: ``"constant"`` (``lr`` throughout, as scvi-tools) or ``"cosine"``: per step, from ``lr`` down
+            to ``COSINE_FLOOR * lr`` at the last step of ``max_epochs`` (cosine annealing without restarts,
+            Loshchilov & Hutter 2017, SGDR, eq. 5). The rate is a function of the step alone (:func:`lr_at`), so a
+            resumed run follows the uninterrupted one. ``CountVAE.train`` uses ``"cosine"`` with ``lr=2e-3``.
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to 1. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever
             its length (scvi-tools' fixed 400 epochs never complete in a 100-epoch or a large-data run, which
@@ -141,6 +145,7 @@ class TrainingPlan:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     eps: float = 0.01
+    lr_schedule: str = "constant"
     n_epochs_kl_warmup: int | None = None
     early_stopping: bool = True
     early_stopping_patience: int = 45
@@ -160,6 +165,27 @@ class TrainingPlan:
         if self.n_epochs_kl_warmup is not None:
             return max(0, int(self.n_epochs_kl_warmup))
         return max(1, min(400, self.max_epochs // 2))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.01  # last learning rate of the cosine schedule, relative to the peak
+
+
+def lr_at(step: int, total_steps: int, plan: TrainingPlan) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``, for ``plan.lr_schedule``.
+
+    ``"constant"``: ``plan.lr``. ``"cosine"``: ``lr * (f + (1 - f) * (1 + cos(pi * step / total_steps)) / 2)`` with
+    ``f = COSINE_FLOOR``, and ``f * lr`` from ``total_steps`` on (Loshchilov & Hutter 2017, eq. 5, one cycle).
+
+    Raises:
+        CellvaeInputError: an unknown ``plan.lr_schedule``.
+    """
+    if plan.lr_schedule not in LR_SCHEDULES:
+        raise CellvaeInputError(f"Unknown lr_schedule {plan.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}.")
+    if plan.lr_schedule == "constant" or total_steps <= 0:
+        return plan.lr
+    frac = min(1.0, max(0, step) / total_steps)
+    return plan.lr * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 def kl_weight_at(step: int, warmup_steps: int, max_kl_weight: float = 1.0) -> float:
@@ -285,7 +311,7 @@ def train_module(
             different one is refused.
 
     Returns:
-        History dict of per-epoch lists: ``epoch``, ``kl_weight``, ``train_loss`` (weighted, the optimised
+        History dict of per-epoch lists: ``epoch``, ``kl_weight``, ``lr`` (at the epoch's last step), ``train_loss`` (weighted, the optimised
         quantity), ``train_elbo``, ``validation_elbo``, ``validation_reconstruction_loss``,
         ``validation_kl_local`` (nats per cell), ``skipped_steps``, ``seconds``; plus ``best_epoch``,
         ``stopped_early``, ``n_skipped_steps``, ``train_cells_per_second`` and ``resumed_from_epoch`` (0 for a
@@ -384,7 +410,9 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     optimizer = make_optimizer(params, plan)
     steps_per_epoch = len(minibatch_slices(len(train_t), batch_size))
     warmup_steps = plan.warmup_epochs * steps_per_epoch
-    keys = ("epoch", "kl_weight", "train_loss", "train_elbo", "validation_elbo",
+    lr_steps = plan.max_epochs * steps_per_epoch  # the cosine schedule ends at the last step of max_epochs
+    lr_at(0, lr_steps, plan)  # an unknown schedule fails here, before any work
+    keys = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
             "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
     history: dict = {k: [] for k in keys}
     best_elbo, best_state, best_epoch, bad_epochs = -math.inf, None, -1, 0
@@ -394,14 +422,15 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     train_seconds = 0.0
     n_skipped = 0
     if ck is not None:
-        _check_resume(ck, plan, train_t, val_t, meta, warmup_steps, ck_dir)
+        _check_resume(ck, plan, train_t, val_t, meta, warmup_steps, ck_dir, lr_steps)
         module.load_state_dict(ck["module"])
         optimizer.load_state_dict(ck["optimizer"])
         for group in optimizer.param_groups:  # settings of this call (a lower lr after a failure, say)
             group.update(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
         gen.set_state(ck["minibatch_rng"])
         torch.set_rng_state(ck["torch_rng"])
-        history = {k: list(ck["history"].get(k, [])) for k in keys}
+        n_done = len(ck["history"].get("epoch", []))  # a checkpoint of an older cellvae may lack a key ("lr")
+        history = {k: list(ck["history"].get(k, [math.nan] * n_done)) for k in keys}
         best = ck["best"]
         best_elbo, best_epoch, bad_epochs, best_state = best["elbo"], best["epoch"], best["bad_epochs"], best["state"]
         step, start_epoch = int(ck["step"]), int(ck["epoch"])
@@ -420,7 +449,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             "minibatch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "best": {"elbo": best_elbo, "epoch": best_epoch, "bad_epochs": bad_epochs, "state": best_state},
             "history": history, "train_seconds": train_seconds, "n_skipped_steps": n_skipped,
-            "plan": _plan_dict(plan), "warmup_steps": warmup_steps,
+            "plan": _plan_dict(plan), "warmup_steps": warmup_steps, "lr_steps": lr_steps,
             "train_idx": train_t, "val_idx": val_t, "meta": meta,
         }, ck_dir)
 
@@ -437,6 +466,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     if not sparse and hasattr(data, "densify"):  # dense steps select rows of one dense copy, not CSR per batch
         data.densify()
     minibatches = data.iterate_sparse if sparse else data.iterate
+    scheduled = plan.lr_schedule != "constant"
     for epoch in bar:
         t0 = time.perf_counter()
         module.train()
@@ -451,6 +481,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         for batch in minibatches(epoch_cells, batch_size, shuffle=True, generator=gen):
             x, cat, cont = _to(batch, device)
             kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
+            if scheduled:
+                lr = lr_at(step, lr_steps, plan)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             if plan.check_finite:
                 for dst, src in zip(buffer_backup, buffers):
                     dst.copy_(src)
@@ -489,6 +523,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         train_seconds += time.perf_counter() - t0
         history["epoch"].append(epoch + 1)
         history["kl_weight"].append(kl_w)
+        history["lr"].append(float(optimizer.param_groups[0]["lr"]))
         history["train_loss"].append(loss_sum.item() / n_ok if n_ok else math.nan)
         history["train_elbo"].append(elbo_sum.item() / n_ok if n_ok else math.nan)
         history["skipped_steps"].append(skipped)
@@ -533,7 +568,8 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     return history
 
 
-def _check_resume(ck: dict, plan: TrainingPlan, train_t, val_t, meta: dict, warmup_steps: int, ck_dir) -> None:
+def _check_resume(ck: dict, plan: TrainingPlan, train_t, val_t, meta: dict, warmup_steps: int, ck_dir,
+                  lr_steps: int = 0) -> None:
     """Refuse a checkpoint of another model, data or split; warn about settings that changed."""
     where = str(ck_dir)
     for key in sorted(set(ck.get("meta", {})) | set(meta)):
@@ -562,6 +598,9 @@ def _check_resume(ck: dict, plan: TrainingPlan, train_t, val_t, meta: dict, warm
     if int(ck.get("warmup_steps", warmup_steps)) != warmup_steps:
         changed.append(f"KL warm-up steps: {ck['warmup_steps']} -> {warmup_steps} (set n_epochs_kl_warmup to keep "
                        "it when changing max_epochs)")
+    if plan.lr_schedule != "constant" and int(ck.get("lr_steps", lr_steps)) != lr_steps:
+        changed.append(f"learning-rate schedule steps: {ck['lr_steps']} -> {lr_steps} (the {plan.lr_schedule} "
+                       "schedule ends at max_epochs)")
     if changed:
         warnings.warn("Resuming with changed settings (the result will differ from an uninterrupted run): "
                       + "; ".join(changed), UserWarning, stacklevel=4)

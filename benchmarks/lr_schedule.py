@@ -1,0 +1,114 @@
+"""Learning-rate schedule of ``CountVAE.train``: scvi-tools' optimizer (Adam, lr 1e-3 constant) against cellvae's
+default (peak lr 2e-3, cosine annealing to lr / 100 at ``max_epochs``) and a faster variant (peak 3e-3).
+
+Each run is a default ``CountVAE.train`` (default ``max_epochs`` = min(400, 20000 / n_cells * 400), KL warm-up over
+half of it, early stopping with patience 45 after the warm-up, best weights restored, 10 % validation cells), ZINB,
+n_hidden 128, n_latent 10, batch 128, one thread; only ``lr`` / ``lr_schedule`` differ. Reported per dataset and
+seed: the best validation ELBO (nats per cell; higher is better), the epoch it was reached, the first epoch at which
+the run reached the best ELBO of the constant-lr run of the same seed ("epochs to reference"), the epochs run, and
+the KMeans ARI / NMI (k = number of labels) of the final latent representation against the labels.
+
+The datasets are labelled sets of ``../shared/data`` that are *not* used by ``benchmarks/throughput.py`` (pbmc4k,
+cbmc), so that the choice of default is not tuned on the data of the throughput comparison; datasets with more
+than 5,000 genes are reduced to 2,000 seurat_v3 genes (``_common.load_dataset``).
+
+    .venv/bin/python benchmarks/lr_schedule.py [--seeds 0,1] [--datasets a,b] [--out benchmarks/results/lr_schedule]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (atomic_write_text, cluster_scores, default_data_dir, limit_threads, load_dataset,  # noqa: E402
+                     loadavg, machine_description)
+
+DATASETS = ("zeisel2015_cortex_subset_1464cells", "human_kidney_top2000genes", "mouse_bladder_mca_2100cells",
+            "worm_neuron_cao2017")
+CONFIGS = {  # name -> (lr, lr_schedule)
+    "scvi-tools optimizer (lr 1e-3 constant)": (1e-3, "constant"),
+    "cellvae default (lr 2e-3 cosine)": (2e-3, "cosine"),
+    "lr 3e-3 cosine": (3e-3, "cosine"),
+}
+
+
+def run_one(adata, labels, lr: float, schedule: str, seed: int) -> dict:
+    import numpy as np
+    import torch
+
+    import cellvae
+
+    torch.set_num_threads(1)
+    model = cellvae.CountVAE(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
+    t0 = time.perf_counter()
+    model.train(lr=lr, lr_schedule=schedule, seed=seed, progress_bar=False, n_threads=1)
+    secs = time.perf_counter() - t0
+    v = np.asarray(model.history["validation_elbo"], dtype=float)
+    ari, nmi = cluster_scores(model.get_latent_representation(), labels, len(set(labels)))
+    return {"val_elbo": v.tolist(), "best": float(v.max()), "best_epoch": int(v.argmax()) + 1, "epochs": len(v),
+            "seconds": secs, "ari": ari, "nmi": nmi}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "lr_schedule"))
+    args = p.parse_args(argv)
+    limit_threads(1)
+    import json
+
+    import numpy as np
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for name in args.datasets.split(","):
+        adata, labels, _info = load_dataset(Path(args.data_dir), name, "cell_type")
+        for seed in seeds:
+            ref = None
+            for cname, (lr, sched) in CONFIGS.items():
+                r = run_one(adata, labels, lr, sched, seed)
+                if ref is None:
+                    ref = r["best"]
+                v = np.asarray(r["val_elbo"])
+                r.update(dataset=name, n_cells=adata.n_obs, n_genes=adata.n_vars, seed=seed, config=cname,
+                         epochs_to_reference=int(np.argmax(v >= ref)) + 1 if (v >= ref).any() else None)
+                rows.append(r)
+                print(f"{name} seed {seed} {cname}: best {r['best']:.2f} (epoch {r['best_epoch']}), reference at "
+                      f"{r['epochs_to_reference']}, {r['epochs']} epochs, {r['seconds']:.0f} s, ARI {r['ari']:.3f}",
+                      flush=True)
+    md = ["# Learning-rate schedule: scvi-tools' optimizer vs cellvae's default", "",
+          f"Machine: {machine_description()}; load average {loadavg()} at the end. `{' '.join(sys.argv)}`", "",
+          __doc__.split("\n\n")[1].replace("\n", " "), "",
+          "| dataset | cells x genes | seed | optimizer | best validation ELBO (epoch) | diff vs constant | "
+          "epochs to constant's best | epochs run | KMeans ARI / NMI |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(x for x in rows if x["dataset"] == r["dataset"] and x["seed"] == r["seed"])
+        diff = (r["best"] - base["best"]) / abs(base["best"]) * 100
+        md.append(f"| {r['dataset']} | {r['n_cells']} x {r['n_genes']} | {r['seed']} | {r['config']} | "
+                  f"{r['best']:.2f} ({r['best_epoch']}) | {diff:+.3f} % | {r['epochs_to_reference'] or 'not reached'}"
+                  f" | {r['epochs']} | {r['ari']:.3f} / {r['nmi']:.3f} |")
+    md += ["", "Mean over datasets and seeds:", "", "| optimizer | best ELBO diff vs constant | epochs to constant's "
+           "best / constant's best epoch | KMeans ARI |", "|---|---|---|---|"]
+    for cname in CONFIGS:
+        sel = [r for r in rows if r["config"] == cname]
+        diffs, fr = [], []
+        for r in sel:
+            base = next(x for x in rows if x["dataset"] == r["dataset"] and x["seed"] == r["seed"])
+            diffs.append((r["best"] - base["best"]) / abs(base["best"]) * 100)
+            if r["epochs_to_reference"]:
+                fr.append(r["epochs_to_reference"] / base["best_epoch"])
+        reached = f"{np.mean(fr):.2f} ({len(fr)} of {len(sel)} runs reached it)" if fr else "never reached"
+        md.append(f"| {cname} | {np.mean(diffs):+.3f} % | {reached} | {np.mean([r['ari'] for r in sel]):.3f} |")
+    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps({"rows": rows}, indent=1))
+    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
