@@ -3,8 +3,7 @@
 For each dataset this runs ``vs_scvi.py`` twice, so the measurement rules are that script's (same genes, the same
 90/10 split of the cells, the same architecture: n_hidden 128, n_latent 10, 1 layer, ZINB, gene dispersion; batch
 size 128; the same epochs; the same KL warm-up, ``--warmup-fraction`` of the epochs for both; no early stopping;
-each training in a fresh child process; tool order alternating per seed; each tool's own optimizer settings,
-scvi-tools' for both with ``--cellvae-optimizer scvi``):
+each training in a fresh child process; tool order alternating per seed):
 
 1. main mode: training cells/s (training cells x epochs / seconds of ``train()``), peak RSS of the child, and the
    held-out ELBO (nats per cell) of both after the same epochs;
@@ -52,12 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--large-path", default=str(REPO_ROOT / "benchmarks" / "data" / "large_100000.h5ad"))
     p.add_argument("--skip-ttq", action="store_true", help="main mode only")
-    p.add_argument("--cellvae-optimizer", choices=["default", "scvi"], default="default",
-                   help="default: cellvae's own (lr 2e-3, cosine); scvi: scvi-tools' (lr 1e-3, constant) for "
-                        "cellvae too; its reports are written as throughput_scviopt*")
     p.add_argument("--report-only", action="store_true", help="rebuild throughput.md from the kept reports")
-    p.add_argument("--out", default=None, help="default: results/throughput.md (throughput_scviopt.md with "
-                                                "--cellvae-optimizer scvi)")
+    p.add_argument("--out", default=str(RESULTS / "throughput.md"))
     return p.parse_args(argv)
 
 
@@ -90,16 +85,10 @@ def run(args) -> None:
             common = ["--datasets", f"{stem}:{label}", "--seeds", *args.seeds.split(","), "--max-epochs", str(e),
                       "--threads", str(args.threads), "--data-dir", data_dir, "--scvi-kl-warmup", str(warm),
                       "--cellvae-kl-warmup", str(warm)]
-            base = RESULTS / f"throughput{_tag(args)}_{short}"
-            if args.cellvae_optimizer == "scvi":
-                common += ["--cellvae-lr", "1e-3", "--cellvae-lr-schedule", "constant"]
+            base = RESULTS / f"throughput_{short}"
             _run_vs_scvi([*common, "--n-mc-samples", "1", "--out", f"{base}_main.md", "--json", f"{base}_main.json"])
             if not args.skip_ttq:
                 _run_vs_scvi([*common, "--time-to-quality", "--out", f"{base}_ttq.md", "--json", f"{base}_ttq.json"])
-
-
-def _tag(args) -> str:
-    return "_scviopt" if args.cellvae_optimizer == "scvi" else ""
 
 
 def _rows(path: Path) -> list[dict]:
@@ -111,7 +100,7 @@ def summarise(args) -> dict:
 
     out = []
     for short in args.datasets.split(","):
-        base = RESULTS / f"throughput{_tag(args)}_{short}"
+        base = RESULTS / f"throughput_{short}"
         main = [r for r in _rows(Path(f"{base}_main.json")) if r.get("error") is None]
         ttq = [r for r in _rows(Path(f"{base}_ttq.json")) if r.get("error") is None]
         for seed in sorted({r["seed"] for r in main}):
@@ -134,7 +123,7 @@ def summarise(args) -> dict:
                 row["cellvae_ttq_epoch"] = cr[0] if cr else None
                 row["ttq_speedup"] = sr[1] / cr[1] if sr and cr else None
             out.append(row)
-    return {"meta": {"cellvae_optimizer": args.cellvae_optimizer, "machine": machine_description(), "cellvae": package_version("cellvae"),
+    return {"meta": {"machine": machine_description(), "cellvae": package_version("cellvae"),
                      "scvi-tools": package_version("scvi-tools"), "torch": package_version("torch"),
                      "loadavg": os.getloadavg()}, "rows": out}
 
@@ -148,14 +137,9 @@ def render(payload: dict) -> str:
              "Same genes, split, architecture (ZINB, n_hidden 128, n_latent 10), batch 128, epochs and KL warm-up "
              "for both; cells/s = training cells x epochs / seconds of `train()`; held-out ELBO in nats per cell "
              "after the same epochs; time to scvi quality = wall time until the held-out ELBO reaches scvi-tools' "
-             "final held-out ELBO (per-epoch times incl. the held-out evaluation). Optimizer: Adam, eps 0.01, "
-             "weight decay 1e-6 for both; scvi-tools lr 1e-3 constant (its default); cellvae "
-             + ("lr 1e-3 constant (scvi-tools' optimizer, `--cellvae-optimizer scvi`)"
-                if m.get("cellvae_optimizer") == "scvi" else
-                "lr 2e-3 with cosine annealing to lr / 100 at the last epoch (its default; see "
-                "`benchmarks/results/lr_schedule.md`)")
-             + ". Details: `benchmarks/vs_scvi.py`; per-dataset reports `throughput"
-             + ("_scviopt" if m.get("cellvae_optimizer") == "scvi" else "") + "_<dataset>_{main,ttq}.md`.", "",
+             "final held-out ELBO (per-epoch times incl. the held-out evaluation). Optimizer of both: Adam, lr 1e-3 "
+             "constant, eps 0.01, weight decay 1e-6 (their defaults). Details: `benchmarks/vs_scvi.py`; "
+             "per-dataset reports `throughput_<dataset>_{main,ttq}.md`.", "",
              "| dataset | cells x genes | epochs | threads | scvi cells/s | cellvae cells/s | speed-up | "
              "held-out ELBO scvi / cellvae (diff) | time to scvi quality scvi / cellvae (speed-up) | "
              "peak RSS MiB scvi / cellvae |",
@@ -178,8 +162,7 @@ def main(argv=None) -> None:
     if not args.report_only:
         run(args)
     payload = summarise(args)
-    out = Path(args.out) if args.out else RESULTS / f"throughput{_tag(args)}.md"
-    write_json_and_md(out, payload, render(payload))
+    write_json_and_md(Path(args.out), payload, render(payload))
 
 
 if __name__ == "__main__":

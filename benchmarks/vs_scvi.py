@@ -145,10 +145,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cellvae-kl-warmup", type=int, default=None,
                    help="cellvae n_epochs_kl_warmup (default: cellvae's own, half of --max-epochs)")
     p.add_argument("--cellvae-lr", type=float, default=None,
-                   help="cellvae peak learning rate (default: cellvae's own, 2e-3)")
+                   help="cellvae (peak) learning rate (default: cellvae's own, 1e-3)")
     p.add_argument("--cellvae-lr-schedule", choices=["cosine", "constant"], default=None,
-                   help="cellvae learning-rate schedule (default: cellvae's own, cosine); "
-                        "--cellvae-lr 1e-3 --cellvae-lr-schedule constant is scvi-tools' optimizer")
+                   help="cellvae learning-rate schedule (default: cellvae's own, constant)")
     p.add_argument("--scvi-kl-warmup", type=int, default=None,
                    help=f"scvi-tools n_epochs_kl_warmup (default: scvi-tools' own, {SCVI_DEFAULT_KL_WARMUP})")
     p.add_argument("--time-to-quality", action="store_true",
@@ -561,10 +560,10 @@ def _header(meta: dict, title: str) -> list[str]:
                + ". Held-out ELBO and log p(x) are evaluated at KL weight 1, so they partly reflect this "
                "difference of the tools' defaults (`--scvi-kl-warmup` / `--cellvae-kl-warmup` align them). "
                "Optimizer: Adam (eps 0.01, weight decay 1e-6) in both; scvi-tools lr 1e-3 constant (its default), "
-               f"cellvae lr {meta.get('cellvae_lr') or 2e-3:g} "
-               f"{meta.get('cellvae_lr_schedule') or 'cosine'}"
-               + (" (its default: cosine annealing to lr / 100 at max_epochs)" if not meta.get("cellvae_lr")
-                  and not meta.get("cellvae_lr_schedule") else "") + ".")
+               f"cellvae lr {meta.get('cellvae_lr') or 1e-3:g} "
+               f"{meta.get('cellvae_lr_schedule') or 'constant'}"
+               + (" (its default)" if not meta.get("cellvae_lr") and not meta.get("cellvae_lr_schedule") else "")
+               + ".")
     out.append("- Data: datasets with > 5000 genes are reduced to 2000 highly variable genes "
                "(`scanpy.pp.highly_variable_genes(flavor=\"seurat_v3\", n_top_genes=2000)` on raw counts); cells "
                "without counts are dropped. Per seed, one permutation `numpy.random.default_rng(seed)` of the "

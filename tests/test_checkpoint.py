@@ -61,9 +61,9 @@ def test_resume_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch, lr_sch
     for key in ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo", "skipped_steps"):
         assert r[key] == h[key], key
     if lr_schedule == "cosine":
-        assert h["lr"][0] < 2e-3 and 2e-5 < h["lr"][-1] < 3e-5 and np.all(np.diff(h["lr"]) < 0)
+        assert h["lr"][0] < 1e-3 and 1e-5 < h["lr"][-1] < 1.5e-5 and np.all(np.diff(h["lr"]) < 0)
     else:
-        assert h["lr"] == [2e-3] * 6
+        assert h["lr"] == [1e-3] * 6
     assert r["best_epoch"] == h["best_epoch"] and r["n_skipped_steps"] == 0
     np.testing.assert_array_equal(resumed.validation_indices, straight.validation_indices)
 
@@ -115,7 +115,7 @@ def test_checkpoint_refusals_and_damage(tmp_path, zeisel_small, kang_small):
         CountVAE(zeisel_small, n_hidden=16).train(max_epochs=2, checkpoint_dir=d, resume=True, **TRAIN)
     with pytest.raises(CellvaeInputError, match=r"seed \(3 in the checkpoint, 4 now\)"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=2, checkpoint_dir=d, resume=True, **dict(TRAIN, seed=4))
-    with pytest.warns(UserWarning, match=r"changed settings.*lr: 0.002 -> 0.0001"):
+    with pytest.warns(UserWarning, match=r"changed settings.*lr: 0.001 -> 0.0001"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=3, checkpoint_dir=d, resume=True, lr=1e-4, **TRAIN)
     with pytest.raises(CellvaeInputError, match="needs the checkpoint_dir"):
         CountVAE(zeisel_small, **SMALL).train(max_epochs=2, resume=True, **TRAIN)

@@ -32,7 +32,7 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--labels-key", "cell_type",
                                   "--batch-key", "donor", "--max-epochs", "3", "--n-top-genes", "100", "--quiet",
-                                  "--lr", "1e-3", "--lr-schedule", "constant"])
+                                  "--lr", "2e-3", "--lr-schedule", "cosine"])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output
     assert _md5(small_h5ad) == before  # input untouched
@@ -59,7 +59,8 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
     assert set(markers["group1"].astype(str)) == set(src.obs["cell_type"].astype(str))
     assert "Marker genes" in html
     m = CountVAE.load(out / "model", adata=src)
-    assert m.history["plan"]["lr"] == 1e-3 and m.history["lr"] == [1e-3] * 3  # --lr, --lr-schedule constant
+    lr = m.history["lr"]  # --lr 2e-3 --lr-schedule cosine: 2e-3 falling towards 2e-5 at the end of epoch 3
+    assert m.history["plan"]["lr"] == 2e-3 and 2e-3 > lr[0] > lr[1] > lr[2] > 2e-5 and lr[2] < 2e-4
     np.testing.assert_allclose(m.get_latent_representation(), res.obsm["X_cellvae"], rtol=1e-4, atol=1e-5)
     assert not list(out.glob(".*"))  # no temporary files left
 

@@ -42,11 +42,16 @@ def test_adam_gets_the_scheduled_rate_every_step(zeisel_small, monkeypatch):
 
     monkeypatch.setattr(train_mod, "make_optimizer", spy)
     m = CountVAE(zeisel_small, n_hidden=32, n_latent=5)
-    m.train(max_epochs=5, batch_size=64, seed=1, progress_bar=False, n_threads=1)  # 270 training cells: 5 steps
+    m.train(max_epochs=5, batch_size=64, seed=1, progress_bar=False, n_threads=1, lr=2e-3,
+            lr_schedule="cosine")  # 270 training cells: 5 steps per epoch
     plan = TrainingPlan(lr=2e-3, lr_schedule="cosine")
     assert seen == pytest.approx([lr_at(s, 25, plan) for s in range(25)], rel=1e-12)
     assert m.history["lr"] == pytest.approx(seen[4::5], rel=1e-12)
     assert m.history["plan"]["lr_schedule"] == "cosine" and m.history["plan"]["lr"] == 2e-3
+    seen.clear()
+    m = CountVAE(zeisel_small, n_hidden=32, n_latent=5).train(max_epochs=2, batch_size=64, seed=1,
+                                                             progress_bar=False, n_threads=1)
+    assert seen == [1e-3] * 10 and m.history["lr"] == [1e-3] * 2  # the default: scvi-tools' constant 1e-3
 
 
 def test_unknown_schedule_is_refused_before_training(zeisel_small):
