@@ -130,8 +130,8 @@ def summarise(args) -> dict:
                 row["cellvae_ttq_epoch"] = cr[0] if cr else None
                 row["ttq_speedup"] = sr[1] / cr[1] if sr and cr else None
             out.append(row)
-    return {"meta": {"ttq_extra_fraction": args.ttq_extra_fraction, "machine": machine_description(), "cellvae": package_version("cellvae"),
-                     "scvi-tools": package_version("scvi-tools"), "torch": package_version("torch"),
+    return {"meta": {"ttq_extra_fraction": args.ttq_extra_fraction, "machine": machine_description(),
+                     "cellvae": package_version("cellvae"), "scvi-tools": package_version("scvi-tools"), "torch": package_version("torch"),
                      "loadavg": os.getloadavg()}, "rows": out}
 
 

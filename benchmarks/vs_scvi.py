@@ -455,7 +455,7 @@ def _ttq_cellvae(cellvae, task, adata, tr, ho, train_size) -> dict:
     model = cellvae.CountVAE(adata, **ARCH)
     kw = _cellvae_train_kwargs(task)
     if task.get("ttq_cellvae_extra_epochs"):
-        kw.setdefault("n_epochs_kl_warmup", max(1, min(400, kw["max_epochs"] // 2)))  # that of --max-epochs
+        kw.setdefault("n_epochs_kl_warmup", cellvae.train.TrainingPlan(max_epochs=kw["max_epochs"]).warmup_epochs)
         kw["max_epochs"] += task["ttq_cellvae_extra_epochs"]
     t0 = time.perf_counter()
     model.train(train_size=train_size, **kw)

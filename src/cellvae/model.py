@@ -334,9 +334,9 @@ class CountVAE:
             self, trained; ``self.history`` holds the per-epoch losses.
 
         Raises:
-            CellvaeInputError: fewer than 3 cells with counts, fewer training cells than one minibatch, or a
-                checkpoint that cannot be resumed (unreadable, another model/data/split, or present while
-                ``resume`` is False).
+            CellvaeInputError: fewer than 3 cells with counts, fewer training cells than one minibatch, an
+                ``lr_schedule`` other than ``"constant"`` / ``"cosine"``, or a checkpoint that cannot be resumed
+                (unreadable, another model/data/split, or present while ``resume`` is False).
             CellvaeTrainingError: ``max_bad_steps`` consecutive non-finite steps. The model then keeps the best
                 weights so far (``self.history`` up to the failure); with ``checkpoint_dir`` they are also in the
                 checkpoint.
