@@ -101,7 +101,7 @@ def test_fused_likelihood_fallback_is_the_same(no_native):
 def _linear_case():
     gen = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(50, 300, generator=gen) ** 6 * 4, generator=gen).to_sparse_csr()
-    w = torch.randn(300, 20, generator=gen).t().requires_grad_()  # column-major (n_out, n_in), as the Encoder
+    w = torch.randn(300, 20, generator=gen).t().requires_grad_()  # (n_out, n_in) view of (n_in, n_out), as the Encoder
     b = torch.randn(20, generator=gen).requires_grad_()
     g = torch.randn(50, 20, generator=gen)
     y = sparse_linear(x, w, b)

@@ -6,6 +6,7 @@ in tests/test_fast_path.py."""
 
 from __future__ import annotations
 
+import copy
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from conftest import assert_same_training
 
 from cellvae.data import TensorData
 from cellvae.module import VAEModule
-from cellvae.nn import sparse_linear
-from cellvae.train import _sparse_minibatches
+from cellvae.nn import Encoder, InputMajorLinear, sparse_linear
+from cellvae.train import TrainingPlan, _sparse_minibatches, _transpose_old_states, make_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # from x.to_sparse_csr()
 
@@ -35,16 +36,15 @@ def _counts(pbmc, n=128):
 def test_sparse_linear_equals_linear():
     gen = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(50, 300, generator=gen) ** 6 * 4, generator=gen)
-    lin = torch.nn.Linear(300, 20)
-    lin.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous().t())  # the Encoder's column-major layout
+    lin = InputMajorLinear(300, 20)  # the Encoder's first layer
     g = torch.randn(50, 20, generator=gen)
     outs = []
     for xi in (x, x.to_sparse_csr()):
         lin.zero_grad()
         y = sparse_linear(xi, lin.weight, lin.bias) if xi.layout == torch.sparse_csr else lin(xi)
         (y * g).sum().backward()
-        outs.append((y.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
-        assert lin.weight.grad.stride() == lin.weight.stride()  # no transposing copy of the gradient
+        outs.append((y.detach(), lin.weight_t.grad.clone(), lin.bias.grad.clone()))
+        assert lin.weight_t.grad.is_contiguous()  # no transposing copy of the gradient
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -104,3 +104,57 @@ def test_training_with_sparse_minibatches_same_weights(train_pbmc_small):
         runs.append(train_pbmc_small(use_sparse_counts=sparse))
         assert _sparse_minibatches(runs[-1][0], train_pbmc_small.data, torch.device("cpu")) == sparse
     assert_same_training(*runs)
+
+
+def test_input_major_linear_is_nn_linear_with_a_contiguous_transposed_weight():
+    """Same initialisation, function, state_dict keys and shapes as torch.nn.Linear; the parameter is the
+    contiguous (n_in, n_out) transpose, so fused Adam updates it in place (no per-step copy)."""
+    torch.manual_seed(5)
+    ref = torch.nn.Linear(30, 7)
+    torch.manual_seed(5)
+    lin = InputMajorLinear(30, 7)
+    assert lin.weight_t.shape == (30, 7) and lin.weight_t.is_contiguous()
+    torch.testing.assert_close(lin.weight, ref.weight, rtol=0, atol=0)
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(lin(x), ref(x), rtol=0, atol=0)
+    sd, ref_sd = lin.state_dict(), ref.state_dict()
+    assert list(sd) == list(ref_sd) == ["weight", "bias"]
+    assert all(sd[k].shape == ref_sd[k].shape for k in sd)
+    with torch.no_grad():
+        ref.weight.mul_(2)
+    lin.load_state_dict(ref.state_dict())  # from nn.Linear's state dict, and the other way round
+    torch.testing.assert_close(lin.weight, ref.weight, rtol=0, atol=0)
+    assert lin.weight_t.is_contiguous()
+    ref2 = torch.nn.Linear(30, 7)
+    ref2.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(ref2.weight, ref.weight, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape "
+                                           r"torch.Size\(\[7, 31\]\)"):
+        lin.load_state_dict(torch.nn.Linear(31, 7).state_dict())
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight"'):
+        lin.load_state_dict({"bias": torch.zeros(7)})
+    enc = Encoder(50, 4)
+    assert all(p.is_contiguous() for p in enc.parameters())
+
+
+def test_old_checkpoint_adam_moments_are_transposed():
+    """Adam moments saved when the first encoder weight was an (n_out, n_in) parameter are resumed transposed;
+    the Adam step is then the one of the old layout."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)  # old layout (n_out, n_in)
+    g = torch.randn(6, 4)
+    old = torch.nn.Parameter(w.clone())
+    opt_old = make_optimizer([old], TrainingPlan())
+    old.grad = g.clone()
+    opt_old.step()
+    new = torch.nn.Parameter(w.t().contiguous())  # InputMajorLinear layout (n_in, n_out)
+    opt_new = make_optimizer([new], TrainingPlan())
+    opt_new.load_state_dict(copy.deepcopy(opt_old.state_dict()))  # as from a file: no shared tensors
+    _transpose_old_states(opt_new)
+    assert opt_new.state[new]["exp_avg"].shape == (4, 6)
+    with torch.no_grad():
+        new.copy_(old.t())
+    old.grad, new.grad = g.clone(), g.t().contiguous()
+    opt_old.step()
+    opt_new.step()
+    torch.testing.assert_close(new.detach(), old.detach().t(), rtol=0, atol=0)

@@ -24,7 +24,7 @@ class _SparseLinear(torch.autograd.Function):
     gradient ``g^T x = (x^T g)^T`` are sparse-dense products (work proportional to the non-zeros of ``x``). On the
     CPU both come from the native kernels of :mod:`cellvae.native` when available; otherwise the weight gradient
     comes from scipy (``x^T`` is then a free CSC view), as an (n_in, n_out) row-major array
-    whose transpose has the layout of the first encoder weight (column-major, see :class:`Encoder`)."""
+    whose transpose has the layout of the first encoder weight (see :class:`InputMajorLinear`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -75,6 +75,69 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _SparseLinear.apply(x, weight, bias)
 
 
+class InputMajorLinear(nn.Module):
+    """``torch.nn.Linear`` whose weight is held as its transpose: the parameter ``weight_t`` is a contiguous
+    (n_in, n_out) tensor and ``weight`` is its (n_out, n_in) view. This is the layout in which :func:`sparse_linear`
+    reads the weight and computes its gradient, and a contiguous parameter keeps the fused Adam step on one pass
+    (torch's fused CPU Adam copies a non-contiguous parameter every step).
+
+    The initialisation is ``torch.nn.Linear``'s (the same random draws), and ``state_dict`` / ``load_state_dict``
+    use ``nn.Linear``'s key and shape (``weight``, (n_out, n_in)), so saved models do not depend on the layout.
+
+    Args:
+        n_in: input features (genes for the first encoder layer).
+        n_out: output features.
+        bias: whether the layer has a bias (n_out,).
+    """
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = True):
+        super().__init__()
+        init = nn.Linear(n_in, n_out, bias=bias)
+        self.in_features, self.out_features = n_in, n_out
+        self.weight_t = nn.Parameter(init.weight.detach().t().contiguous())
+        self.bias = init.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(n_out, n_in) view of ``weight_t`` (gradients flow to ``weight_t``)."""
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, n_in) dense; returns (n, n_out)."""
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight_t if keep_vars else self.weight_t.detach()
+        destination[prefix + "weight"] = w.t()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, key_t = prefix + "weight", prefix + "weight_t"
+        refused = False
+        if key in state_dict:  # load_state_dict passes its own copy of the dict: renaming the key is safe
+            w = state_dict.pop(key)
+            shape = torch.Size((self.out_features, self.in_features))
+            if isinstance(w, torch.Tensor) and w.shape == shape:
+                state_dict[key_t] = w.t()
+            else:  # torch's message, in nn.Linear's terms
+                got = w.shape if isinstance(w, torch.Tensor) else type(w).__name__
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {got} from checkpoint, "
+                                  f"the shape in current model is {shape}.")
+                refused = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key_t in missing_keys:  # reported under nn.Linear's key, or not at all when refused above
+            if refused:
+                missing_keys.remove(key_t)
+            else:
+                missing_keys[missing_keys.index(key_t)] = key
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 class CovariateLinear(nn.Module):
     """``y = W x + b + sum_k E_k[c_k] + V u``: a linear layer on ``[x, onehot(c_1), ..., onehot(c_K), u]``.
 
@@ -84,11 +147,13 @@ class CovariateLinear(nn.Module):
         n_cats: number of categories of each categorical covariate (batch first, by convention).
         n_cont: number of continuous covariates.
         bias: whether ``W x`` has a bias.
+        input_major: hold ``W`` as its transpose (:class:`InputMajorLinear`), the layout of sparse inputs.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_cats: Sequence[int] = (), n_cont: int = 0, bias: bool = True):
+    def __init__(self, n_in: int, n_out: int, n_cats: Sequence[int] = (), n_cont: int = 0, bias: bool = True,
+                 input_major: bool = False):
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out, bias=bias)
+        self.linear = (InputMajorLinear if input_major else nn.Linear)(n_in, n_out, bias=bias)
         self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats if n > 1)
         self._use = [n > 1 for n in n_cats]
         self.cont = nn.Linear(n_cont, n_out, bias=False) if n_cont > 0 else None
@@ -124,6 +189,7 @@ class FCLayers(nn.Module):
         dropout_rate: dropout after each activation.
         use_batch_norm: batch normalisation (momentum 0.01, eps 1e-3, as scVI) after each linear map.
         use_layer_norm: layer normalisation instead.
+        input_major_first: the first linear map is an :class:`InputMajorLinear` (for sparse CSR inputs).
     """
 
     def __init__(
@@ -138,6 +204,7 @@ class FCLayers(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
+        input_major_first: bool = False,
     ):
         super().__init__()
         dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
@@ -146,7 +213,8 @@ class FCLayers(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             inject = i == 0 or inject_covariates
             self.linears.append(
-                CovariateLinear(a, b, n_cats if inject else (), n_cont if inject else 0)
+                CovariateLinear(a, b, n_cats if inject else (), n_cont if inject else 0,
+                                input_major=input_major_first and i == 0)
             )
             parts: list[nn.Module] = []
             if use_batch_norm:
@@ -193,15 +261,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.encoder = FCLayers(
             n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, dropout_rate,
-            use_batch_norm, use_layer_norm, inject_covariates,
+            use_batch_norm, use_layer_norm, inject_covariates, input_major_first=True,
         )
         self.mean_encoder = nn.Linear(n_hidden, n_out)
         self.var_encoder = nn.Linear(n_hidden, n_out)
         self.var_eps = var_eps
-        # The first weight (n_hidden, n_in) is stored column-major (its transpose is contiguous), the layout in which
-        # sparse_linear reads it and computes its gradient: no transposing copies in a sparse training step.
-        first = self.encoder.linears[0].linear
-        first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         h = self.encoder(x, cat, cont)

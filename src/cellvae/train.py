@@ -345,6 +345,17 @@ def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan) -> torch.opti
     return torch.optim.Adam(params, **kw)
 
 
+def _transpose_old_states(optimizer: torch.optim.Optimizer) -> None:
+    """Adam moments of a checkpoint written before the first encoder weight became an ``InputMajorLinear``
+    parameter ((n_in, n_out); the moments were (n_out, n_in)) are transposed to the parameter's shape."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if (isinstance(v, torch.Tensor) and v.dim() == 2 and p.dim() == 2 and v.shape != p.shape
+                        and v.shape == p.shape[::-1]):
+                    optimizer.state[p][k] = v.t().contiguous()
+
+
 def _sparse_minibatches(module, data, device: torch.device) -> bool:
     """Whether to feed sparse CSR minibatches (training and validation): a module that takes them
     (``VAEModule.sparse_input``) on the CPU, with data that offer them and are sparse enough
@@ -425,6 +436,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         _check_resume(ck, plan, train_t, val_t, meta, warmup_steps, ck_dir, lr_steps)
         module.load_state_dict(ck["module"])
         optimizer.load_state_dict(ck["optimizer"])
+        _transpose_old_states(optimizer)
         for group in optimizer.param_groups:  # settings of this call (a lower lr after a failure, say)
             group.update(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
         gen.set_state(ck["minibatch_rng"])
