@@ -14,7 +14,12 @@ import torch
 from conftest import assert_same_training
 
 from cellvae import native
-from cellvae.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, softmax_count_log_prob_sum
+from cellvae.distributions import (
+    NegativeBinomial,
+    ZeroInflatedNegativeBinomial,
+    linear_softmax_count_log_prob_sum,
+    softmax_count_log_prob_sum,
+)
 from cellvae.nn import sparse_linear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -75,6 +80,47 @@ def test_fused_likelihood_equals_distribution_classes(zinb, per_batch, layout):
     assert _rel(got.detach(), want.detach()) < 1e-5
     for a, b in zip(g_got, g_want):
         assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+@pytest.mark.parametrize("per_batch", [0, 3])
+@pytest.mark.parametrize("zinb", [True, False])
+def test_output_layers_folded_into_the_kernel_equal_autograd(zinb, per_batch, layout):
+    """linear_softmax_count_log_prob_sum (the decoder's output layers inside the kernel's autograd function) gives
+    the values and gradients of nn.functional.linear followed by the fused likelihood, with unequal per-cell
+    gradients; without the native kernels it is that code."""
+    x, _, lib, lt, rows, _ = _case(zinb, per_batch)
+    gen = torch.Generator().manual_seed(2)
+    n_hidden = 16
+    h = torch.relu(torch.randn(len(x), n_hidden, generator=gen)).requires_grad_()
+    w = (torch.randn(x.shape[1], n_hidden, generator=gen) * 0.5).requires_grad_()
+    b = torch.randn(x.shape[1], generator=gen).requires_grad_()
+    zw = (torch.randn(x.shape[1], n_hidden, generator=gen) * 0.5).requires_grad_() if zinb else None
+    zb = torch.randn(x.shape[1], generator=gen).requires_grad_() if zinb else None
+    inputs = [t for t in (h, w, b, zw, zb, lib, lt) if t is not None]
+    weights = torch.randn(len(x), generator=gen)
+    xin = x.to_sparse_csr() if layout == "csr" else x
+    got = linear_softmax_count_log_prob_sum(xin, h, w, b, lib, lt, zw, zb, rows)
+    assert "LinearSoftmaxNBNative" in type(got.grad_fn).__name__
+    g_got = torch.autograd.grad((got * weights).sum(), inputs)
+    zi = torch.nn.functional.linear(h, zw, zb) if zinb else None
+    want = softmax_count_log_prob_sum(xin, torch.nn.functional.linear(h, w, b), lib, lt, zi, rows)
+    g_want = torch.autograd.grad((want * weights).sum(), inputs)
+    assert _rel(got.detach(), want.detach()) < 1e-6
+    for a, c in zip(g_got, g_want):
+        assert a.shape == c.shape and _rel(a, c) < 1e-5
+    with torch.no_grad():
+        assert torch.equal(linear_softmax_count_log_prob_sum(xin, h, w, b, lib, lt, zw, zb, rows), got.detach())
+
+
+def test_output_layers_folded_fallback(no_native):
+    x, _, lib, lt, rows, zi = _case(True, 3)
+    h = torch.randn(len(x), 8).requires_grad_()
+    w, zw = torch.randn(x.shape[1], 8), torch.randn(x.shape[1], 8)
+    got = linear_softmax_count_log_prob_sum(x.to_sparse_csr(), h, w, None, lib, lt, zw, None, rows)
+    assert "Native" not in type(got.grad_fn).__name__
+    want = softmax_count_log_prob_sum(x, h @ w.t(), lib, lt, h @ zw.t(), rows)
+    assert _rel(got.detach(), want.detach()) < 1e-6
 
 
 def test_fused_likelihood_without_gradients_and_nonfinite_logits():

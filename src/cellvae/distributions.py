@@ -36,6 +36,7 @@ __all__ = [
     "log_zinb_positive",
     "lgamma_ratio",
     "count_log_prob_sum",
+    "linear_softmax_count_log_prob_sum",
     "softmax_count_log_prob_sum",
 ]
 
@@ -569,6 +570,34 @@ def _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, tabl
 
 
 # ------------------------------------------------------------------ fused log-softmax + likelihood (native)
+def _nb_kernel(logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv, xdense, grad):
+    """Run ``cv_nb_loglik``: ``(ll (n,), (ga, gth, gzi, glib) or None, shapes for the backward pass)``."""
+    n, n_genes = logits.shape
+    lt = log_theta.reshape(-1, n_genes).contiguous()
+    theta = lt.exp()
+    loglib = log_library.reshape(n).contiguous()
+    ll = logits.new_empty(n)
+    ga = torch.empty_like(logits) if grad else None
+    gth = torch.empty_like(logits) if grad else None
+    gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
+    glib = logits.new_empty(n) if grad else None
+    n_rows = lt.shape[0]
+    lib = native.library()
+    work = logits.new_empty(lib.cv_nb_work_size(n_genes, n_rows))
+    p = native.ptr
+    lib.cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows), p(zi_logits),
+                     p(crow), p(col), p(xv), p(xdense), p(ll), p(ga), p(gth), p(gzi), p(glib), p(work))
+    return ll, ((ga, gth, gzi, glib) if grad else None), (log_library.shape, log_theta.shape, n_rows)
+
+
+def _log_theta_grad(gth, grad, rows, n_rows, theta_shape):
+    """Gradient of log theta from the kernel's per-entry derivatives ``gth`` (n, G) and the per-cell gradient
+    ``grad`` (n,): summed over cells, into each cell's theta row (``rows``) when theta has several."""
+    if rows is None:
+        return (grad @ gth).reshape(theta_shape)
+    return gth.new_zeros(n_rows, gth.shape[1]).index_add_(0, rows, gth * grad.unsqueeze(-1)).reshape(theta_shape)
+
+
 class _SoftmaxNBNative(torch.autograd.Function):
     """Per-cell NB / ZINB log-likelihood from the decoder logits, computed by the native kernel
     ``cv_nb_loglik`` (``csrc/fastpath.c``), which also returns every derivative in the same pass when a gradient
@@ -583,25 +612,10 @@ class _SoftmaxNBNative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv, xdense, grad):
-        n, n_genes = logits.shape
-        lt = log_theta.reshape(-1, n_genes).contiguous()
-        theta = lt.exp()
-        loglib = log_library.reshape(n).contiguous()
-        ll = logits.new_empty(n)
-        ga = torch.empty_like(logits) if grad else None
-        gth = torch.empty_like(logits) if grad else None
-        gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
-        glib = logits.new_empty(n) if grad else None
-        n_rows = lt.shape[0]
-        lib = native.library()
-        work = logits.new_empty(lib.cv_nb_work_size(n_genes, n_rows))
-        p = native.ptr
-        lib.cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows),
-                                      p(zi_logits), p(crow), p(col), p(xv), p(xdense), p(ll), p(ga), p(gth),
-                                      p(gzi), p(glib), p(work))
+        ll, derivatives, ctx.shapes = _nb_kernel(logits, log_library, log_theta, zi_logits, theta_rows, crow, col,
+                                                 xv, xdense, grad)
         if grad:
-            ctx.save_for_backward(ga, gth, gzi, glib, theta_rows)
-            ctx.shapes = (log_library.shape, log_theta.shape, lt.shape[0])
+            ctx.save_for_backward(*derivatives, theta_rows)
         return ll
 
     @staticmethod
@@ -611,14 +625,109 @@ class _SoftmaxNBNative(torch.autograd.Function):
         g = grad.unsqueeze(-1)
         d_logits = ga * g if ctx.needs_input_grad[0] else None
         d_lib = (glib * grad).reshape(lib_shape) if ctx.needs_input_grad[1] else None
-        d_lt = None
-        if ctx.needs_input_grad[2]:
-            if rows is None:
-                d_lt = (grad @ gth).reshape(theta_shape)
-            else:
-                d_lt = gth.new_zeros(n_rows, gth.shape[1]).index_add_(0, rows, gth * g).reshape(theta_shape)
+        d_lt = _log_theta_grad(gth, grad, rows, n_rows, theta_shape) if ctx.needs_input_grad[2] else None
         d_zi = gzi * g if ctx.needs_input_grad[3] and gzi is not None else None
         return d_logits, d_lib, d_lt, d_zi, None, None, None, None, None, None
+
+
+class _LinearSoftmaxNBNative(torch.autograd.Function):
+    """:class:`_SoftmaxNBNative` with the decoder's output layers folded in: ``logits = h W^T + b`` and
+    ``zi_logits = h Wz^T + bz``, which the caller computed (without autograd) and passes with ``h`` and the weights.
+
+    The kernel's derivatives ``ga = d ll_i / d logits_i.`` and ``gzi`` are per cell; the incoming gradient ``g``
+    (n,) scales whole rows, so it is applied to the (n, n_hidden) side of each product instead of to the
+    (n, n_genes) derivatives: ``dW = ga^T (g * h)``, ``db = ga^T g``, ``dh = g * (ga W + gzi Wz)``. This is the
+    same arithmetic as autograd through ``torch.nn.functional.linear`` and :class:`_SoftmaxNBNative` up to float
+    rounding, without two (n, n_genes) products, their tensors and two column sums over (n, n_genes).
+
+    Args of ``apply``: ``logits``, ``zi_logits`` (n, G) (zi None for NB) computed from ``h`` (n, H), ``weight``
+    (G, H), ``bias`` (G,) or None, ``zi_weight``, ``zi_bias`` (or None); then as :class:`_SoftmaxNBNative`.
+    Returns (n,) nats.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, zi_logits, h, weight, bias, zi_weight, zi_bias, log_library, log_theta, theta_rows,
+                crow, col, xv, xdense, grad):
+        ll, derivatives, ctx.shapes = _nb_kernel(logits, log_library, log_theta, zi_logits, theta_rows, crow, col,
+                                                 xv, xdense, grad)
+        if grad:
+            ctx.save_for_backward(*derivatives, theta_rows, h, weight, zi_weight)
+            ctx.has_bias = (bias is not None, zi_bias is not None)
+        return ll
+
+    @staticmethod
+    def backward(ctx, grad):
+        ga, gth, gzi, glib, rows, h, weight, zi_weight = ctx.saved_tensors
+        has_bias, has_zi_bias = ctx.has_bias
+        lib_shape, theta_shape, n_rows = ctx.shapes
+        need = ctx.needs_input_grad
+        g = grad.unsqueeze(-1)
+        dh = dw = db = dzw = dzb = d_lib = d_lt = None
+        if need[2]:
+            dh = ga @ weight
+            if gzi is not None:
+                dh.addmm_(gzi, zi_weight)
+            dh.mul_(g)
+        if need[3] or need[5]:
+            hs = h * g
+            dw = ga.t() @ hs if need[3] else None
+            dzw = gzi.t() @ hs if need[5] and gzi is not None else None
+        if need[4] and has_bias:
+            db = ga.t() @ grad
+        if need[6] and has_zi_bias and gzi is not None:
+            dzb = gzi.t() @ grad
+        if need[7]:
+            d_lib = (glib * grad).reshape(lib_shape)
+        if need[8]:
+            d_lt = _log_theta_grad(gth, grad, rows, n_rows, theta_shape)
+        return None, None, dh, dw, db, dzw, dzb, d_lib, d_lt, None, None, None, None, None, None
+
+
+def linear_softmax_count_log_prob_sum(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor | None = None,
+    zi_weight: torch.Tensor | None = None,
+    zi_bias: torch.Tensor | None = None,
+    theta_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`softmax_count_log_prob_sum` of ``logits = h weight^T + bias`` and, for ZINB,
+    ``zi_logits = h zi_weight^T + zi_bias`` (the scVI decoder's last layers, ``DecoderSCVI.scale_decoder`` and
+    ``dropout_decoder``): the same values and gradients (tested to 1e-5 relative). Where the native kernel runs,
+    the backward pass scales the per-cell gradient on the (n_cells, n_hidden) side of the weight products instead
+    of on the (n_cells, n_genes) derivatives (see :class:`_LinearSoftmaxNBNative`); otherwise it is
+    ``softmax_count_log_prob_sum(x, torch.nn.functional.linear(h, weight, bias), ...)``.
+
+    Args:
+        x: (n_cells, n_genes) non-negative integer counts (float), dense or sparse CSR.
+        h: (n_cells, n_hidden) last hidden layer of the decoder.
+        weight, bias: (n_genes, n_hidden) and (n_genes,) (or None) of the logits layer.
+        log_library: (n_cells, 1) or (n_cells,) log library size.
+        log_theta, theta_rows: as :func:`softmax_count_log_prob_sum`.
+        zi_weight, zi_bias: (n_genes, n_hidden), (n_genes,) of the zero-inflation layer (ZINB), else None (NB).
+
+    Returns:
+        (n_cells,) log-likelihood per cell, nats.
+
+    Raises:
+        ValueError, IndexError: as :func:`softmax_count_log_prob_sum`.
+    """
+    got = None
+    if h.dim() == 2 and native.usable(h, weight, bias, zi_weight, zi_bias):  # else the kernel cannot run
+        with torch.no_grad():
+            logits = F.linear(h, weight, bias)
+            zi_logits = F.linear(h, zi_weight, zi_bias) if zi_weight is not None else None
+        got = _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows)
+    if got is None:
+        logits = F.linear(h, weight, bias)
+        zi_logits = F.linear(h, zi_weight, zi_bias) if zi_weight is not None else None
+        return softmax_count_log_prob_sum(x, logits, log_library, log_theta, zi_logits, theta_rows)
+    inputs = (h, weight, bias, zi_weight, zi_bias, log_library, log_theta)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _LinearSoftmaxNBNative.apply(logits, zi_logits, *inputs, *got, grad)
 
 
 def _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows):

@@ -33,7 +33,7 @@ from .distributions import (
     count_log_prob_sum,
     csr_rows,
     csr_tensor,
-    softmax_count_log_prob_sum,
+    linear_softmax_count_log_prob_sum,
 )
 from .nn import DecoderSCVI, Encoder
 
@@ -369,11 +369,14 @@ class VAEModule(nn.Module):
 
     def _fast_reconstruction(self, x, z, library, cat, cont) -> torch.Tensor:
         zinb = self.gene_likelihood == "zinb"
-        logits, _, zi_logits = self.decoder.forward_logits(z, cat, cont, zero_inflation=zinb)
         if self.gene_likelihood == "poisson":
+            logits = self.decoder.forward_logits(z, cat, cont, zero_inflation=False)[0]
             return -count_log_prob_sum(x, library + torch.log_softmax(logits, dim=-1))
         rows = cat[:, 0] if self.dispersion == "gene-batch" else None
-        return -softmax_count_log_prob_sum(x, logits, library, self.px_r, zi_logits, theta_rows=rows)
+        dec = self.decoder
+        zw, zb = (dec.dropout_decoder.weight, dec.dropout_decoder.bias) if zinb else (None, None)
+        return -linear_softmax_count_log_prob_sum(x, dec.hidden(z, cat, cont), dec.scale_decoder.weight,
+                                                  dec.scale_decoder.bias, library, self.px_r, zw, zb, rows)
 
     def _adversarial_loss(self, qz_m: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Classifier cross-entropy plus the encoder's adversarial term (nats per cell, mean over cells).

@@ -315,11 +315,16 @@ class DecoderSCVI(nn.Module):
         rho = torch.softmax(logits, dim=-1) if self.softmax else logits
         return rho, log_theta, zi_logits
 
+    def hidden(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        """(n_cells, n_hidden) last hidden layer, the input of the output heads (``scale_decoder`` gives the
+        logits, ``dropout_decoder`` the zero-inflation logits, ``dispersion_decoder`` log theta)."""
+        return self.px_decoder(z, cat, cont)
+
     def forward_logits(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None,
                        zero_inflation: bool = True):
         """``(logits, log_theta or None, zi_logits or None)``: the decoder before the softmax (rho =
         softmax(logits)); ``zero_inflation=False`` skips the zero-inflation head (NB and Poisson do not use it)."""
-        h = self.px_decoder(z, cat, cont)
+        h = self.hidden(z, cat, cont)
         log_theta = self.dispersion_decoder(h) if self.dispersion_decoder is not None else None
         zi_logits = self.dropout_decoder(h) if zero_inflation else None
         return self.scale_decoder(h), log_theta, zi_logits
