@@ -18,38 +18,49 @@ from cellvae.distributed import per_rank_batch_size, resolve_device, shard_indic
 EPOCHS = "100"
 
 
-def _fit(data, out, extra=()):
+SEEDS = ("0", "1", "2")
+
+
+def _fit(data, out, extra=(), seed="0"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "cellvae.cli", "fit", str(data), "--out", str(out), "--labels-key", "cell_type",
-           "--max-epochs", EPOCHS, "--quiet", "--seed", "0", *extra]
+           "--max-epochs", EPOCHS, "--quiet", "--seed", seed, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text()), res
 
 
 def test_two_processes_match_one(tmp_path, data_dir):
+    """Issue 6's bar: ARI within 0.03 and held-out (validation) ELBO within 1 %. The KMeans ARI of one run moves by
+    about +-0.03 with the seed alone, so the ARI is compared as the mean over three seeds (each seed: one run with
+    1 process, one with 2); the ELBO per seed. Measured (this commit, Intel Xeon): ARI 0.949 / 0.889 / 0.912 with 1
+    process, 0.912 / 0.881 / 0.941 with 2 (means 0.917 / 0.911); validation ELBO -1381.6 / -1343.0 / -1284.9 and
+    -1381.1 / -1343.0 / -1283.2 nats per cell."""
     data = data_dir / "zeisel2015_cortex_subset_1464cells.h5ad"
     if not data.exists():
         pytest.skip("Zeisel data not found")
-    one, _ = _fit(data, tmp_path / "one")
-    two, res = _fit(data, tmp_path / "two", ["--nproc", "2"])
-    assert "launching 2 processes" in res.stderr
-    assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
-    m1, m2 = one["metrics"], two["metrics"]
-    assert m2["n_epochs"] == m1["n_epochs"]
-    # Issue 6's bar: ARI within 0.03, held-out (validation) ELBO within 1 %. Measured: ARI 0.926 vs 0.906,
-    # validation ELBO -1404 vs -1404 nats per cell.
-    assert abs(m2["kmeans_ari"] - m1["kmeans_ari"]) <= 0.03, (m1["kmeans_ari"], m2["kmeans_ari"])
-    assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"])
+    aris = {1: [], 2: []}
+    for seed in SEEDS:
+        one, _ = _fit(data, tmp_path / f"one{seed}", seed=seed)
+        two, res = _fit(data, tmp_path / f"two{seed}", ["--nproc", "2"], seed=seed)
+        assert "launching 2 processes" in res.stderr
+        assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
+        m1, m2 = one["metrics"], two["metrics"]
+        assert m2["n_epochs"] == m1["n_epochs"]
+        assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
+        aris[1].append(m1["kmeans_ari"])
+        aris[2].append(m2["kmeans_ari"])
+    assert abs(np.mean(aris[2]) - np.mean(aris[1])) <= 0.03, aris
     # Rank 0 alone wrote the outputs; the model loads.
     from cellvae import CountVAE
 
-    assert (tmp_path / "two" / "report.html").exists() and (tmp_path / "two" / "cellvae.h5ad").exists()
-    assert not (tmp_path / "two" / "checkpoints").exists()
+    two_dir = tmp_path / f"two{SEEDS[-1]}"
+    assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
+    assert not (two_dir / "checkpoints").exists()
     import anndata as ad
 
-    m = CountVAE.load(tmp_path / "two" / "model", ad.read_h5ad(data))
+    m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))
     assert m.get_latent_representation().shape == (1464, 10)
 
 

@@ -57,6 +57,10 @@ def _fit_options(f):
         click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
                      show_default=True,
                      help="constant: --lr throughout; cosine: from --lr down to --lr/100 at the last epoch."),
+        click.option("--decoder-bias-init", type=click.Choice(["frequency", "default"]), default="frequency",
+                     show_default=True,
+                     help="Initial decoder bias: frequency: log of each gene's share of the training counts "
+                          "(starts from the average profile); default: PyTorch's initialisation, as scvi-tools."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -128,6 +128,7 @@ def fit_job(
     early_stopping: bool = True,
     lr: float = 1e-3,
     lr_schedule: str = "constant",
+    decoder_bias_init: str = "frequency",
     seed: int = 0,
     overwrite: bool = False,
     progress_bar: bool = True,
@@ -142,7 +143,8 @@ def fit_job(
     Args mirror ``cellvae fit`` (see ``cellvae fit --help``). ``data`` is a path, a name in
     ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines. ``resume``: continue an interrupted job in
     ``out_dir`` from ``out_dir/checkpoints`` (same data and options); ``checkpoint_every``: epochs between
-    training checkpoints. ``lr`` / ``lr_schedule``: peak learning rate and its schedule (``CountVAE.train``).
+    training checkpoints. ``lr`` / ``lr_schedule``: peak learning rate and its schedule; ``decoder_bias_init``:
+    the decoder's initial bias (all three as ``CountVAE.train``).
     ``accelerator``: ``auto``/``cpu``/``cuda`` for training. ``backed``: train out of core
     (the .h5ad's matrix is read from disk in row chunks, :mod:`cellvae.backed`): no ``cellvae_normalized`` layer is
     written, clustering metrics use at most 50,000 cells, and above 200,000 cells the UMAP and Leiden clustering are
@@ -208,7 +210,7 @@ def fit_job(
             else f"--resume: no checkpoint in {ck_dir}; training from the beginning")
     try:
         model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
-                    lr=lr, lr_schedule=lr_schedule,
+                    lr=lr, lr_schedule=lr_schedule, decoder_bias_init=decoder_bias_init,
                     progress_bar=progress_bar, checkpoint_dir=ck_dir, checkpoint_every=checkpoint_every,
                     resume=resume, accelerator=accelerator)
     except CellvaeTrainingError as e:

@@ -226,6 +226,30 @@ class VAEModule(nn.Module):
         elif dispersion == "gene-batch":
             self.px_r = nn.Parameter(torch.randn(self.n_batch, n_input))
 
+    @torch.no_grad()
+    def init_decoder_bias(self, gene_totals) -> bool:
+        """Set the bias of the decoder's logits layer to ``log(s_g / sum_g s_g)`` (centred), ``s_g`` the total
+        counts of gene g over the training cells (at least half a count): the maximum-likelihood bias of the
+        scVI decoder ``rho = softmax(h W^T + b)`` under a Poisson or multinomial likelihood when ``h W^T = 0``
+        (``mu_ng = l_n rho_g``). Training then starts from the average expression profile instead of a uniform
+        one. Count likelihoods only; returns whether the bias was set (False for ``"normal"``).
+
+        Args:
+            gene_totals: (n_genes,) non-negative totals (counts).
+
+        Raises:
+            ValueError: ``gene_totals`` of another length, negative or not finite.
+        """
+        if self.gene_likelihood == "normal":
+            return False
+        s = np.asarray(gene_totals, dtype=np.float64).ravel()
+        bias = self.decoder.scale_decoder.bias
+        if s.shape != tuple(bias.shape) or not np.isfinite(s).all() or (s < 0).any():
+            raise ValueError(f"gene_totals must be {bias.shape[0]} finite non-negative totals, got shape {s.shape}.")
+        b = np.log(np.maximum(s, 0.5) / max(s.sum(), 0.5))
+        bias.copy_(torch.as_tensor(b - b.mean(), dtype=bias.dtype))
+        return True
+
     # ------------------------------------------------------------------ inference
     def inference(
         self,

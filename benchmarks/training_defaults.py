@@ -1,19 +1,26 @@
-"""Learning-rate schedule of ``CountVAE.train``: the default optimizer (Adam, lr 1e-3 constant, as scvi-tools) against
-cosine annealing of the learning rate to lr / 100 at ``max_epochs`` (``lr_schedule="cosine"``) with peak lr 1e-3,
-2e-3 and 3e-3.
+"""Training defaults of ``CountVAE.train``, each against the default, on five labelled datasets:
+
+- ``--study lr_schedule``: the default optimizer (Adam, lr 1e-3 constant, as scvi-tools) against cosine annealing of
+  the learning rate to lr / 100 at ``max_epochs`` (``lr_schedule="cosine"``) with peak lr 1e-3, 2e-3 and 3e-3
+  (results in ``benchmarks/results/lr_schedule.md``);
+- ``--study decoder_bias_init``: the decoder's logits bias initialised to the log gene frequencies of the training
+  cells (``decoder_bias_init="frequency"``, the default) against PyTorch's initialisation (``"default"``, as
+  scvi-tools) (``benchmarks/results/decoder_bias_init.md``).
 
 Each run is a default ``CountVAE.train`` (default ``max_epochs`` = min(400, 20000 / n_cells * 400), KL warm-up over
 half of it, early stopping with patience 45 after the warm-up, best weights restored, 10 % validation cells), ZINB,
-n_hidden 128, n_latent 10, batch 128, one thread; only ``lr`` / ``lr_schedule`` differ. Reported per dataset and
+n_hidden 128, n_latent 10, batch 128, one thread; only the studied setting differs. Reported per dataset and
 seed: the best validation ELBO (nats per cell; higher is better), the epoch it was reached, the first epoch at which
-the run reached the best ELBO of the constant-lr run of the same seed ("epochs to reference"), the epochs run, and
-the KMeans ARI / NMI (k = number of labels) of the final latent representation against the labels.
+the run reached the best ELBO of the reference run (the first configuration) of the same seed ("epochs to
+reference"), the epochs run, and the KMeans ARI / NMI (k = number of labels) of the final latent representation
+against the labels.
 
 The datasets are labelled sets of ``../shared/data`` that are *not* used by ``benchmarks/throughput.py`` (pbmc4k,
 cbmc), so that the choice of default is not tuned on the data of the throughput comparison; datasets with more
 than 5,000 genes are reduced to 2,000 seurat_v3 genes (``_common.load_dataset``).
 
-    .venv/bin/python benchmarks/lr_schedule.py [--seeds 0,1] [--datasets a,b] [--out benchmarks/results/lr_schedule]
+    .venv/bin/python benchmarks/training_defaults.py [--study lr_schedule|decoder_bias_init] [--seeds 0,1]
+        [--datasets a,b] [--out benchmarks/results/<study>]
 """
 
 from __future__ import annotations
@@ -29,15 +36,22 @@ from _common import (atomic_write_text, cluster_scores, default_data_dir, limit_
 
 DATASETS = ("zeisel2015_cortex_subset_1464cells", "kang2018_ifnb_pbmc_muscat", "human_kidney_top2000genes",
             "mouse_bladder_mca_2100cells", "worm_neuron_cao2017")
-CONFIGS = {  # name -> (lr, lr_schedule)
-    "default (lr 1e-3 constant, as scvi-tools)": (1e-3, "constant"),
-    "lr 1e-3 cosine": (1e-3, "cosine"),
-    "lr 2e-3 cosine": (2e-3, "cosine"),
-    "lr 3e-3 cosine": (3e-3, "cosine"),
+STUDIES = {  # study -> (title, {configuration name -> CountVAE.train keyword arguments}); the first is the reference
+    "lr_schedule": ("Learning-rate schedule: constant (default, as scvi-tools) vs cosine annealing", {
+        "default (lr 1e-3 constant, as scvi-tools)": {"lr": 1e-3, "lr_schedule": "constant",
+                                                      "decoder_bias_init": "default"},
+        "lr 1e-3 cosine": {"lr": 1e-3, "lr_schedule": "cosine", "decoder_bias_init": "default"},
+        "lr 2e-3 cosine": {"lr": 2e-3, "lr_schedule": "cosine", "decoder_bias_init": "default"},
+        "lr 3e-3 cosine": {"lr": 3e-3, "lr_schedule": "cosine", "decoder_bias_init": "default"},
+    }),
+    "decoder_bias_init": ("Decoder bias initialisation: PyTorch's (as scvi-tools) vs log gene frequencies", {
+        "PyTorch init (as scvi-tools)": {"decoder_bias_init": "default"},
+        "log gene frequency (default)": {"decoder_bias_init": "frequency"},
+    }),
 }
 
 
-def run_one(adata, labels, lr: float, schedule: str, seed: int) -> dict:
+def run_one(adata, labels, train_kwargs: dict, seed: int) -> dict:
     import numpy as np
     import torch
 
@@ -46,7 +60,7 @@ def run_one(adata, labels, lr: float, schedule: str, seed: int) -> dict:
     torch.set_num_threads(1)
     model = cellvae.CountVAE(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
     t0 = time.perf_counter()
-    model.train(lr=lr, lr_schedule=schedule, seed=seed, progress_bar=False, n_threads=1)
+    model.train(**train_kwargs, seed=seed, progress_bar=False, n_threads=1)
     secs = time.perf_counter() - t0
     v = np.asarray(model.history["validation_elbo"], dtype=float)
     ari, nmi = cluster_scores(model.get_latent_representation(), labels, len(set(labels)))
@@ -58,9 +72,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--study", choices=sorted(STUDIES), default="lr_schedule")
     p.add_argument("--data-dir", default=default_data_dir())
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "lr_schedule"))
+    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    title, configs = STUDIES[args.study]
+    out = args.out or str(Path(__file__).resolve().parent / "results" / args.study)
     limit_threads(1)
     import json
 
@@ -72,8 +89,8 @@ def main(argv=None) -> int:
         adata, labels, _info = load_dataset(Path(args.data_dir), name, "cell_type")
         for seed in seeds:
             ref = None
-            for cname, (lr, sched) in CONFIGS.items():
-                r = run_one(adata, labels, lr, sched, seed)
+            for cname, kwargs in configs.items():
+                r = run_one(adata, labels, kwargs, seed)
                 if ref is None:
                     ref = r["best"]
                 v = np.asarray(r["val_elbo"])
@@ -83,20 +100,20 @@ def main(argv=None) -> int:
                 print(f"{name} seed {seed} {cname}: best {r['best']:.2f} (epoch {r['best_epoch']}), reference at "
                       f"{r['epochs_to_reference']}, {r['epochs']} epochs, {r['seconds']:.0f} s, ARI {r['ari']:.3f}",
                       flush=True)
-    md = ["# Learning-rate schedule: constant (default, as scvi-tools) vs cosine annealing", "",
+    md = [f"# {title}", "",
           f"Machine: {machine_description()}; load average {loadavg()} at the end. `{' '.join(sys.argv)}`", "",
           __doc__.split("\n\n")[1].replace("\n", " "), "",
-          "| dataset | cells x genes | seed | optimizer | best validation ELBO (epoch) | diff vs constant | "
-          "epochs to constant's best | epochs run | KMeans ARI / NMI |", "|---|---|---|---|---|---|---|---|---|"]
+          "| dataset | cells x genes | seed | configuration | best validation ELBO (epoch) | diff vs reference | "
+          "epochs to reference's best | epochs run | KMeans ARI / NMI |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(x for x in rows if x["dataset"] == r["dataset"] and x["seed"] == r["seed"])
         diff = (r["best"] - base["best"]) / abs(base["best"]) * 100
         md.append(f"| {r['dataset']} | {r['n_cells']} x {r['n_genes']} | {r['seed']} | {r['config']} | "
                   f"{r['best']:.2f} ({r['best_epoch']}) | {diff:+.3f} % | {r['epochs_to_reference'] or 'not reached'}"
                   f" | {r['epochs']} | {r['ari']:.3f} / {r['nmi']:.3f} |")
-    md += ["", "Mean over datasets and seeds:", "", "| optimizer | best ELBO diff vs constant | epochs to constant's "
-           "best / constant's best epoch | KMeans ARI |", "|---|---|---|---|"]
-    for cname in CONFIGS:
+    md += ["", "Mean over datasets and seeds:", "", "| configuration | best ELBO diff vs reference | epochs to "
+           "reference's best / reference's best epoch | KMeans ARI |", "|---|---|---|---|"]
+    for cname in configs:
         sel = [r for r in rows if r["config"] == cname]
         diffs, fr = [], []
         for r in sel:
@@ -106,8 +123,8 @@ def main(argv=None) -> int:
                 fr.append(r["epochs_to_reference"] / base["best_epoch"])
         reached = f"{np.mean(fr):.2f} ({len(fr)} of {len(sel)} runs reached it)" if fr else "never reached"
         md.append(f"| {cname} | {np.mean(diffs):+.3f} % | {reached} | {np.mean([r['ari'] for r in sel]):.3f} |")
-    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps({"rows": rows}, indent=1))
-    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
+    atomic_write_text(Path(out).with_suffix(".json"), json.dumps({"rows": rows}, indent=1))
+    atomic_write_text(Path(out).with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
