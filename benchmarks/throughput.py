@@ -3,7 +3,9 @@
 For each dataset this runs ``vs_scvi.py`` twice, so the measurement rules are that script's (same genes, the same
 90/10 split of the cells, the same architecture: n_hidden 128, n_latent 10, 1 layer, ZINB, gene dispersion; batch
 size 128; the same epochs; the same KL warm-up, ``--warmup-fraction`` of the epochs for both; no early stopping;
-each training in a fresh child process; tool order alternating per seed):
+each training in a fresh child process; tool order alternating per seed; otherwise each tool's own defaults, for
+cellvae the decoder bias initialised to the log gene frequencies of the training cells, for scvi-tools PyTorch's
+initialisation):
 
 1. main mode: training cells/s (training cells x epochs / seconds of ``train()``), peak RSS of the child, and the
    held-out ELBO (nats per cell) of both after the same epochs;

@@ -65,6 +65,8 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
     plan = TrainingPlan(lr=2e-3, lr_schedule="cosine")
     steps = len(minibatch_slices(len(m.train_indices), 128))  # per epoch, cellvae fit's batch size 128
     assert m.history["plan"]["lr"] == 2e-3
+    assert m.history["plan"]["decoder_bias_init"] == res.uns["cellvae"]["settings"]["decoder_bias_init"] == "frequency"
+    assert res.uns["cellvae"]["settings"]["lr_schedule"] == "cosine"
     assert m.history["lr"] == pytest.approx([lr_at(steps * e - 1, 3 * steps, plan) for e in (1, 2, 3)], rel=1e-12)
     np.testing.assert_allclose(m.get_latent_representation(), res.obsm["X_cellvae"], rtol=1e-4, atol=1e-5)
     assert not list(out.glob(".*"))  # no temporary files left
@@ -76,6 +78,9 @@ def test_fit_refuses_nonempty_out_and_bad_values(tmp_path, small_h5ad, kang_smal
     (out / "keep.txt").write_text("x")
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--quiet"])
     assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(tmp_path / "o2"), "--quiet",
+                                  "--decoder-bias-init", "mean"])
+    assert r.exit_code == 2 and "'frequency', 'default'" in r.output
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(small_h5ad.parent), "--quiet",
                                   "--overwrite"])
     assert r.exit_code == 2 and "lies in the output directory" in r.output

@@ -336,7 +336,8 @@ def fit_job(
         "n_top_genes": n_top_genes, "library_size": "latent" if latent_library else "observed",
         "adversarial_batch_weight": adversarial_batch_weight,
         "early_stopping": early_stopping, "seed": seed, "n_processes": n_ranks,
-        "accelerator": accelerator, "backed": backed,
+        "accelerator": accelerator, "backed": backed, "lr": lr, "lr_schedule": lr_schedule,
+        "decoder_bias_init": decoder_bias_init,
     }
     res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
                                     "normalized_library_size": NORMALIZED_LIBRARY_SIZE})
