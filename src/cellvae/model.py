@@ -361,7 +361,8 @@ class CountVAE:
         if len(cells) < 3:
             raise CellvaeInputError(f"Only {len(cells)} cells with counts: at least 3 are needed to train.")
         if decoder_bias_init not in DECODER_BIAS_INITS:
-            raise CellvaeInputError(f"decoder_bias_init must be one of {DECODER_BIAS_INITS}, got {decoder_bias_init!r}.")
+            raise CellvaeInputError(f"decoder_bias_init must be one of {DECODER_BIAS_INITS}, "
+                                    f"got {decoder_bias_init!r}.")
         first_fit = not self.is_trained
         if not self.is_trained:  # first fit: initialise the weights from the seed, for reproducibility
             torch.manual_seed(seed)
@@ -385,7 +386,7 @@ class CountVAE:
             max_kl_weight=self.beta, accelerator=accelerator,
         )
         data = self._tensors(None)
-        if first_fit and decoder_bias_init == "frequency" and not (resume and checkpoint_dir is not None):
+        if first_fit and decoder_bias_init == "frequency":  # (a resumed checkpoint then replaces every weight)
             self.module.init_decoder_bias(_gene_totals(data, tr, seed))
         meta = {"model_class": type(self).__name__, "data_spec": _jsonable(self.spec.to_dict()),
                 "module_kwargs": _jsonable(self.module_kwargs)}
