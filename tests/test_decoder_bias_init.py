@@ -86,3 +86,17 @@ def test_frequency_init_gives_a_higher_validation_elbo_early(pbmc_small):
         m = CountVAE(pbmc_small).train(max_epochs=5, decoder_bias_init=init, **TRAIN)
         elbo[init] = m.history["validation_elbo"][-1]
     assert elbo["frequency"] > elbo["default"] + 0.01 * abs(elbo["default"]), elbo
+
+
+def test_totals_of_dense_and_sparse_storage_agree_with_repeated_rows(pbmc_small):
+    """TensorData stores dense or CSR counts; the totals count each listed cell as often as it is listed."""
+    from cellvae.data import TensorData
+
+    x = pbmc_small.X.tocsr()[:, :50]
+    cat = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+    dense, sparse = TensorData(x.toarray(), cat), TensorData(x, cat)
+    assert dense.X is not None and sparse.X is None
+    rows = np.array([0, 5, 5, 299, 17])
+    want = np.asarray(x.toarray()[rows].sum(0), dtype=np.float64)
+    for data in (dense, sparse):
+        np.testing.assert_allclose(model_mod._gene_totals(data, rows, seed=0), want, rtol=1e-12)

@@ -158,3 +158,27 @@ def test_old_checkpoint_adam_moments_are_transposed():
     opt_old.step()
     opt_new.step()
     torch.testing.assert_close(new.detach(), old.detach().t(), rtol=0, atol=0)
+
+
+def test_old_checkpoint_square_weight_moments_are_told_apart_by_layout(tmp_path):
+    """n_in = n_out: an old checkpoint's moments (column-major, as the old parameter, kept so by torch.save /
+    torch.load) are transposed; a new checkpoint's (contiguous) are left alone."""
+    torch.manual_seed(1)
+    w = torch.randn(5, 5)
+    old = torch.nn.Parameter(w.t().contiguous().t())  # the old Encoder layout: (n_out, n_in) column-major
+    opt_old = make_optimizer([old], TrainingPlan())
+    old.grad = torch.randn(5, 5).t().contiguous().t()
+    opt_old.step()
+    torch.save(opt_old.state_dict(), tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert not loaded["state"][0]["exp_avg"].is_contiguous()
+    new = torch.nn.Parameter(w.t().contiguous())
+    opt_new = make_optimizer([new], TrainingPlan())
+    opt_new.load_state_dict(loaded)
+    _transpose_old_states(opt_new)
+    torch.testing.assert_close(opt_new.state[new]["exp_avg"], opt_old.state[old]["exp_avg"].t(), rtol=0, atol=0)
+    assert opt_new.state[new]["exp_avg"].is_contiguous()
+    again = make_optimizer([new], TrainingPlan())
+    again.load_state_dict(copy.deepcopy(opt_new.state_dict()))  # a checkpoint of the new layout
+    _transpose_old_states(again)
+    torch.testing.assert_close(again.state[new]["exp_avg"], opt_new.state[new]["exp_avg"], rtol=0, atol=0)

@@ -652,13 +652,11 @@ class _LinearSoftmaxNBNative(torch.autograd.Function):
                                                  xv, xdense, grad)
         if grad:
             ctx.save_for_backward(*derivatives, theta_rows, h, weight, zi_weight)
-            ctx.has_bias = (bias is not None, zi_bias is not None)
         return ll
 
     @staticmethod
     def backward(ctx, grad):
         ga, gth, gzi, glib, rows, h, weight, zi_weight = ctx.saved_tensors
-        has_bias, has_zi_bias = ctx.has_bias
         lib_shape, theta_shape, n_rows = ctx.shapes
         need = ctx.needs_input_grad
         g = grad.unsqueeze(-1)
@@ -672,9 +670,9 @@ class _LinearSoftmaxNBNative(torch.autograd.Function):
             hs = h * g
             dw = ga.t() @ hs if need[3] else None
             dzw = gzi.t() @ hs if need[5] and gzi is not None else None
-        if need[4] and has_bias:
+        if need[4]:  # (False for a None bias)
             db = ga.t() @ grad
-        if need[6] and has_zi_bias and gzi is not None:
+        if need[6] and gzi is not None:
             dzb = gzi.t() @ grad
         if need[7]:
             d_lib = (glib * grad).reshape(lib_shape)

@@ -364,7 +364,7 @@ class CountVAE:
             raise CellvaeInputError(f"decoder_bias_init must be one of {DECODER_BIAS_INITS}, "
                                     f"got {decoder_bias_init!r}.")
         first_fit = not self.is_trained
-        if not self.is_trained:  # first fit: initialise the weights from the seed, for reproducibility
+        if first_fit:  # first fit: initialise the weights from the seed, for reproducibility
             torch.manual_seed(seed)
             self.module = self._build_module(
                 getattr(self.module, "library_log_means", None), getattr(self.module, "library_log_vars", None)
@@ -885,9 +885,13 @@ def _gene_totals(data, rows: np.ndarray, seed: int) -> np.ndarray:
         if len(rows) > _BIAS_INIT_MAX_CELLS:
             rows = np.random.default_rng(seed).choice(rows, _BIAS_INIT_MAX_CELLS, replace=False)
         return data.col_sums(rows)
-    if data.X is not None:
-        return data.X[torch.as_tensor(rows)].sum(0, dtype=torch.float64).numpy()
-    return np.asarray(data.csr[rows].sum(0, dtype=np.float64)).ravel()
+    w = np.bincount(rows, minlength=data.n_cells).astype(np.float64)  # times each cell is counted: no row copies
+    if data.X is None:
+        return np.asarray(data.csr.T @ w).ravel()
+    out = np.zeros(data.n_genes)
+    for a in range(0, data.n_cells, 4096):  # float64 sums over blocks of the dense matrix
+        out += w[a:a + 4096] @ data.X[a:a + 4096].numpy().astype(np.float64)
+    return out
 
 
 def _check_backed(adata) -> None:

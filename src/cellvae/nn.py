@@ -88,6 +88,9 @@ class InputMajorLinear(nn.Module):
         n_in: input features (genes for the first encoder layer).
         n_out: output features.
         bias: whether the layer has a bias (n_out,).
+
+    ``load_state_dict`` raises torch's RuntimeError for a missing ``weight`` or one of another shape, named as for
+    ``nn.Linear`` (``size mismatch for weight: ...``).
     """
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True):

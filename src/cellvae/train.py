@@ -347,13 +347,16 @@ def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan) -> torch.opti
 
 def _transpose_old_states(optimizer: torch.optim.Optimizer) -> None:
     """Adam moments of a checkpoint written before the first encoder weight became an ``InputMajorLinear``
-    parameter ((n_in, n_out); the moments were (n_out, n_in)) are transposed to the parameter's shape."""
+    parameter ((n_in, n_out) contiguous) are transposed to the parameter's layout. Those moments are (n_out, n_in)
+    column-major (as that old parameter): told apart by shape, or by layout when n_in = n_out."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            for k, v in optimizer.state.get(p, {}).items():
-                if (isinstance(v, torch.Tensor) and v.dim() == 2 and p.dim() == 2 and v.shape != p.shape
-                        and v.shape == p.shape[::-1]):
-                    optimizer.state[p][k] = v.t().contiguous()
+            state = optimizer.state.get(p, {})
+            for k, v in list(state.items()):
+                if not (isinstance(v, torch.Tensor) and v.dim() == 2 and p.dim() == 2 and v.shape == p.shape[::-1]):
+                    continue
+                if v.shape != p.shape or (not v.is_contiguous() and v.t().is_contiguous() and p.is_contiguous()):
+                    state[k] = v.t().contiguous()
 
 
 def _sparse_minibatches(module, data, device: torch.device) -> bool:
