@@ -31,12 +31,29 @@ def _fit(data, out, extra=(), seed="0"):
     return json.loads((out / "metrics.json").read_text()), res
 
 
+def _leiden_ari(out, data) -> float:
+    """ARI of Leiden clusters (as many as labels) of the run's latent representation against the cell types."""
+    import anndata as ad
+
+    from cellvae.metrics.clustering import leiden_agreement
+
+    res = ad.read_h5ad(out / "cellvae.h5ad")
+    return leiden_agreement(res.obsm["X_cellvae"], res.obs["cell_type"].astype(str).to_numpy(), seed=0)["ari"]
+
+
 def test_two_processes_match_one(tmp_path, data_dir):
-    """Issue 6's bar: ARI within 0.03 and held-out (validation) ELBO within 1 %. The KMeans ARI of one run moves by
-    about +-0.03 with the seed alone, so the ARI is compared as the mean over three seeds (each seed: one run with
-    1 process, one with 2); the ELBO per seed. Measured (this commit, Intel Xeon): ARI 0.949 / 0.889 / 0.912 with 1
-    process, 0.912 / 0.881 / 0.941 with 2 (means 0.917 / 0.911); validation ELBO -1381.6 / -1343.0 / -1284.9 and
-    -1381.1 / -1343.0 / -1283.2 nats per cell."""
+    """Issue 6's bar: ARI within 0.03 and held-out (validation) ELBO within 1 %, over three seeds (each seed: one
+    run with 1 process, one with 2): the ELBO per seed, the ARI as the mean over the seeds (one run's ARI moves by a
+    few hundredths with the seed alone).
+
+    The ARI is that of Leiden clusters (resolution chosen to give as many clusters as cell types, 3 here), not of
+    KMeans: on this data KMeans ARI is bimodal whatever the number of processes, about 0.92 or about 0.28 (one run
+    in several: seed 6 of the single-process code before the fused dropout, seeds 0 / 1 / 2 with it, in 1 or 2
+    processes) because some latent spaces keep a library-size axis along which KMeans splits the neurons; the
+    15-NN label accuracy of those latents is 0.97 and their Leiden ARI 0.95. Measured (this commit, Intel Xeon):
+    Leiden ARI 0.953 / 0.971 / 0.953 with 1 process, 0.965 / 0.961 / 0.964 with 2 (means 0.959 / 0.963); KMeans
+    ARI 0.29 / 0.91 / 0.91 and 0.92 / 0.27 / 0.27; validation ELBO -1381.0 / -1343.6 / -1284.5 and
+    -1380.8 / -1343.2 / -1283.9 nats per cell."""
     data = data_dir / "zeisel2015_cortex_subset_1464cells.h5ad"
     if not data.exists():
         pytest.skip("Zeisel data not found")
@@ -47,10 +64,12 @@ def test_two_processes_match_one(tmp_path, data_dir):
         assert "launching 2 processes" in res.stderr
         assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
         m1, m2 = one["metrics"], two["metrics"]
+        print(f"seed {seed}: validation ELBO {m1['validation_elbo']:.1f} (1 process), {m2['validation_elbo']:.1f} (2)")
         assert m2["n_epochs"] == m1["n_epochs"]
         assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
-        aris[1].append(m1["kmeans_ari"])
-        aris[2].append(m2["kmeans_ari"])
+        aris[1].append(_leiden_ari(tmp_path / f"one{seed}", data))
+        aris[2].append(_leiden_ari(tmp_path / f"two{seed}", data))
+    print("Leiden ARI by number of processes:", aris)
     assert abs(np.mean(aris[2]) - np.mean(aris[1])) <= 0.03, aris
     # Rank 0 alone wrote the outputs; the model loads.
     from cellvae import CountVAE

@@ -88,7 +88,11 @@ def test_iwae_converges_to_the_exact_marginal_likelihood(zeisel):
             px = mod.generative(z.view(-1, 1, 1).expand(-1, len(idx), 1), lib.expand(len(z), -1, -1), cat, cont)["px"]
             parts.append(px.log_prob(x).sum(-1) - 0.5 * z.view(-1, 1) ** 2 - 0.5 * math.log(2 * math.pi))
         exact = (torch.logsumexp(torch.cat(parts), 0) + math.log(float(grid[1] - grid[0]))).numpy()
-    gap = {k: float((exact - compute_marginal_ll(mod, data, idx, n_samples=k, seed=0)).mean()) for k in (1, 3000)}
+    # K = 1 is the ELBO, below log p(x) in expectation only: one draw per cell can land above it, so its gap is
+    # averaged over 50 seeds; K = 3000 is within Monte Carlo error of the exact value.
+    gap = {1: float(np.mean([(exact - compute_marginal_ll(mod, data, idx, n_samples=1, seed=s)).mean()
+                             for s in range(50)])),
+           3000: float((exact - compute_marginal_ll(mod, data, idx, n_samples=3000, seed=0)).mean())}
     assert gap[3000] < gap[1] and -0.5 < gap[3000] < 1.0, gap
 
 

@@ -246,3 +246,135 @@ def test_bad_inputs_raise_instead_of_reaching_the_kernel():
     w = torch.randn(20, 300).t()  # column-major (20 outputs, 300 inputs)
     with pytest.raises(RuntimeError):
         sparse_linear(torch.ones(4, 310).to_sparse_csr(), w, None)
+
+
+def _post(p: float, seed: int = 0):
+    """FCLayers' ``BatchNorm1d -> ReLU [-> Dropout]`` with non-trivial affine weights, in training mode."""
+    torch.manual_seed(seed)
+    post = torch.nn.Sequential(torch.nn.BatchNorm1d(96, momentum=0.01, eps=1e-3), torch.nn.ReLU(),
+                               *([torch.nn.Dropout(p)] if p else []))
+    with torch.no_grad():
+        post[0].weight.uniform_(0.5, 1.5)
+        post[0].bias.uniform_(-0.5, 0.5)
+        post[0].running_mean.uniform_(-1, 1)
+        post[0].running_var.uniform_(0.5, 2)
+    return post.train()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
+    """The fused batch norm + ReLU + dropout of FCLayers (native or its torch fallback) gives the outputs, input and
+    parameter gradients, running statistics and batch count of the three torch modules, for the same dropout mask
+    (the modules' output times the fused path's keep flags, rescaled)."""
+    from cellvae.nn import _fusable_post, bn_relu_dropout, dropout_keep
+
+    if not use_native:
+        monkeypatch.setitem(native._state, "lib", None)
+    fused, ref = _post(p), _post(0.0)
+    x = torch.randn(70, 96) * 3 + 1
+    x[:, 0] = -5.0  # a channel that ReLU zeroes after normalisation only where below its mean (all equal: 0)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    found = _fusable_post(fused, x1)
+    assert found is not None and found[0] is fused[0] and found[1] == p
+    torch.manual_seed(5)
+    y1 = bn_relu_dropout(x1, *found)
+    torch.manual_seed(5)
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p else [0, 0]
+    keep = dropout_keep(x.numel(), p, seeds).view(x.shape)
+    y2 = torch.where(keep, ref(x2) / (1 - p), 0.0)
+    g = torch.randn(70, 96)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(fused[0], name).grad, getattr(ref[0], name).grad, rtol=1e-5, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused[0], name), getattr(ref[0], name), rtol=1e-6, atol=1e-6)
+    if p:
+        assert abs(keep.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / x.numel()) ** 0.5)
+
+
+def test_dropout_keep_flags_native_equal_torch_and_are_fair():
+    """The keep flags of the C kernel equal the torch fallback's bit for bit; over many seeds the kept fraction of
+    every element and the correlation between elements are those of independent Bernoulli(1 - p) draws."""
+    from cellvae.nn import dropout_keep
+
+    lib = native.library()
+    torch.manual_seed(0)
+    masks = []
+    for p in (0.1, 0.5, 0.0, 0.999):
+        seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+        k = torch.empty(5000, dtype=torch.uint8)
+        lib.cv_dropout_keep(5000, min(int(round(p * 2.0**32)), 2**32 - 1), seeds[0], seeds[1], k.data_ptr())
+        assert torch.equal(k.bool(), dropout_keep(5000, p, seeds)), p
+    for _ in range(400):
+        masks.append(dropout_keep(64 * 32, 0.1, torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()))
+    m = torch.stack(masks).double()  # (draws, elements)
+    rate = m.mean(0)
+    sd = (0.09 / 400) ** 0.5
+    assert abs(rate.mean().item() - 0.9) < 4 * sd / (64 * 32) ** 0.5
+    assert ((rate - 0.9).abs() < 5 * sd).all()
+    c = torch.corrcoef(m[:, :200].T) - torch.eye(200, dtype=torch.float64)
+    assert c.abs().max().item() < 0.25  # 19,900 pairs of 400 draws: |r| of independent pairs stays below ~0.22
+
+
+def test_fclayers_fuse_in_training_only_and_refuse_one_cell():
+    """FCLayers takes the fused path in training (same output as its modules with dropout 0) and its modules in
+    eval mode; a one-cell training batch raises torch's batch-norm error, as without fusion."""
+    from cellvae.nn import FCLayers
+
+    torch.manual_seed(0)
+    layers = FCLayers(20, 16, n_hidden=16, dropout_rate=0.0)
+    x = torch.randn(8, 20)
+    fused = layers(x)
+    by_modules = layers.post[0](layers.linears[0](x))
+    torch.testing.assert_close(fused, by_modules, rtol=1e-5, atol=1e-5)
+    layers.eval()
+    torch.testing.assert_close(layers(x), layers.post[0](layers.linears[0](x)))
+    layers.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layers(x[:1])
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_grads_finite(use_native, monkeypatch):
+    from cellvae.optim import grads_finite
+
+    if not use_native:
+        monkeypatch.setitem(native._state, "lib", None)
+    params = [torch.zeros(300, 7, requires_grad=True), torch.zeros(5, requires_grad=True),
+              torch.zeros(3, requires_grad=True)]
+    params[0].grad = torch.randn(300, 7)
+    params[1].grad = torch.randn(5)  # params[2] has no gradient: skipped
+    assert grads_finite(params)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[0].grad[123, 4] = bad
+        assert not grads_finite(params)
+    params[0].grad[123, 4] = 1e30  # finite, even though its square is not
+    assert grads_finite(params) == use_native
+    assert grads_finite([torch.zeros(2, requires_grad=True)])
+
+
+@pytest.mark.parametrize("n_out", [128, 64, 100, 7])
+def test_sparse_linear_blocks_and_tail_equal_dense(n_out):
+    """The register-blocked CSR kernels (64 outputs at a time, then the rest) and the CSC weight gradient equal
+    dense products, with empty rows and empty columns in the minibatch."""
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.poisson(torch.rand(33, 250, generator=gen) ** 4 * 3, generator=gen)
+    dense[5] = 0.0
+    dense[:, 17] = 0.0
+    x = dense.to_sparse_csr()
+    w = torch.randn(n_out, 250, generator=gen, requires_grad=True)
+    b = torch.randn(n_out, generator=gen, requires_grad=True)
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    g = torch.randn(33, n_out, generator=gen)
+    y = sparse_linear(x, w, b)
+    y2 = torch.nn.functional.linear(dense, w2, b2)
+    (y * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+    assert (w.grad[:, 17] == 0).all()

@@ -1,15 +1,17 @@
 """Optional native (C) kernels for the CPU training step, compiled on first use.
 
-``csrc/fastpath.c`` holds two kernels that PyTorch's eager CPU operators cannot match because they run one
+``csrc/fastpath.c`` holds kernels that PyTorch's eager CPU operators cannot match because they run one
 element-wise pass per operator: the fused scVI log-softmax + NB / ZINB log-likelihood with its derivatives
-(:func:`cellvae.distributions.softmax_count_log_prob_sum`), and the sparse (CSR) first encoder layer
-(:func:`cellvae.nn.sparse_linear`). Both have PyTorch fallbacks that give the same results (tested to 1e-5
-relative); the kernels only make a step faster.
+(:func:`cellvae.distributions.softmax_count_log_prob_sum`), the sparse (CSR) first encoder layer
+(:func:`cellvae.nn.sparse_linear`), batch norm + ReLU + dropout of a hidden layer (:func:`cellvae.nn.bn_relu_dropout`)
+and the finiteness check of the gradients (:func:`cellvae.optim.grads_finite`). All have PyTorch fallbacks that give
+the same results (tested to 1e-5 relative; the same dropout masks); the kernels only make a step faster.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``$CELLVAE_CACHE_DIR/native`` (default ``~/.cache/cellvae/native``; a folder in the temporary directory when that
 cannot be created), once per source, compiler and CPU: the
-library is built for the machine it runs on (``-march=native``), so its file name includes a hash of the CPU's
+library is built for the machine it runs on (``-march=native``, with 512-bit vectors preferred where the CPU has
+them: the element-wise kernels are 15-25 % faster than with 256-bit ones on AVX-512 CPUs), so its file name includes a hash of the CPU's
 flags. The compiled file is written to a temporary name and renamed, so concurrent processes (torchrun) never load
 a half-written library. Set ``CELLVAE_NATIVE=0`` to use the PyTorch code only. When no compiler is found or the
 build fails, the PyTorch code is used and the reason is logged once (logger ``cellvae``, level INFO).
@@ -33,7 +35,7 @@ __all__ = ["available", "library", "reason_unavailable", "usable", "csr_parts", 
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastpath.c"
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
-_ARCH_FLAGS = (["-march=native"], [])  # tried in this order
+_ARCH_FLAGS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])  # tried in this order (x86 first)
 _log = logging.getLogger("cellvae")
 _state: dict = {}
 
@@ -115,6 +117,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cv_csr_linear.restype = None
     lib.cv_csr_linear_wgrad.argtypes = [i64, i64, i64, p, p, p, p, p]
     lib.cv_csr_linear_wgrad.restype = None
+    lib.cv_all_finite.argtypes = [i64, p, p]
+    lib.cv_all_finite.restype = ctypes.c_int32
+    d, f, u32 = ctypes.c_double, ctypes.c_float, ctypes.c_uint32
+    lib.cv_bn_relu_dropout.argtypes = [i64, i64, p, p, p, d, d, p, p, u32, f, u32, u32, p, p, p, p]
+    lib.cv_bn_relu_dropout.restype = None
+    lib.cv_bn_relu_dropout_backward.argtypes = [i64, i64, p, p, p, p, p, p, f, p, p, p, p]
+    lib.cv_bn_relu_dropout_backward.restype = None
+    lib.cv_dropout_keep.argtypes = [i64, u32, u32, u32, p]
+    lib.cv_dropout_keep.restype = None
 
 
 def library() -> ctypes.CDLL | None:

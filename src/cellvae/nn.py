@@ -16,7 +16,8 @@ from torch import nn
 
 from . import native
 
-__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear"]
+__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear", "bn_relu_dropout",
+           "dropout_keep"]
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -73,6 +74,113 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``torch.nn.functional.linear(x, weight, bias)`` for a sparse CSR ``x`` (n, n_in) of data (no gradient with
     respect to ``x``); weight (n_out, n_in), bias (n_out,); returns (n, n_out) dense."""
     return _SparseLinear.apply(x, weight, bias)
+
+
+class _BNReLUDropout(torch.autograd.Function):
+    """``dropout(relu(batch_norm(x)))`` in training mode for x (n, C), n >= 2, by the native kernels
+    ``cv_bn_relu_dropout`` / ``cv_bn_relu_dropout_backward`` (batch statistics; the running statistics are updated
+    in place as by ``nn.BatchNorm1d``); the dropout keep flags come from a hash of the element index and ``seeds``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, p, seeds):
+        n, C = x.shape
+        y = torch.empty_like(x)
+        mean, invstd = x.new_empty(C), x.new_empty(C)
+        work = torch.empty(2 * C, dtype=torch.float64)
+        threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+        scale = 1.0 / (1.0 - p)
+        native.library().cv_bn_relu_dropout(
+            n, C, x.data_ptr(), native.ptr(weight), native.ptr(bias), eps, momentum, native.ptr(running_mean),
+            native.ptr(running_var), threshold, scale, seeds[0], seeds[1], y.data_ptr(), mean.data_ptr(),
+            invstd.data_ptr(), work.data_ptr())
+        ctx.save_for_backward(x, y, weight, mean, invstd)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, y, weight, mean, invstd = ctx.saved_tensors
+        n, C = x.shape
+        gy = gy.contiguous()
+        dx = torch.empty_like(x)
+        need = ctx.needs_input_grad
+        dw = x.new_empty(C) if weight is not None and need[1] else None
+        db = x.new_empty(C) if need[2] else None
+        work = torch.empty(2 * C, dtype=torch.float64)
+        native.library().cv_bn_relu_dropout_backward(
+            n, C, x.data_ptr(), y.data_ptr(), gy.data_ptr(), native.ptr(weight), mean.data_ptr(), invstd.data_ptr(),
+            ctx.scale, dx.data_ptr(), native.ptr(dw), native.ptr(db), work.data_ptr())
+        return dx if need[0] else None, dw, db, None, None, None, None, None, None
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors x in [0, 2^32) and a 32-bit constant c, without int64 overflow."""
+    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """``hash32`` of csrc/fastpath.c (lowbias32) on int64 tensors holding 32-bit words."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(n: int, p: float, seeds: Sequence[int]) -> torch.Tensor:
+    """(n,) bool: the dropout keep flags :func:`bn_relu_dropout` uses for elements 0..n-1 (row-major), dropout
+    probability ``p`` and two 32-bit ``seeds``: element j is kept when ``hash32(hash32(j ^ s0) + s1)``, a 32-bit
+    word, is at least ``round(p 2^32)`` (probability 1 - p to within 2^-32). The same flags as the native kernel."""
+    threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+    j = torch.arange(n, dtype=torch.int64)
+    h = _hash32((_hash32(j ^ int(seeds[0])) + int(seeds[1])) & 0xFFFFFFFF)
+    return h >= threshold
+
+
+def _fusable_post(post: nn.Module, x: torch.Tensor):
+    """``(batch_norm, dropout_p)`` when ``post`` is ``BatchNorm1d -> ReLU [-> Dropout]`` in training mode and ``x``
+    a 2-D float32 CPU tensor with more than one row (the case :func:`bn_relu_dropout` covers), else None."""
+    if not (post.training and isinstance(post, nn.Sequential) and len(post) in (2, 3) and x.dim() == 2
+            and x.shape[0] > 1 and x.dtype == torch.float32 and x.device.type == "cpu"):
+        return None
+    bn, act = post[0], post[1]
+    if not (type(bn) is nn.BatchNorm1d and type(act) is nn.ReLU and bn.training and bn.momentum is not None):
+        return None
+    p = 0.0
+    if len(post) == 3:
+        if type(post[2]) is not nn.Dropout or not post[2].training or not 0.0 <= post[2].p < 1.0:
+            return None
+        p = float(post[2].p)
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
+           for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        return None
+    return bn, p
+
+
+def bn_relu_dropout(x: torch.Tensor, bn: nn.BatchNorm1d, p: float) -> torch.Tensor:
+    """``Dropout(p)(ReLU()(bn(x)))`` in training mode, with the dropout mask of :func:`dropout_keep`; x (n, C)
+    float32 on the CPU with n > 1 (see :func:`_fusable_post`); returns (n, C).
+
+    With the native kernels, one pass forward and one backward instead of six operators; without them, the same
+    function from torch operators (``batch_norm``, ``relu`` and the same mask), so training gives the same weights
+    either way. It is the function of the three modules (batch statistics, biased variance in the normalisation
+    and unbiased in the running variance, Ioffe & Szegedy 2015; inverted dropout, Srivastava et al. 2014): equal
+    outputs, gradients and running statistics to float rounding for the same mask (tests/test_native.py). The two
+    32-bit seeds of the mask are drawn from torch's global generator, so the mask follows ``torch.manual_seed``,
+    but it is not the mask ``nn.Dropout`` would draw.
+    """
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p > 0 else [0, 0]
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    x = x.contiguous()
+    if native.usable(x, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        return _BNReLUDropout.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.momentum),
+                                    float(bn.eps), p, seeds)
+    y = torch.relu(nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                                            float(bn.momentum), float(bn.eps)))
+    if p > 0:
+        y = torch.where(dropout_keep(x.numel(), p, seeds).view(x.shape), y * (1.0 / (1.0 - p)), 0.0)
+    return y
 
 
 class InputMajorLinear(nn.Module):
@@ -231,7 +339,9 @@ class FCLayers(nn.Module):
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         for lin, post in zip(self.linears, self.post):
-            x = post(lin(x, cat, cont))
+            x = lin(x, cat, cont)
+            fused = _fusable_post(post, x)  # training on the CPU: batch norm, ReLU and dropout fused
+            x = bn_relu_dropout(x, *fused) if fused is not None else post(x)
         return x
 
 

@@ -36,6 +36,7 @@ import torch
 
 from .data import CellvaeInputError, TensorData, minibatch_slices
 from .fileio import fsync_dir as _fsync_dir
+from .optim import grads_finite
 from .distributed import (
     allreduce_grads,
     allreduce_sum,
@@ -129,8 +130,8 @@ class TrainingPlan:
             at the end); a crash loses at most this many epochs.
         max_bad_steps: stop with :class:`CellvaeTrainingError` after this many consecutive minibatches whose
             loss or gradients are not finite (each is skipped: the weights are not updated).
-        check_finite: check the loss and the gradient norm of every step (the guard above; off only to measure
-            its cost).
+        check_finite: check that the loss and every gradient are finite at every step (the guard above; off only
+            to measure its cost).
         max_kl_weight: the KL weight reached at the end of the warm-up and kept afterwards (1.0: the ELBO;
             a beta-VAE's ``beta`` otherwise, Higgins et al. 2017). The validation ELBO used for early stopping is
             always computed with weight 1.
@@ -367,16 +368,6 @@ def _sparse_minibatches(module, data, device: torch.device) -> bool:
             and hasattr(data, "iterate_sparse") and data.sparse_counts() is not None)
 
 
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Total 2-norm of the gradients (inf or NaN if any gradient is); one fused pass over the tensors."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pragma: no cover
-
-
 def _plan_dict(plan: TrainingPlan) -> dict:
     return {k: getattr(plan, k) for k in plan.__dataclass_fields__}
 
@@ -508,10 +499,10 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             out.loss.backward()
             mean_loss = allreduce_grads(params, out.loss)  # over ranks: every rank skips the same steps
             bad = None
-            if plan.check_finite:  # one host sync per step; which part failed is looked up only on failure
-                loss_ok = torch.isfinite(mean_loss)
-                if not bool(loss_ok & torch.isfinite(_grad_norm(params))):
-                    bad = "gradients" if bool(loss_ok) else "loss"
+            if plan.check_finite:  # the loss, then one read of the gradients (cellvae.optim.grads_finite)
+                loss_ok = bool(torch.isfinite(mean_loss))
+                if not (loss_ok and grads_finite(params)):
+                    bad = "gradients" if loss_ok else "loss"
             step += 1
             if bad is None:
                 optimizer.step()

@@ -13,6 +13,12 @@
  *    log_zinb_positive.
  * 2. cv_csr_linear / cv_csr_linear_wgrad: y = X W^T + b and dW^T = X^T g for a CSR matrix X of counts
  *    (the first encoder layer on sparse minibatches), work in proportion to the non-zeros of X.
+ * 3. cv_all_finite: whether every element of a list of float32 tensors is finite (the training loop's guard on
+ *    the gradients before each optimizer step).
+ * 4. cv_bn_relu_dropout / cv_bn_relu_dropout_backward: batch normalisation with batch statistics (Ioffe & Szegedy
+ *    2015, Algorithm 1 and its backward pass; running statistics as torch.nn.BatchNorm1d), ReLU and inverted
+ *    dropout (Srivastava et al. 2014) in one pass over a (n, C) hidden layer instead of six operators; the
+ *    dropout mask is a counter-based hash of (seed, element index).
  *
  * Everything is float32 with float64 accumulation where sums run over genes; indices are int64. The loops over
  * genes are written branch-free (exp and log1p below are polynomial) so that the compiler vectorises them
@@ -20,6 +26,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define RESTRICT __restrict__
@@ -304,33 +311,205 @@ void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *
     }
 }
 
-/* y (n, n_out) = X W^T + b for CSR X (n, n_in); wt = W^T, (n_in, n_out) row-major; b (n_out,) or NULL. */
+/* 16 floats as one vector (GCC / clang vector extension; the compiler maps it to the widest registers the target
+ * has), and the same type with 4-byte alignment for loads and stores at any float address. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));
+#define VLOAD(p) (*(const vf16u *)(p))
+#define VSTORE(p, v) (*(vf16u *)(p) = (v))
+
+/* out[0:64] = init[0:64] (or 0) + sum_k v_k rows_k[0:64], with the 64 sums in 4 vector registers: the rows are
+ * read once and the output written once (no load / store of the output per term). */
+static inline void axpy_block64(int64_t k0, int64_t k1, const int64_t *idx, const float *val, const float *base,
+                                int64_t stride, const float *init, float *out) {
+    vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    if (init) { a0 = VLOAD(init); a1 = VLOAD(init + 16); a2 = VLOAD(init + 32); a3 = VLOAD(init + 48); }
+    for (int64_t k = k0; k < k1; ++k) {
+        const float v = val[k];
+        const float *r = base + idx[k] * stride;
+        a0 += v * VLOAD(r);
+        a1 += v * VLOAD(r + 16);
+        a2 += v * VLOAD(r + 32);
+        a3 += v * VLOAD(r + 48);
+    }
+    VSTORE(out, a0); VSTORE(out + 16, a1); VSTORE(out + 32, a2); VSTORE(out + 48, a3);
+}
+
+/* out[o0:m] = init (or 0) + sum_k v_k rows_k[o0:m]: the columns after the last whole block of 64. */
+static inline void axpy_tail(int64_t k0, int64_t k1, const int64_t *idx, const float *val, const float *base,
+                             int64_t stride, const float *init, int64_t o0, int64_t m, float *out) {
+    for (int64_t o = o0; o < m; ++o) out[o] = init ? init[o] : 0.0f;
+    for (int64_t k = k0; k < k1; ++k) {
+        const float v = val[k];
+        const float *RESTRICT r = base + idx[k] * stride;
+        for (int64_t o = o0; o < m; ++o) out[o] += v * r[o];
+    }
+}
+
+/* y (n, n_out) = X W^T + b for CSR X (n, n_in); wt = W^T, (n_in, n_out) row-major; b (n_out,) or NULL.
+ * Row by row, 64 outputs at a time held in registers. */
 void cv_csr_linear(int64_t n, int64_t n_out, const int64_t *crow, const int64_t *col, const float *val,
                    const float *wt, const float *b, float *y) {
+    const int64_t nb = n_out - n_out % 64;
     for (int64_t i = 0; i < n; ++i) {
-        float *RESTRICT yi = y + i * n_out;
-        if (b) memcpy(yi, b, n_out * sizeof(float));
-        else memset(yi, 0, n_out * sizeof(float));
+        float *yi = y + i * n_out;
+        for (int64_t o0 = 0; o0 < nb; o0 += 64)
+            axpy_block64(crow[i], crow[i + 1], col, val, wt + o0, n_out, b ? b + o0 : NULL, yi + o0);
+        if (nb < n_out) axpy_tail(crow[i], crow[i + 1], col, val, wt, n_out, b, nb, n_out, yi);
+    }
+}
+
+/* dwt (n_in, n_out) = X^T g for CSR X (n, n_in) and g (n, n_out): the gradient of W^T in cv_csr_linear. X is
+ * transposed to CSC first (a counting sort of its non-zeros by column, stable in the row), so that each row of dwt
+ * is a sum over the cells of its column, made in registers and written once. Rows of genes without a non-zero in
+ * X are 0. Falls back to accumulating row by row when the scratch cannot be allocated. */
+void cv_csr_linear_wgrad(int64_t n, int64_t n_in, int64_t n_out, const int64_t *crow, const int64_t *col,
+                         const float *val, const float *gr, float *dwt) {
+    const int64_t nnz = crow[n];
+    int64_t *cptr = (int64_t *)malloc((n_in + 1) * sizeof(int64_t));
+    int64_t *rows = (int64_t *)malloc((nnz > 0 ? nnz : 1) * sizeof(int64_t));
+    float *cval = (float *)malloc((nnz > 0 ? nnz : 1) * sizeof(float));
+    if (!cptr || !rows || !cval) {
+        free(cptr); free(rows); free(cval);
+        memset(dwt, 0, n_in * n_out * sizeof(float));
+        for (int64_t i = 0; i < n; ++i) {
+            const float *RESTRICT gi = gr + i * n_out;
+            for (int64_t k = crow[i]; k < crow[i + 1]; ++k) {
+                const float v = val[k];
+                float *RESTRICT d = dwt + col[k] * n_out;
+                for (int64_t o = 0; o < n_out; ++o) d[o] += v * gi[o];
+            }
+        }
+        return;
+    }
+    memset(cptr, 0, (n_in + 1) * sizeof(int64_t));
+    for (int64_t k = 0; k < nnz; ++k) cptr[col[k] + 1]++;
+    for (int64_t j = 0; j < n_in; ++j) cptr[j + 1] += cptr[j];
+    for (int64_t i = 0; i < n; ++i)
         for (int64_t k = crow[i]; k < crow[i + 1]; ++k) {
-            const float v = val[k];
-            const float *RESTRICT w = wt + col[k] * n_out;
+            const int64_t at = cptr[col[k]]++;
+            rows[at] = i;
+            cval[at] = val[k];
+        }
+    /* cptr[j] now holds the end of column j: its start is cptr[j - 1] (0 for j = 0) */
+    const int64_t nb = n_out - n_out % 64;
+    for (int64_t j = 0; j < n_in; ++j) {
+        const int64_t k0 = j ? cptr[j - 1] : 0, k1 = cptr[j];
+        float *d = dwt + j * n_out;
+        for (int64_t o0 = 0; o0 < nb; o0 += 64) axpy_block64(k0, k1, rows, cval, gr + o0, n_out, NULL, d + o0);
+        if (nb < n_out) axpy_tail(k0, k1, rows, cval, gr, n_out, NULL, nb, n_out, d);
+    }
+    free(cptr); free(rows); free(cval);
+}
+
+/* 1 when every element of the k float32 tensors (addresses as int64, sizes[t] elements each) is finite, else 0:
+ * the sum of x * 0 is 0 exactly when no x is inf or NaN (no overflow can occur, unlike a sum or a norm of x). */
+int32_t cv_all_finite(int64_t k, const int64_t *ptrs, const int64_t *sizes) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < k; ++t) {
+        const float *RESTRICT x = (const float *)(intptr_t)ptrs[t];
+        const int64_t n = sizes[t];
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < n; ++i) s += x[i] * 0.0f;
+        acc += s;
+    }
+    return acc == 0.0f;
+}
+
+/* lowbias32 (C. Wellons' integer hash): a bijection of 32-bit words with full avalanche. */
+static inline uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Dropout keep flag of element j for the seed (s0, s1): kept when a hash of (j, seed), uniform on 32-bit words,
+ * is >= drop_threshold = round(p 2^32) (probability 1 - p to within 2^-32). */
+static inline int keep_element(uint32_t j, uint32_t s0, uint32_t s1, uint32_t drop_threshold) {
+    return hash32(hash32(j ^ s0) + s1) >= drop_threshold;
+}
+
+/* Training forward of y = dropout(relu(batchnorm(x))) for x (n, C) row-major, n >= 2:
+ * mean_c and the biased variance var_c over the n rows (two passes, double), invstd_c = 1 / sqrt(var_c + eps),
+ * y = max(0, (x - mean) invstd w + b) * keep * scale (scale = 1 / (1 - p); keep = 1 when drop_threshold = 0).
+ * Outputs y, mean, invstd (C each); running_mean / running_var (C, or NULL) are moved by `momentum` towards the
+ * mean and the unbiased variance, as torch.nn.BatchNorm1d. w, b may be NULL (1, 0). */
+void cv_bn_relu_dropout(int64_t n, int64_t C, const float *x, const float *w, const float *b, double eps,
+                        double momentum, float *running_mean, float *running_var, uint32_t drop_threshold,
+                        float scale, uint32_t s0, uint32_t s1, float *y, float *mean, float *invstd, double *work) {
+    double *acc = work; /* C doubles */
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float *xi = x + i * C;
 #pragma omp simd
-            for (int64_t o = 0; o < n_out; ++o) yi[o] += v * w[o];
+        for (int64_t c = 0; c < C; ++c) acc[c] += xi[c];
+    }
+    for (int64_t c = 0; c < C; ++c) { mean[c] = (float)(acc[c] / n); acc[c] = 0.0; }
+    for (int64_t i = 0; i < n; ++i) {
+        const float *xi = x + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) { const double d = (double)xi[c] - mean[c]; acc[c] += d * d; }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const double var = acc[c] / n;
+        invstd[c] = (float)(1.0 / sqrt(var + eps));
+        if (running_mean) running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean[c]);
+        if (running_var) running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * acc[c] / (n - 1));
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const float *RESTRICT xi = x + i * C;
+        float *RESTRICT yi = y + i * C;
+        const uint32_t j0 = (uint32_t)(i * C);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            const float wc = w ? w[c] : 1.0f, bc = b ? b[c] : 0.0f;
+            float v = (xi[c] - mean[c]) * invstd[c] * wc + bc;
+            v = v > 0.0f ? v : 0.0f;
+            const int keep = drop_threshold == 0 || keep_element(j0 + (uint32_t)c, s0, s1, drop_threshold);
+            yi[c] = keep ? v * scale : 0.0f;
         }
     }
 }
 
-/* dwt (n_in, n_out) = X^T g for CSR X (n, n_in) and g (n, n_out): the gradient of W^T in cv_csr_linear. */
-void cv_csr_linear_wgrad(int64_t n, int64_t n_in, int64_t n_out, const int64_t *crow, const int64_t *col,
-                         const float *val, const float *gr, float *dwt) {
-    memset(dwt, 0, n_in * n_out * sizeof(float));
+/* Backward of cv_bn_relu_dropout given its input x, output y, mean, invstd and dL/dy (gy): with g = gy * scale
+ * where y > 0 (else 0) and xhat = (x - mean) invstd: db_c = sum_i g, dw_c = sum_i g xhat,
+ * dx = w invstd / n (n g - db - xhat dw). dx (n, C); dw, db (C) or NULL; work: 2 C doubles. */
+void cv_bn_relu_dropout_backward(int64_t n, int64_t C, const float *x, const float *y, const float *gy,
+                                 const float *w, const float *mean, const float *invstd, float scale, float *dx,
+                                 float *dw, float *db, double *work) {
+    double *sg = work, *sgx = work + C;
+    for (int64_t c = 0; c < C; ++c) { sg[c] = 0.0; sgx[c] = 0.0; }
     for (int64_t i = 0; i < n; ++i) {
-        const float *RESTRICT gi = gr + i * n_out;
-        for (int64_t k = crow[i]; k < crow[i + 1]; ++k) {
-            const float v = val[k];
-            float *RESTRICT d = dwt + col[k] * n_out;
+        const float *RESTRICT xi = x + i * C, *RESTRICT yi = y + i * C, *RESTRICT gi = gy + i * C;
 #pragma omp simd
-            for (int64_t o = 0; o < n_out; ++o) d[o] += v * gi[o];
+        for (int64_t c = 0; c < C; ++c) {
+            const float g = yi[c] > 0.0f ? gi[c] * scale : 0.0f;
+            sg[c] += g;
+            sgx[c] += g * ((xi[c] - mean[c]) * invstd[c]);
         }
     }
+    for (int64_t c = 0; c < C; ++c) {
+        if (db) db[c] = (float)sg[c];
+        if (dw) dw[c] = (float)sgx[c];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const float *RESTRICT xi = x + i * C, *RESTRICT yi = y + i * C, *RESTRICT gi = gy + i * C;
+        float *RESTRICT di = dx + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            const float g = yi[c] > 0.0f ? gi[c] * scale : 0.0f;
+            const float xh = (xi[c] - mean[c]) * invstd[c];
+            const float wc = w ? w[c] : 1.0f;
+            di[c] = wc * invstd[c] / (float)n * ((float)n * g - (float)sg[c] - xh * (float)sgx[c]);
+        }
+    }
+}
+
+/* The dropout keep flags of cv_bn_relu_dropout for n elements from index 0 (1 kept, 0 dropped), for tests. */
+void cv_dropout_keep(int64_t n, uint32_t drop_threshold, uint32_t s0, uint32_t s1, uint8_t *keep) {
+    for (int64_t j = 0; j < n; ++j) keep[j] = (uint8_t)keep_element((uint32_t)j, s0, s1, drop_threshold);
 }
