@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -164,6 +165,25 @@ def render(payload: dict) -> str:
             f"{r['scvi_cells_per_s']:,.0f} | {r['cellvae_cells_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
             f"{r['scvi_heldout_elbo']:.1f} / {r['cellvae_heldout_elbo']:.1f} ({100 * r['elbo_rel_diff']:+.2f} %) | "
             f"{ttq} | {r['scvi_rss_mb']:.0f} / {r['cellvae_rss_mb']:.0f} |")
+    by_dataset: dict = {}
+    for r in payload["rows"]:
+        by_dataset.setdefault(r["dataset"], []).append(r)
+    if any(len(rs) > 1 for rs in by_dataset.values()):
+        lines += ["", "Per dataset over the seeds (each seed: one scvi-tools and one cellvae training in alternating "
+                  "order, on that seed's 90/10 split; the machine's speed drifts by 10-20 % over minutes, so the "
+                  "median of several pairs is steadier than one pair):", "",
+                  "| dataset | seeds | speed-up per seed | median speed-up | held-out ELBO diff per seed | "
+                  "time-to-quality speed-up per seed | median |", "|---|---|---|---|---|---|---|"]
+        for name, rs in by_dataset.items():
+            sp = [r["speedup"] for r in rs]
+            tq = [r["ttq_speedup"] for r in rs if r.get("ttq_speedup") is not None]
+            seeds = ", ".join(str(r["seed"]) for r in rs)
+            sp_each = " / ".join(f"{v:.2f}x" for v in sp)
+            elbo_each = " / ".join(f"{100 * r['elbo_rel_diff']:+.2f} %" for r in rs)
+            tq_each = " / ".join(f"{v:.2f}x" for v in tq) or "-"
+            tq_med = f"**{statistics.median(tq):.2f}x**" if tq else "-"
+            lines.append(f"| {name} | {seeds} | {sp_each} | **{statistics.median(sp):.2f}x** | {elbo_each} | "
+                         f"{tq_each} | {tq_med} |")
     return "\n".join(lines) + "\n"
 
 

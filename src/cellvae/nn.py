@@ -132,7 +132,7 @@ def dropout_keep(n: int, p: float, seeds: Sequence[int]) -> torch.Tensor:
     probability ``p`` and two 32-bit ``seeds``: element j is kept when ``hash32(hash32(j ^ s0) + s1)``, a 32-bit
     word, is at least ``round(p 2^32)`` (probability 1 - p to within 2^-32). The same flags as the native kernel."""
     threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
-    j = torch.arange(n, dtype=torch.int64)
+    j = torch.arange(n, dtype=torch.int64) & 0xFFFFFFFF  # the kernel's 32-bit element index
     h = _hash32((_hash32(j ^ int(seeds[0])) + int(seeds[1])) & 0xFFFFFFFF)
     return h >= threshold
 
@@ -287,7 +287,8 @@ class CovariateLinear(nn.Module):
 
 
 class FCLayers(nn.Module):
-    """A stack of ``CovariateLinear -> BatchNorm -> ReLU -> Dropout`` layers.
+    """A stack of ``CovariateLinear -> BatchNorm -> ReLU -> Dropout`` layers (in training on the CPU, the last three
+    run fused, :func:`bn_relu_dropout`).
 
     Args:
         n_in: input features.
