@@ -19,7 +19,11 @@ pbmc4k). Threads: ``--threads`` for both tools (torch, BLAS and OpenMP), 1 by de
 machine a second thread makes steps slower when the other core is busy (see ``cellvae.train.default_n_threads``).
 
     .venv-bench/bin/python benchmarks/make_large.py --n-cells 100000 --out benchmarks/data/large_100000.h5ad
-    .venv-bench/bin/python benchmarks/throughput.py [--threads 1] [--datasets pbmc4k,cbmc,large100k]
+    .venv-bench/bin/python benchmarks/throughput.py [--threads 1] [--datasets pbmc4k,cbmc,large100k] [--seeds 0,1,2]
+
+Several ``--seeds`` give one pair of trainings per seed and dataset, and a table of the per-dataset medians. The
+committed results: ``--datasets pbmc4k,cbmc --seeds 0,1,2``, then ``--datasets large100k --seeds 0``, then
+``--report-only`` (the default ``--datasets``) to write the table of all three.
 
 Results: ``benchmarks/results/throughput.{md,json}`` (the two ``vs_scvi`` reports of each dataset are kept beside
 them as ``throughput_<dataset>_{main,ttq}.{md,json}``).
@@ -151,17 +155,17 @@ def render(payload: dict) -> str:
              f"{100 * m.get('ttq_extra_fraction', 0):.0f} % more epochs to reach it). Optimizer of both: Adam, lr 1e-3 "
              "constant, eps 0.01, weight decay 1e-6 (their defaults). Details: `benchmarks/vs_scvi.py`; "
              "per-dataset reports `throughput_<dataset>_{main,ttq}.md`.", "",
-             "| dataset | cells x genes | epochs | threads | scvi cells/s | cellvae cells/s | speed-up | "
+             "| dataset | seed | cells x genes | epochs | threads | scvi cells/s | cellvae cells/s | speed-up | "
              "held-out ELBO scvi / cellvae (diff) | time to scvi quality scvi / cellvae (speed-up) | "
              "peak RSS MiB scvi / cellvae |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         ttq = "-"
         if r.get("scvi_ttq_s") is not None:
             ttq = (f"{r['scvi_ttq_s']:.1f} s / " + (f"{r['cellvae_ttq_s']:.1f} s ({r['ttq_speedup']:.2f}x)"
                                                     if r.get("cellvae_ttq_s") else "not reached"))
         lines.append(
-            f"| {r['dataset']} | {r['n_cells']} x {r['n_genes']} | {r['epochs']} | {r['threads']} | "
+            f"| {r['dataset']} | {r['seed']} | {r['n_cells']} x {r['n_genes']} | {r['epochs']} | {r['threads']} | "
             f"{r['scvi_cells_per_s']:,.0f} | {r['cellvae_cells_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
             f"{r['scvi_heldout_elbo']:.1f} / {r['cellvae_heldout_elbo']:.1f} ({100 * r['elbo_rel_diff']:+.2f} %) | "
             f"{ttq} | {r['scvi_rss_mb']:.0f} / {r['cellvae_rss_mb']:.0f} |")

@@ -36,7 +36,6 @@ import torch
 
 from .data import CellvaeInputError, TensorData, minibatch_slices
 from .fileio import fsync_dir as _fsync_dir
-from .optim import grads_finite
 from .distributed import (
     allreduce_grads,
     allreduce_sum,
@@ -48,6 +47,7 @@ from .distributed import (
     shard_indices,
     world,
 )
+from .optim import grads_finite
 
 __all__ = ["TrainingPlan", "train_module", "default_max_epochs", "evaluate_elbo", "kl_weight_at", "torch_threads",
            "default_n_threads", "CellvaeTrainingError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
