@@ -6,6 +6,9 @@
 - ``--study decoder_bias_init``: the decoder's logits bias initialised to the log gene frequencies of the training
   cells (``decoder_bias_init="frequency"``, the default) against PyTorch's initialisation (``"default"``, as
   scvi-tools) (``benchmarks/results/decoder_bias_init.md``).
+- ``--study dispersion_init``: log theta drawn from N(0, 1) per gene (``dispersion_init="random"``, the default, as
+  scvi-tools) against log theta 1.0 for every gene (the constant chosen on CBMC, which this study does not use)
+  (``benchmarks/results/dispersion_init.md``).
 
 Each run is a default ``CountVAE.train`` (default ``max_epochs`` = min(400, 20000 / n_cells * 400), KL warm-up over
 half of it, early stopping with patience 45 after the warm-up, best weights restored, 10 % validation cells), ZINB,
@@ -19,7 +22,7 @@ The datasets are labelled sets of ``../shared/data`` that are *not* used by ``be
 cbmc), so that the choice of default is not tuned on the data of the throughput comparison; datasets with more
 than 5,000 genes are reduced to 2,000 seurat_v3 genes (``_common.load_dataset``).
 
-    .venv/bin/python benchmarks/training_defaults.py [--study lr_schedule|decoder_bias_init] [--seeds 0,1]
+    .venv/bin/python benchmarks/training_defaults.py [--study lr_schedule|decoder_bias_init|dispersion_init] [--seeds 0,1]
         [--datasets a,b] [--out benchmarks/results/<study>]
 """
 
@@ -47,6 +50,11 @@ STUDIES = {  # study -> (title, {configuration name -> CountVAE.train keyword ar
     "decoder_bias_init": ("Decoder bias initialisation: PyTorch's (as scvi-tools) vs log gene frequencies", {
         "PyTorch init (as scvi-tools)": {"decoder_bias_init": "default"},
         "log gene frequency (default)": {"decoder_bias_init": "frequency"},
+    }),
+    "dispersion_init": ("Dispersion initialisation: one N(0, 1) log theta per gene (as scvi-tools) vs log theta 1.0 "
+                        "for every gene", {
+        "random log theta (default, as scvi-tools)": {"dispersion_init": "random"},
+        "log theta 1.0": {"dispersion_init": 1.0},
     }),
 }
 

@@ -29,6 +29,23 @@ def _run(fn, **kwargs):
         sys.exit(3)
 
 
+class _DispersionInit(click.ParamType):
+    """``random`` or a finite number (log theta)."""
+
+    name = "random|NUMBER"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) or value == "random":
+            return value
+        try:
+            v = float(value)
+        except ValueError:
+            v = float("nan")
+        if v != v or v in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is neither 'random' nor a finite number", param, ctx)
+        return v
+
+
 def _fit_options(f):
     options = [
         click.option("--layer", default=None, help="Layer with raw counts (default: X)."),
@@ -61,6 +78,9 @@ def _fit_options(f):
                      show_default=True,
                      help="Initial decoder bias: frequency: log of each gene's share of the training counts "
                           "(starts from the average profile); default: PyTorch's initialisation, as scvi-tools."),
+        click.option("--dispersion-init", type=_DispersionInit(), default="random", show_default=True,
+                     help="Initial log theta (NB / ZINB with gene or gene-batch dispersion): random: one N(0, 1) "
+                          "draw per gene, as scvi-tools; a number: that log theta for every gene."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

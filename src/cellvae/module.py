@@ -227,6 +227,23 @@ class VAEModule(nn.Module):
             self.px_r = nn.Parameter(torch.randn(self.n_batch, n_input))
 
     @torch.no_grad()
+    def init_dispersion(self, log_theta: float) -> None:
+        """Set every inverse dispersion of the NB / ZINB likelihood to ``exp(log_theta)`` (``px_r``, per gene or
+        per gene and batch) instead of scVI's N(0, 1) draw of log theta per gene.
+
+        Raises:
+            ValueError: a likelihood without a dispersion parameter (``"poisson"``, ``"normal"``), per-cell
+                dispersion (``"gene-cell"``, a decoder head), or a ``log_theta`` that is not finite.
+        """
+        if self.gene_likelihood not in ("nb", "zinb") or self.dispersion not in ("gene", "gene-batch"):
+            raise ValueError("dispersion_init applies to the 'nb' and 'zinb' likelihoods with 'gene' or 'gene-batch' "
+                             f"dispersion, not gene_likelihood={self.gene_likelihood!r}, "
+                             f"dispersion={self.dispersion!r}; use dispersion_init='random'.")
+        if not np.isfinite(log_theta):
+            raise ValueError(f"dispersion_init must be 'random' or a finite log theta, got {log_theta!r}.")
+        self.px_r.fill_(float(log_theta))
+
+    @torch.no_grad()
     def init_decoder_bias(self, gene_totals) -> bool:
         """Set the bias of the decoder's logits layer to ``log(s_g / sum_g s_g)`` (centred), ``s_g`` the total
         counts of gene g over the training cells (at least half a count): the maximum-likelihood bias of the
