@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                       flush=True)
     md = [f"# {title}", "",
           f"Machine: {machine_description()}; load average {loadavg()} at the end. `{' '.join(sys.argv)}`", "",
-          __doc__.split("\n\n")[1].replace("\n", " "), "",
+          *[para.replace("\n", " ") + "\n" for para in __doc__.split("\n\n")[2:4]],
           "| dataset | cells x genes | seed | configuration | best validation ELBO (epoch) | diff vs reference | "
           "epochs to reference's best | epochs run | KMeans ARI / NMI |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
