@@ -299,7 +299,7 @@ def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
 def test_dropout_keep_flags_native_equal_torch_and_are_fair():
     """The keep flags of the C kernel equal the torch fallback's bit for bit; over many seeds the kept fraction of
     every element and the correlation between elements are those of independent Bernoulli(1 - p) draws."""
-    from cellvae.nn import dropout_keep
+    from cellvae.nn import _drop_threshold, dropout_keep
 
     lib = native.library()
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_dropout_keep_flags_native_equal_torch_and_are_fair():
     for p in (0.1, 0.5, 0.0, 0.999):
         seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
         k = torch.empty(5000, dtype=torch.uint8)
-        lib.cv_dropout_keep(5000, min(int(round(p * 2.0**32)), 2**32 - 1), seeds[0], seeds[1], k.data_ptr())
+        lib.cv_dropout_keep(5000, _drop_threshold(p), seeds[0], seeds[1], k.data_ptr())
         assert torch.equal(k.bool(), dropout_keep(5000, p, seeds)), p
     for _ in range(400):
         masks.append(dropout_keep(64 * 32, 0.1, torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()))

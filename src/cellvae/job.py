@@ -212,8 +212,8 @@ def fit_job(
     try:
         model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
                     lr=lr, lr_schedule=lr_schedule, decoder_bias_init=decoder_bias_init,
-                    dispersion_init=dispersion_init, progress_bar=progress_bar, checkpoint_dir=ck_dir, checkpoint_every=checkpoint_every,
-                    resume=resume, accelerator=accelerator)
+                    dispersion_init=dispersion_init, progress_bar=progress_bar, checkpoint_dir=ck_dir,
+                    checkpoint_every=checkpoint_every, resume=resume, accelerator=accelerator)
     except CellvaeTrainingError as e:
         if rank != 0:
             raise

@@ -25,7 +25,7 @@ from .data import (
     split_indices,
     warn,
 )
-from .module import ADVERSARIAL_MODES, DISPERSIONS, GENE_LIKELIHOODS, VAEModule
+from .module import ADVERSARIAL_MODES, DISPERSIONS, GENE_LIKELIHOODS, VAEModule, has_gene_dispersion
 from .metrics.likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
 from .fileio import atomic_directory, write_synced
 from .train import CellvaeTrainingError, TrainingPlan, default_max_epochs, train_module
@@ -37,6 +37,7 @@ _CONFIG = "config.json"
 _WEIGHTS = "model.pt"
 _SPLIT = "split.json"
 DECODER_BIAS_INITS = ("frequency", "default")
+_BIAS_INIT_MAX_CELLS = 50_000  # out of core, the decoder bias comes from at most this many training cells
 
 
 def _check_dispersion_init(value, module_kwargs: dict) -> float | None:
@@ -51,11 +52,10 @@ def _check_dispersion_init(value, module_kwargs: dict) -> float | None:
     if isinstance(value, bool) or not np.isfinite(log_theta):
         raise CellvaeInputError(f"dispersion_init must be 'random' or a finite log theta (a number), got {value!r}.")
     lik, disp = module_kwargs.get("gene_likelihood", "zinb"), module_kwargs.get("dispersion", "gene")
-    if lik not in ("nb", "zinb") or disp not in ("gene", "gene-batch"):
+    if not has_gene_dispersion(lik, disp):
         raise CellvaeInputError(f"dispersion_init={value!r} needs the 'nb' or 'zinb' likelihood with 'gene' or "
                                 f"'gene-batch' dispersion (this model: {lik!r}, {disp!r}); use 'random'.")
     return log_theta
-_BIAS_INIT_MAX_CELLS = 50_000  # out of core, the decoder bias comes from at most this many training cells
 
 
 class CountVAE:

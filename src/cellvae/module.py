@@ -235,7 +235,7 @@ class VAEModule(nn.Module):
             ValueError: a likelihood without a dispersion parameter (``"poisson"``, ``"normal"``), per-cell
                 dispersion (``"gene-cell"``, a decoder head), or a ``log_theta`` that is not finite.
         """
-        if self.gene_likelihood not in ("nb", "zinb") or self.dispersion not in ("gene", "gene-batch"):
+        if not has_gene_dispersion(self.gene_likelihood, self.dispersion):
             raise ValueError("dispersion_init applies to the 'nb' and 'zinb' likelihoods with 'gene' or 'gene-batch' "
                              f"dispersion, not gene_likelihood={self.gene_likelihood!r}, "
                              f"dispersion={self.dispersion!r}; use dispersion_init='random'.")
@@ -456,6 +456,12 @@ class VAEModule(nn.Module):
             return self._total(recon, inf, kl_weight, cat)
         gen = self.generative(inf["z"], inf["library"], cat, cont)
         return self.loss(x, inf, gen, kl_weight, cat)
+
+
+def has_gene_dispersion(gene_likelihood: str, dispersion: str) -> bool:
+    """Whether the model's inverse dispersion is the parameter ``px_r`` (per gene, or per gene and batch) of an NB /
+    ZINB likelihood, the case ``VAEModule.init_dispersion`` sets."""
+    return gene_likelihood in ("nb", "zinb") and dispersion in ("gene", "gene-batch")
 
 
 @contextlib.contextmanager

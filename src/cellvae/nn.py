@@ -87,7 +87,7 @@ class _BNReLUDropout(torch.autograd.Function):
         y = torch.empty_like(x)
         mean, invstd = x.new_empty(C), x.new_empty(C)
         work = torch.empty(2 * C, dtype=torch.float64)
-        threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+        threshold = _drop_threshold(p)
         scale = 1.0 / (1.0 - p)
         native.library().cv_bn_relu_dropout(
             n, C, x.data_ptr(), native.ptr(weight), native.ptr(bias), eps, momentum, native.ptr(running_mean),
@@ -113,6 +113,11 @@ class _BNReLUDropout(torch.autograd.Function):
         return dx if need[0] else None, dw, db, None, None, None, None, None, None
 
 
+def _drop_threshold(p: float) -> int:
+    """The 32-bit word below which a hashed element is dropped: round(p 2^32), at most 2^32 - 1."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2^32 for int64 tensors x in [0, 2^32) and a 32-bit constant c, without int64 overflow."""
     return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & 0xFFFFFFFF
@@ -131,7 +136,7 @@ def dropout_keep(n: int, p: float, seeds: Sequence[int]) -> torch.Tensor:
     """(n,) bool: the dropout keep flags :func:`bn_relu_dropout` uses for elements 0..n-1 (row-major), dropout
     probability ``p`` and two 32-bit ``seeds``: element j is kept when ``hash32(hash32(j ^ s0) + s1)``, a 32-bit
     word, is at least ``round(p 2^32)`` (probability 1 - p to within 2^-32). The same flags as the native kernel."""
-    threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+    threshold = _drop_threshold(p)
     j = torch.arange(n, dtype=torch.int64) & 0xFFFFFFFF  # the kernel's 32-bit element index
     h = _hash32((_hash32(j ^ int(seeds[0])) + int(seeds[1])) & 0xFFFFFFFF)
     return h >= threshold
