@@ -9,6 +9,9 @@
 - ``--study dispersion_init``: log theta drawn from N(0, 1) per gene (``dispersion_init="random"``, the default, as
   scvi-tools) against log theta 1.0 for every gene (the constant chosen on CBMC, which this study does not use)
   (``benchmarks/results/dispersion_init.md``).
+- ``--study dispersion_lr``: log theta (``px_r``) learning at the rate of the other weights
+  (``dispersion_lr_multiplier=1``, as scvi-tools) against 10, 30 and 100 times that rate
+  (``benchmarks/results/dispersion_lr.md``).
 
 Each run is a default ``CountVAE.train`` (default ``max_epochs`` = min(400, 20000 / n_cells * 400), KL warm-up over
 half of it, early stopping with patience 45 after the warm-up, best weights restored, 10 % validation cells), ZINB,
@@ -22,8 +25,11 @@ The datasets are labelled sets of ``../shared/data`` that are *not* used by ``be
 cbmc), so that the choice of default is not tuned on the data of the throughput comparison; datasets with more
 than 5,000 genes are reduced to 2,000 seurat_v3 genes (``_common.load_dataset``).
 
-    .venv/bin/python benchmarks/training_defaults.py [--study lr_schedule|decoder_bias_init|dispersion_init] [--seeds 0,1]
-        [--datasets a,b] [--out benchmarks/results/<study>]
+    .venv/bin/python benchmarks/training_defaults.py [--study lr_schedule|decoder_bias_init|dispersion_init|dispersion_lr]
+        [--seeds 0,1] [--datasets a,b] [--out benchmarks/results/<study>]
+
+Runs split over processes (``--datasets a,b --out /tmp/part1`` and ``--datasets c,d,e --out /tmp/part2``) are joined
+into one report by ``--merge /tmp/part1.json,/tmp/part2.json`` (with the same ``--study``).
 """
 
 from __future__ import annotations
@@ -56,6 +62,13 @@ STUDIES = {  # study -> (title, {configuration name -> CountVAE.train keyword ar
         "random log theta (default, as scvi-tools)": {"dispersion_init": "random"},
         "log theta 1.0": {"dispersion_init": 1.0},
     }),
+    "dispersion_lr": ("Learning rate of log theta: the rate of the other weights (as scvi-tools) vs 10, 30 and 100 "
+                      "times it", {
+        "log theta lr x 1 (as scvi-tools)": {"dispersion_lr_multiplier": 1.0},
+        "log theta lr x 10": {"dispersion_lr_multiplier": 10.0},
+        "log theta lr x 30": {"dispersion_lr_multiplier": 30.0},
+        "log theta lr x 100": {"dispersion_lr_multiplier": 100.0},
+    }),
 }
 
 
@@ -83,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--study", choices=sorted(STUDIES), default="lr_schedule")
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--out", default=None)
+    p.add_argument("--merge", default=None, help="comma-separated .json files of earlier runs: report them together")
     args = p.parse_args(argv)
     title, configs = STUDIES[args.study]
     out = args.out or str(Path(__file__).resolve().parent / "results" / args.study)
@@ -92,8 +106,14 @@ def main(argv=None) -> int:
     import numpy as np
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
-    for name in args.datasets.split(","):
+    rows, commands = [], []
+    if args.merge:
+        for f in args.merge.split(","):
+            part = json.loads(Path(f).read_text())
+            rows += part["rows"]
+            commands += part.get("commands", [])
+    commands.append(" ".join(sys.argv))
+    for name in ([] if args.merge else args.datasets.split(",")):
         adata, labels, _info = load_dataset(Path(args.data_dir), name, "cell_type")
         for seed in seeds:
             ref = None
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
                       f"{r['epochs_to_reference']}, {r['epochs']} epochs, {r['seconds']:.0f} s, ARI {r['ari']:.3f}",
                       flush=True)
     md = [f"# {title}", "",
-          f"Machine: {machine_description()}; load average {loadavg()} at the end. `{' '.join(sys.argv)}`", "",
+          f"Machine: {machine_description()}; load average {loadavg()} at the end. "
+          + ", then ".join(f"`{c}`" for c in commands), "",
           *[para.replace("\n", " ") + "\n" for para in __doc__.split("\n\n")[2:4]],
           "| dataset | cells x genes | seed | configuration | best validation ELBO (epoch) | diff vs reference | "
           "epochs to reference's best | epochs run | KMeans ARI / NMI |", "|---|---|---|---|---|---|---|---|---|"]
@@ -131,7 +152,7 @@ def main(argv=None) -> int:
                 fr.append(r["epochs_to_reference"] / base["best_epoch"])
         reached = f"{np.mean(fr):.2f} ({len(fr)} of {len(sel)} runs reached it)" if fr else "never reached"
         md.append(f"| {cname} | {np.mean(diffs):+.3f} % | {reached} | {np.mean([r['ari'] for r in sel]):.3f} |")
-    atomic_write_text(Path(out).with_suffix(".json"), json.dumps({"rows": rows}, indent=1))
+    atomic_write_text(Path(out).with_suffix(".json"), json.dumps({"rows": rows, "commands": commands}, indent=1))
     atomic_write_text(Path(out).with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

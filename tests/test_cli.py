@@ -34,7 +34,7 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--labels-key", "cell_type",
                                   "--batch-key", "donor", "--max-epochs", "3", "--n-top-genes", "100", "--quiet",
-                                  "--lr", "2e-3", "--lr-schedule", "cosine"])
+                                  "--lr", "2e-3", "--lr-schedule", "cosine", "--dispersion-lr-multiplier", "3"])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output
     assert _md5(small_h5ad) == before  # input untouched
@@ -67,6 +67,7 @@ def test_fit_writes_everything(tmp_path, small_h5ad):
     assert m.history["plan"]["lr"] == 2e-3
     assert m.history["plan"]["decoder_bias_init"] == res.uns["cellvae"]["settings"]["decoder_bias_init"] == "frequency"
     assert res.uns["cellvae"]["settings"]["lr_schedule"] == "cosine"
+    assert m.history["plan"]["dispersion_lr_multiplier"] == res.uns["cellvae"]["settings"]["dispersion_lr_multiplier"] == 3
     assert m.history["lr"] == pytest.approx([lr_at(steps * e - 1, 3 * steps, plan) for e in (1, 2, 3)], rel=1e-12)
     np.testing.assert_allclose(m.get_latent_representation(), res.obsm["X_cellvae"], rtol=1e-4, atol=1e-5)
     assert not list(out.glob(".*"))  # no temporary files left
@@ -81,6 +82,9 @@ def test_fit_refuses_nonempty_out_and_bad_values(tmp_path, small_h5ad, kang_smal
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(tmp_path / "o2"), "--quiet",
                                   "--decoder-bias-init", "mean"])
     assert r.exit_code == 2 and "'frequency', 'default'" in r.output
+    r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(tmp_path / "o2"), "--quiet",
+                                  "--dispersion-lr-multiplier", "0"])
+    assert r.exit_code == 2 and "--dispersion-lr-multiplier" in r.output and "x>0" in r.output
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(small_h5ad.parent), "--quiet",
                                   "--overwrite"])
     assert r.exit_code == 2 and "lies in the output directory" in r.output

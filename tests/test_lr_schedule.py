@@ -29,8 +29,8 @@ def test_adam_gets_the_scheduled_rate_every_step(zeisel_small, monkeypatch):
     seen = []
     orig = train_mod.make_optimizer
 
-    def spy(params, plan):
-        opt = orig(params, plan)
+    def spy(params, plan, *args):
+        opt = orig(params, plan, *args)
         step = opt.step
 
         def recording_step(*a, **k):

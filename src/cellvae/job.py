@@ -130,6 +130,7 @@ def fit_job(
     lr_schedule: str = "constant",
     decoder_bias_init: str = "frequency",
     dispersion_init: str | float = "random",
+    dispersion_lr_multiplier: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,
     progress_bar: bool = True,
@@ -145,7 +146,8 @@ def fit_job(
     ``$CELLVAE_DATA_DIR`` or a URL. ``log`` receives progress lines. ``resume``: continue an interrupted job in
     ``out_dir`` from ``out_dir/checkpoints`` (same data and options); ``checkpoint_every``: epochs between
     training checkpoints. ``lr`` / ``lr_schedule``: peak learning rate and its schedule; ``decoder_bias_init``:
-    the decoder's initial bias; ``dispersion_init``: the initial log theta (all four as ``CountVAE.train``).
+    the decoder's initial bias; ``dispersion_init`` / ``dispersion_lr_multiplier``: the initial log theta and its
+    relative learning rate (all as ``CountVAE.train``).
     ``accelerator``: ``auto``/``cpu``/``cuda`` for training. ``backed``: train out of core
     (the .h5ad's matrix is read from disk in row chunks, :mod:`cellvae.backed`): no ``cellvae_normalized`` layer is
     written, clustering metrics use at most 50,000 cells, and above 200,000 cells the UMAP and Leiden clustering are
@@ -212,7 +214,8 @@ def fit_job(
     try:
         model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping, seed=seed,
                     lr=lr, lr_schedule=lr_schedule, decoder_bias_init=decoder_bias_init,
-                    dispersion_init=dispersion_init, progress_bar=progress_bar, checkpoint_dir=ck_dir,
+                    dispersion_init=dispersion_init, dispersion_lr_multiplier=dispersion_lr_multiplier,
+                    progress_bar=progress_bar, checkpoint_dir=ck_dir,
                     checkpoint_every=checkpoint_every, resume=resume, accelerator=accelerator)
     except CellvaeTrainingError as e:
         if rank != 0:
@@ -339,6 +342,7 @@ def fit_job(
         "early_stopping": early_stopping, "seed": seed, "n_processes": n_ranks,
         "accelerator": accelerator, "backed": backed, "lr": lr, "lr_schedule": lr_schedule,
         "decoder_bias_init": decoder_bias_init, "dispersion_init": dispersion_init,
+        "dispersion_lr_multiplier": dispersion_lr_multiplier,
     }
     res.uns["cellvae"] = _uns_safe({"settings": settings, "metrics": metrics,
                                     "normalized_library_size": NORMALIZED_LIBRARY_SIZE})

@@ -306,6 +306,7 @@ class CountVAE:
         n_epochs_kl_warmup: int | None = None,
         decoder_bias_init: str = "frequency",
         dispersion_init: str | float = "random",
+        dispersion_lr_multiplier: float = 1.0,
         seed: int = 0,
         progress_bar: bool = True,
         n_threads: int | None = None,
@@ -344,6 +345,10 @@ class CountVAE:
                 as scvi-tools; a number: that log theta for every gene (at lr 1e-3 theta moves slowly, and on
                 CBMC a constant start gave a better validation ELBO after 20 epochs than the random one; not yet
                 studied as a default).
+            dispersion_lr_multiplier: the learning rate of log theta (``px_r``, NB / ZINB with ``"gene"`` /
+                ``"gene-batch"`` dispersion) relative to ``lr``; other likelihoods ignore it. Adam with eps 0.01
+                moves log theta very slowly at lr 1e-3, so theta stays near its random start for tens of epochs
+                (``benchmarks/results/dispersion_lr.md``).
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
             n_threads: torch threads while training (None: half the CPUs; see
@@ -372,7 +377,8 @@ class CountVAE:
             CellvaeInputError: fewer than 3 cells with counts, fewer training cells than one minibatch, an
                 ``lr_schedule`` other than ``"constant"`` / ``"cosine"``, a ``decoder_bias_init`` other than
                 ``"frequency"`` / ``"default"``, a ``dispersion_init`` other than ``"random"`` or a finite number
-                (or a number where the likelihood has no per-gene dispersion), or a checkpoint that cannot be resumed
+                (or a number where the likelihood has no per-gene dispersion), a ``dispersion_lr_multiplier`` that is
+                not a positive number, or a checkpoint that cannot be resumed
                 (unreadable, another model/data/split, or present while ``resume`` is False).
             CellvaeTrainingError: ``max_bad_steps`` consecutive non-finite steps. The model then keeps the best
                 weights so far (``self.history`` up to the failure); with ``checkpoint_dir`` they are also in the
@@ -409,7 +415,7 @@ class CountVAE:
             lr_schedule=lr_schedule, n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, progress_bar=progress_bar,
             n_threads=n_threads, checkpoint_every=int(checkpoint_every), max_bad_steps=int(max_bad_steps),
-            max_kl_weight=self.beta, accelerator=accelerator,
+            max_kl_weight=self.beta, accelerator=accelerator, dispersion_lr_multiplier=dispersion_lr_multiplier,
         )
         data = self._tensors(None)
         if first_fit and decoder_bias_init == "frequency":  # (a resumed checkpoint then replaces every weight)

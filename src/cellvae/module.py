@@ -226,6 +226,12 @@ class VAEModule(nn.Module):
         elif dispersion == "gene-batch":
             self.px_r = nn.Parameter(torch.randn(self.n_batch, n_input))
 
+    def dispersion_parameters(self) -> list[nn.Parameter]:
+        """The inverse-dispersion parameter ``px_r`` (log theta, (n_genes,) or (n_batch, n_genes)) as a one-item list
+        when the likelihood uses it (NB / ZINB with ``"gene"`` / ``"gene-batch"`` dispersion), else an empty list.
+        The training loop gives it its own learning rate (``TrainingPlan.dispersion_lr_multiplier``)."""
+        return [self.px_r] if has_gene_dispersion(self.gene_likelihood, self.dispersion) else []
+
     @torch.no_grad()
     def init_dispersion(self, log_theta: float) -> None:
         """Set every inverse dispersion of the NB / ZINB likelihood to ``exp(log_theta)`` (``px_r``, per gene or

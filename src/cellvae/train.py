@@ -116,7 +116,12 @@ class TrainingPlan:
         lr_schedule: ``"constant"`` (``lr`` throughout, as scvi-tools) or ``"cosine"``: per step, from ``lr`` down
             to ``COSINE_FLOOR * lr`` at the last step of ``max_epochs`` (cosine annealing without restarts,
             Loshchilov & Hutter 2017, SGDR, eq. 5). The rate is a function of the step alone (:func:`lr_at`), so a
-            resumed run follows the uninterrupted one. ``CountVAE.train`` uses ``"cosine"`` with ``lr=2e-3``.
+            resumed run follows the uninterrupted one.
+        dispersion_lr_multiplier: the learning rate of the likelihood's inverse-dispersion parameter (log theta,
+            the module's ``dispersion_parameters()``; scVI's ``px_r``) is ``lr`` times this (its own Adam parameter
+            group; the schedule scales both). With Adam's ``eps`` of 0.01 and lr 1e-3, log theta moves by far less
+            than 1e-3 per step and stays near its N(0, 1) start for tens of epochs
+            (``benchmarks/results/dispersion_lr.md``).
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to 1. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever
             its length (scvi-tools' fixed 400 epochs never complete in a 100-epoch or a large-data run, which
@@ -160,6 +165,7 @@ class TrainingPlan:
     max_kl_weight: float = 1.0
     accelerator: str = "auto"
     fused_optimizer: bool = True
+    dispersion_lr_multiplier: float = 1.0
 
     @property
     def warmup_epochs(self) -> int:
@@ -334,16 +340,52 @@ def train_module(
         module.cpu()
 
 
-def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan) -> torch.optim.Adam:
+def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan, dispersion=()) -> torch.optim.Adam:
     """Adam with ``plan``'s lr, eps and weight decay; the fused implementation (one kernel over all parameters,
-    same arithmetic) where this torch has it for the parameters' device, else the multi-tensor one."""
+    same arithmetic) where this torch has it for the parameters' device, else the multi-tensor one.
+
+    The parameters of ``params`` that are in ``dispersion`` form a second parameter group (when there are any)
+    whose learning rate is ``plan.lr * plan.dispersion_lr_multiplier``; each group holds its factor as
+    ``"lr_multiplier"`` (see :func:`set_lr`). Adam is element-wise, so the grouping alone changes no update.
+    """
+    disp = {id(p) for p in dispersion}
+    groups = [{"params": [p for p in params if id(p) not in disp], "lr_multiplier": 1.0}]
+    if any(id(p) in disp for p in params):
+        groups.append({"params": [p for p in params if id(p) in disp],
+                       "lr_multiplier": float(plan.dispersion_lr_multiplier)})
+    for g in groups:
+        g["lr"] = plan.lr * g["lr_multiplier"]
     kw = {"lr": plan.lr, "eps": plan.eps, "weight_decay": plan.weight_decay}
     if plan.fused_optimizer:
         try:
-            return torch.optim.Adam(params, fused=True, **kw)
+            return torch.optim.Adam(groups, fused=True, **kw)
         except (RuntimeError, TypeError, ValueError):  # fused Adam not built for this device / dtype
             pass
-    return torch.optim.Adam(params, **kw)
+    return torch.optim.Adam(groups, **kw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr`` times its ``"lr_multiplier"`` (1 if it has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
+
+
+def _regroup_old_state(state: dict, params: list, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state of a checkpoint written with one parameter group (before the dispersion group), in the
+    grouping of ``optimizer``: its parameter ``i`` is ``params[i]``; the moments follow their parameters."""
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) == 1:
+        return state
+    old_index = {id(p): i for i, p in enumerate(params)}
+    new_groups, new_state, k = [], {}, 0
+    for group in optimizer.param_groups:
+        ids = []
+        for p in group["params"]:
+            if old_index[id(p)] in state["state"]:
+                new_state[k] = state["state"][old_index[id(p)]]
+            ids.append(k)
+            k += 1
+        new_groups.append({**state["param_groups"][0], "params": ids, "lr_multiplier": group["lr_multiplier"]})
+    return {"state": new_state, "param_groups": new_groups}
 
 
 def _transpose_old_states(optimizer: torch.optim.Optimizer) -> None:
@@ -385,6 +427,9 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         raise ValueError(f"Training needs at least 2 cells, got {len(train_idx)}.")
     if plan.checkpoint_every < 1:
         raise CellvaeInputError(f"checkpoint_every must be at least 1 epoch, got {plan.checkpoint_every}.")
+    if not (math.isfinite(plan.dispersion_lr_multiplier) and plan.dispersion_lr_multiplier > 0):
+        raise CellvaeInputError("dispersion_lr_multiplier must be a positive number (1: the same learning rate as "
+                                f"the other weights), got {plan.dispersion_lr_multiplier!r}.")
     ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and ck_dir is None:
         raise CellvaeInputError("resume=True needs the checkpoint_dir of the run to continue.")
@@ -412,7 +457,8 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     broadcast_module(module)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, plan)
+    dispersion = getattr(module, "dispersion_parameters", list)()
+    optimizer = make_optimizer(params, plan, dispersion)
     steps_per_epoch = len(minibatch_slices(len(train_t), batch_size))
     warmup_steps = plan.warmup_epochs * steps_per_epoch
     lr_steps = plan.max_epochs * steps_per_epoch  # the cosine schedule ends at the last step of max_epochs
@@ -429,10 +475,13 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
     if ck is not None:
         _check_resume(ck, plan, train_t, val_t, meta, warmup_steps, ck_dir, lr_steps)
         module.load_state_dict(ck["module"])
-        optimizer.load_state_dict(ck["optimizer"])
+        optimizer.load_state_dict(_regroup_old_state(ck["optimizer"], params, optimizer))
         _transpose_old_states(optimizer)
         for group in optimizer.param_groups:  # settings of this call (a lower lr after a failure, say)
-            group.update(lr=plan.lr, eps=plan.eps, weight_decay=plan.weight_decay)
+            group.update(eps=plan.eps, weight_decay=plan.weight_decay)
+        if len(optimizer.param_groups) > 1:
+            optimizer.param_groups[1]["lr_multiplier"] = float(plan.dispersion_lr_multiplier)
+        set_lr(optimizer, plan.lr)
         gen.set_state(ck["minibatch_rng"])
         torch.set_rng_state(ck["torch_rng"])
         n_done = len(ck["history"].get("epoch", []))  # a checkpoint of an older cellvae may lack a key ("lr")
@@ -488,9 +537,7 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
             x, cat, cont = _to(batch, device)
             kl_w = kl_weight_at(step, warmup_steps, plan.max_kl_weight)
             if scheduled:
-                lr = lr_at(step, lr_steps, plan)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr_at(step, lr_steps, plan))
             if plan.check_finite:
                 for dst, src in zip(buffer_backup, buffers):
                     dst.copy_(src)

@@ -1,0 +1,199 @@
+"""Learning rate of log theta (``TrainingPlan.dispersion_lr_multiplier``, ``CountVAE.train(dispersion_lr_multiplier=
+...)``, ``cellvae fit --dispersion-lr-multiplier``): its own Adam parameter group, the rates Adam uses, resume
+(also from a checkpoint with one parameter group), and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cellvae.train as train_mod
+from cellvae import CellvaeInputError, CountVAE
+from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer
+
+SMALL = dict(n_hidden=32, n_latent=5)
+TRAIN = dict(batch_size=64, seed=1, progress_bar=False, n_threads=1)
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(7, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+
+
+def _steps(opt, params, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        opt.step()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_multiplier_one_is_the_single_group_update(fused):
+    """Adam is element-wise: the dispersion group with multiplier 1 gives bit-identical weights to one group."""
+    plan = TrainingPlan(fused_optimizer=fused)
+    a, b = _params(), _params()
+    one, two = make_optimizer(a, plan), make_optimizer(b, plan, [b[1]])
+    assert len(one.param_groups) == 1 and len(two.param_groups) == 2
+    _steps(one, a)
+    _steps(two, b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dispersion_group_moves_multiplier_times_as_far(fused):
+    """Adam's first step is lr * g / (|g| + eps): linear in lr, so the dispersion weights move 30 times as far and the
+    others as without the group."""
+    a, b = _params(), _params()
+    start = [p.detach().clone() for p in a]
+    _steps(make_optimizer(a, TrainingPlan(fused_optimizer=fused)), a, n=1)
+    opt = make_optimizer(b, TrainingPlan(fused_optimizer=fused, dispersion_lr_multiplier=30.0), [b[1]])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 3e-2])
+    assert [g["lr_multiplier"] for g in opt.param_groups] == [1.0, 30.0]
+    _steps(opt, b, n=1)
+    torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)
+    torch.testing.assert_close(b[1] - start[1], 30 * (a[1] - start[1]), rtol=2e-3, atol=0)  # float32 rounding
+
+
+def test_no_dispersion_parameter_one_group():
+    p = _params()
+    assert len(make_optimizer(p, TrainingPlan(dispersion_lr_multiplier=10.0), []).param_groups) == 1
+
+
+@pytest.mark.parametrize("kw, expected", [({}, 1), ({"gene_likelihood": "poisson"}, 0), ({"gene_likelihood": "normal"}, 0),
+                                          ({"dispersion": "gene-cell"}, 0), ({"gene_likelihood": "nb"}, 1)])
+def test_module_names_its_dispersion_parameter(pbmc_small, kw, expected):
+    m = CountVAE(pbmc_small, **SMALL, **kw)
+    disp = m.module.dispersion_parameters()
+    assert len(disp) == expected
+    if expected:
+        assert disp[0] is m.module.px_r
+
+
+def test_schedule_scales_both_groups(zeisel_small, monkeypatch):
+    """Under the cosine schedule, every step's dispersion rate is the multiplier times the other weights' rate."""
+    seen = []
+    orig = train_mod.make_optimizer
+
+    def spy(params, plan, *args):
+        opt = orig(params, plan, *args)
+        step = opt.step
+
+        def recording_step(*a, **k):
+            seen.append([g["lr"] for g in opt.param_groups])
+            return step(*a, **k)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    m = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, lr=2e-3, lr_schedule="cosine",
+                                             dispersion_lr_multiplier=10.0, **TRAIN)
+    plan = TrainingPlan(lr=2e-3, lr_schedule="cosine")
+    assert len(seen) == 15
+    assert [s[0] for s in seen] == pytest.approx([lr_at(i, 15, plan) for i in range(15)], rel=1e-12)
+    assert [s[1] for s in seen] == pytest.approx([10 * lr_at(i, 15, plan) for i in range(15)], rel=1e-12)
+    assert m.history["lr"] == pytest.approx([s[0] for s in seen[4::5]], rel=1e-12)  # the other weights' rate
+    assert m.history["plan"]["dispersion_lr_multiplier"] == 10.0
+
+
+def test_larger_multiplier_moves_log_theta_further(zeisel_small, monkeypatch):
+    """From the same start (same seed), log theta travels further with 30 times the rate."""
+    starts = []
+    orig = train_mod.make_optimizer
+
+    def spy(params, plan, dispersion=()):
+        starts.append([p.detach().clone() for p in dispersion])
+        return orig(params, plan, dispersion)
+
+    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    moved = {}
+    for mult in (1.0, 30.0):
+        m = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, dispersion_lr_multiplier=mult, **TRAIN)
+        moved[mult] = float((m.module.px_r.detach() - starts[-1][0]).abs().mean())
+    torch.testing.assert_close(starts[0][0], starts[1][0], rtol=0, atol=0)
+    assert moved[30.0] > 5 * moved[1.0]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_multiplier_is_refused_before_training(zeisel_small, bad):
+    m = CountVAE(zeisel_small, **SMALL)
+    with pytest.raises(CellvaeInputError, match="dispersion_lr_multiplier must be a positive number"):
+        m.train(max_epochs=1, dispersion_lr_multiplier=bad, **TRAIN)
+    assert not m.is_trained
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.module.state_dict().items()}
+
+
+def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw):
+    calls = []
+
+    def crash_at_second_checkpoint(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash_at_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        CountVAE(zeisel_small, **SMALL).train(**kw, **first_kw)
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+    return CountVAE(zeisel_small, **SMALL).train(resume=True, **kw, **second_kw)
+
+
+def test_resume_with_multiplier_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch):
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, dispersion_lr_multiplier=10.0,
+                                                    **TRAIN)
+    resumed = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {"dispersion_lr_multiplier": 10.0},
+                                 {"dispersion_lr_multiplier": 10.0})
+    a, b = _state(straight), _state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert resumed.history["validation_elbo"] == straight.history["validation_elbo"]
+
+
+def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch):
+    """A checkpoint of a cellvae without the dispersion group (one Adam group over all weights) resumes with its
+    moments attached to the right weights: with multiplier 1 it ends with the weights of an uninterrupted run."""
+    orig = train_mod.make_optimizer
+
+    def one_group(params, plan, *args):  # the optimizer before the dispersion group
+        return orig(params, plan)
+
+    monkeypatch.setattr(train_mod, "make_optimizer", one_group)
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, **TRAIN)
+    calls = []
+
+    def crash(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash)
+    with pytest.raises(KeyboardInterrupt):
+        CountVAE(zeisel_small, **SMALL).train(**kw)
+    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
+    monkeypatch.setattr(train_mod, "make_optimizer", orig)
+    assert len(load_checkpoint(tmp_path)["optimizer"]["param_groups"]) == 1
+    resumed = CountVAE(zeisel_small, **SMALL).train(resume=True, **kw)
+    a, b = _state(straight), _state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ck = load_checkpoint(tmp_path)
+    assert [g["lr_multiplier"] for g in ck["optimizer"]["param_groups"]] == [1.0, 1.0]
+
+
+def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatch):
+    with pytest.warns(UserWarning, match="dispersion_lr_multiplier: 1.0 -> 10.0"):
+        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {}, {"dispersion_lr_multiplier": 10.0})
+    assert r.history["plan"]["dispersion_lr_multiplier"] == 10.0
+    groups = load_checkpoint(tmp_path)["optimizer"]["param_groups"]
+    assert [g["lr_multiplier"] for g in groups] == [1.0, 10.0]
+    assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
