@@ -345,6 +345,15 @@ def _main_scvi(scvi, task, train, held, full) -> dict:
     }
 
 
+def _cellvae_default(name: str):
+    """Default of a ``CountVAE.train`` argument (for the report's description of the settings)."""
+    import inspect
+
+    import cellvae
+
+    return inspect.signature(cellvae.CountVAE.train).parameters[name].default
+
+
 def _cellvae_train_kwargs(task) -> dict:
     kw = {"max_epochs": task["max_epochs"], "batch_size": BATCH_SIZE, "early_stopping": False,
           "seed": task["seed"], "progress_bar": False, "n_threads": task["threads"]}
@@ -572,7 +581,8 @@ def _header(meta: dict, title: str) -> list[str]:
                f"cellvae lr {meta.get('cellvae_lr') or 1e-3:g} "
                f"{meta.get('cellvae_lr_schedule') or 'constant'}"
                + (" (its default)" if not meta.get("cellvae_lr") and not meta.get("cellvae_lr_schedule") else "")
-               + ".")
+               + f", log theta at {_cellvae_default('dispersion_lr_multiplier'):g} x that rate (its default "
+               "`dispersion_lr_multiplier`).")
     out.append("- Data: datasets with > 5000 genes are reduced to 2000 highly variable genes "
                "(`scanpy.pp.highly_variable_genes(flavor=\"seurat_v3\", n_top_genes=2000)` on raw counts); cells "
                "without counts are dropped. Per seed, one permutation `numpy.random.default_rng(seed)` of the "

@@ -167,7 +167,8 @@ def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch)
         return orig(params, plan)
 
     monkeypatch.setattr(train_mod, "make_optimizer", one_group)
-    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, **TRAIN)
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, dispersion_lr_multiplier=1.0,
+                                                    **TRAIN)
     calls = []
 
     def crash(path):
@@ -178,11 +179,11 @@ def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch)
     kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
     monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash)
     with pytest.raises(KeyboardInterrupt):
-        CountVAE(zeisel_small, **SMALL).train(**kw)
+        CountVAE(zeisel_small, **SMALL).train(dispersion_lr_multiplier=1.0, **kw)
     monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
     monkeypatch.setattr(train_mod, "make_optimizer", orig)
     assert len(load_checkpoint(tmp_path)["optimizer"]["param_groups"]) == 1
-    resumed = CountVAE(zeisel_small, **SMALL).train(resume=True, **kw)
+    resumed = CountVAE(zeisel_small, **SMALL).train(resume=True, dispersion_lr_multiplier=1.0, **kw)
     a, b = _state(straight), _state(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -192,8 +193,14 @@ def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch)
 
 def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatch):
     with pytest.warns(UserWarning, match="dispersion_lr_multiplier: 1.0 -> 10.0"):
-        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {}, {"dispersion_lr_multiplier": 10.0})
+        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {"dispersion_lr_multiplier": 1.0},
+                               {"dispersion_lr_multiplier": 10.0})
     assert r.history["plan"]["dispersion_lr_multiplier"] == 10.0
     groups = load_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert [g["lr_multiplier"] for g in groups] == [1.0, 10.0]
     assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
+
+
+def test_default_is_30(zeisel_small):
+    m = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **TRAIN)
+    assert m.history["plan"]["dispersion_lr_multiplier"] == 30.0

@@ -81,10 +81,11 @@ def _fit_options(f):
         click.option("--dispersion-init", type=_DispersionInit(), default="random", show_default=True,
                      help="Initial log theta (NB / ZINB with gene or gene-batch dispersion): random: one N(0, 1) "
                           "draw per gene, as scvi-tools; a number: that log theta for every gene."),
-        click.option("--dispersion-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=1.0,
+        click.option("--dispersion-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=30.0,
                      show_default=True,
                      help="Learning rate of log theta (NB / ZINB with gene or gene-batch dispersion) relative to "
-                          "--lr (1: as scvi-tools)."),
+                          "--lr (1: as scvi-tools; 30 learns theta in tens of epochs, see "
+                          "benchmarks/results/dispersion_lr.md)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

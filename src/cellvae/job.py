@@ -130,7 +130,7 @@ def fit_job(
     lr_schedule: str = "constant",
     decoder_bias_init: str = "frequency",
     dispersion_init: str | float = "random",
-    dispersion_lr_multiplier: float = 1.0,
+    dispersion_lr_multiplier: float = 30.0,
     seed: int = 0,
     overwrite: bool = False,
     progress_bar: bool = True,
