@@ -347,8 +347,8 @@ class CountVAE:
                 one (``benchmarks/results/dispersion_init.md``); the default multiplier lets theta move instead.
             dispersion_lr_multiplier: the learning rate of log theta (``px_r``, NB / ZINB with ``"gene"`` /
                 ``"gene-batch"`` dispersion) relative to ``lr``; other likelihoods ignore it. 1 is scvi-tools'
-                setting, under which Adam (eps 0.01) moves log theta so slowly that theta stays near its random
-                start for tens of epochs. The default 30 gave a better best validation ELBO on all five datasets
+                setting, under which Adam moves log theta by at most about ``lr`` per step, so theta stays near its
+                random start for tens of epochs. The default 30 gave a better best validation ELBO on all five datasets
                 of ``benchmarks/results/dispersion_lr.md`` (+0.1 % to +6.8 %), reached in fewer epochs.
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.

@@ -119,9 +119,10 @@ class TrainingPlan:
             resumed run follows the uninterrupted one.
         dispersion_lr_multiplier: the learning rate of the likelihood's inverse-dispersion parameter (log theta,
             the module's ``dispersion_parameters()``; scVI's ``px_r``) is ``lr`` times this (its own Adam parameter
-            group; the schedule scales both). With Adam's ``eps`` of 0.01 and lr 1e-3, log theta moves by far less
-            than 1e-3 per step and stays near its N(0, 1) start for tens of epochs
-            (``benchmarks/results/dispersion_lr.md``).
+            group; the schedule scales both). Adam moves a weight by at most about ``lr`` per step (less when its
+            gradients are small next to ``eps``), so at lr 1e-3 log theta needs thousands of steps to go from its
+            N(0, 1) start to where the data put it, which is tens of epochs on typical datasets
+            (``benchmarks/results/dispersion_lr.md``). ``CountVAE.train`` uses 30.
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to 1. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever
             its length (scvi-tools' fixed 400 epochs never complete in a 100-epoch or a large-data run, which
