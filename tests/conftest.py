@@ -115,3 +115,27 @@ def assert_same_training(a, b) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
     for key in ("train_elbo", "validation_elbo"):
         np.testing.assert_allclose(a[1][key], b[1][key], rtol=1e-5)
+
+
+@pytest.fixture()
+def optimizer_lrs(monkeypatch) -> list:
+    """Records, at every optimizer step of ``cellvae.train``, the learning rate of each Adam parameter group (a list
+    per step: the other weights' rate first, then the dispersion group's when there is one)."""
+    import cellvae.train as train_mod
+
+    seen: list = []
+    orig = train_mod.make_optimizer
+
+    def spy(params, plan, *args):
+        opt = orig(params, plan, *args)
+        step = opt.step
+
+        def recording_step(*a, **k):
+            seen.append([g["lr"] for g in opt.param_groups])
+            return step(*a, **k)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    return seen

@@ -73,23 +73,9 @@ def test_module_names_its_dispersion_parameter(pbmc_small, kw, expected):
         assert disp[0] is m.module.px_r
 
 
-def test_schedule_scales_both_groups(zeisel_small, monkeypatch):
+def test_schedule_scales_both_groups(zeisel_small, optimizer_lrs):
     """Under the cosine schedule, every step's dispersion rate is the multiplier times the other weights' rate."""
-    seen = []
-    orig = train_mod.make_optimizer
-
-    def spy(params, plan, *args):
-        opt = orig(params, plan, *args)
-        step = opt.step
-
-        def recording_step(*a, **k):
-            seen.append([g["lr"] for g in opt.param_groups])
-            return step(*a, **k)
-
-        opt.step = recording_step
-        return opt
-
-    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    seen = optimizer_lrs
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, lr=2e-3, lr_schedule="cosine",
                                              dispersion_lr_multiplier=10.0, **TRAIN)
     plan = TrainingPlan(lr=2e-3, lr_schedule="cosine")
@@ -130,7 +116,9 @@ def _state(m):
     return {k: v.clone() for k, v in m.module.state_dict().items()}
 
 
-def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw):
+def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw, first_optimizer=None):
+    """Train 4 epochs with ``first_kw`` until a simulated crash after the epoch-2 checkpoint (with
+    ``first_optimizer`` in place of ``make_optimizer`` if given), then resume with ``second_kw`` in a fresh model."""
     calls = []
 
     def crash_at_second_checkpoint(path):
@@ -140,9 +128,13 @@ def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw)
 
     kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
     monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash_at_second_checkpoint)
+    orig = train_mod.make_optimizer
+    if first_optimizer is not None:
+        monkeypatch.setattr(train_mod, "make_optimizer", first_optimizer)
     with pytest.raises(KeyboardInterrupt):
         CountVAE(zeisel_small, **SMALL).train(**kw, **first_kw)
     monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
+    monkeypatch.setattr(train_mod, "make_optimizer", orig)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     return CountVAE(zeisel_small, **SMALL).train(resume=True, **kw, **second_kw)
 
@@ -163,27 +155,16 @@ def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch)
     moments attached to the right weights: with multiplier 1 it ends with the weights of an uninterrupted run."""
     orig = train_mod.make_optimizer
 
+    made = []
+
     def one_group(params, plan, *args):  # the optimizer before the dispersion group
-        return orig(params, plan)
+        made.append(orig(params, plan))
+        return made[-1]
 
-    monkeypatch.setattr(train_mod, "make_optimizer", one_group)
-    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, dispersion_lr_multiplier=1.0,
-                                                    **TRAIN)
-    calls = []
-
-    def crash(path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-
-    kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash)
-    with pytest.raises(KeyboardInterrupt):
-        CountVAE(zeisel_small, **SMALL).train(dispersion_lr_multiplier=1.0, **kw)
-    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
-    monkeypatch.setattr(train_mod, "make_optimizer", orig)
-    assert len(load_checkpoint(tmp_path)["optimizer"]["param_groups"]) == 1
-    resumed = CountVAE(zeisel_small, **SMALL).train(resume=True, dispersion_lr_multiplier=1.0, **kw)
+    one = {"dispersion_lr_multiplier": 1.0}
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, **one, **TRAIN)
+    resumed = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, one, one, first_optimizer=one_group)
+    assert [len(o.param_groups) for o in made] == [1]  # the checkpoint resumed from had one group
     a, b = _state(straight), _state(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
