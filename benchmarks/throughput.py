@@ -4,8 +4,9 @@ For each dataset this runs ``vs_scvi.py`` twice, so the measurement rules are th
 90/10 split of the cells, the same architecture: n_hidden 128, n_latent 10, 1 layer, ZINB, gene dispersion; batch
 size 128; the same epochs; the same KL warm-up, ``--warmup-fraction`` of the epochs for both; no early stopping;
 each training in a fresh child process; tool order alternating per seed; otherwise each tool's own defaults, for
-cellvae the decoder bias initialised to the log gene frequencies of the training cells and log theta learning at 30
-times the learning rate, for scvi-tools PyTorch's initialisation and one learning rate):
+cellvae the decoder bias initialised to the log gene frequencies of the training cells and log theta learning at
+``dispersion_lr_multiplier`` (30) times the learning rate, for scvi-tools PyTorch's initialisation and one learning
+rate):
 
 1. main mode: training cells/s (training cells x epochs / seconds of ``train()``), peak RSS of the child, and the
    held-out ELBO (nats per cell) of both after the same epochs;
@@ -22,7 +23,7 @@ machine a second thread makes steps slower when the other core is busy (see ``ce
     .venv-bench/bin/python benchmarks/throughput.py [--threads 1] [--datasets pbmc4k,cbmc,large100k] [--seeds 0,1,2]
 
 Several ``--seeds`` give one pair of trainings per seed and dataset, and a table of the per-dataset medians. The
-committed results: ``--datasets pbmc4k,cbmc --seeds 0,1,2``, then ``--datasets large100k --seeds 0``, then
+committed results: ``--datasets large100k --seeds 0``, then ``--datasets pbmc4k,cbmc --seeds 0,1,2,3,4``, then
 ``--report-only`` (the default ``--datasets``) to write the table of all three.
 
 Results: ``benchmarks/results/throughput.{md,json}`` (the two ``vs_scvi`` reports of each dataset are kept beside
@@ -143,6 +144,8 @@ def summarise(args) -> dict:
 
 
 def render(payload: dict) -> str:
+    import vs_scvi
+
     m = payload["meta"]
     lines = ["# Training throughput: cellvae vs scvi-tools (same run, alternating)", "",
              f"Machine: {m['machine']}; cellvae {m['cellvae']}, scvi-tools {m['scvi-tools']}, torch {m['torch']}; "
@@ -153,8 +156,9 @@ def render(payload: dict) -> str:
              "after the same epochs; time to scvi quality = wall time until the held-out ELBO reaches scvi-tools' "
              f"final held-out ELBO (per-epoch times incl. the held-out evaluation; cellvae may run up to "
              f"{100 * m.get('ttq_extra_fraction', 0):.0f} % more epochs to reach it). Optimizer of both: Adam, lr 1e-3 "
-             "constant, eps 0.01, weight decay 1e-6 (their defaults; cellvae's log theta learns at 30 x lr, its "
-             "default `dispersion_lr_multiplier`). Details: `benchmarks/vs_scvi.py`; "
+             "constant, eps 0.01, weight decay 1e-6 (their defaults; cellvae's log theta learns at "
+             f"{vs_scvi._cellvae_default('dispersion_lr_multiplier'):g} x lr, its default "
+             "`dispersion_lr_multiplier`). Details: `benchmarks/vs_scvi.py`; "
              "per-dataset reports `throughput_<dataset>_{main,ttq}.md`.", "",
              "| dataset | seed | cells x genes | epochs | threads | scvi cells/s | cellvae cells/s | speed-up | "
              "held-out ELBO scvi / cellvae (diff) | time to scvi quality scvi / cellvae (speed-up) | "

@@ -63,7 +63,8 @@ def test_no_dispersion_parameter_one_group():
     assert len(make_optimizer(p, TrainingPlan(dispersion_lr_multiplier=10.0), []).param_groups) == 1
 
 
-@pytest.mark.parametrize("kw, expected", [({}, 1), ({"gene_likelihood": "poisson"}, 0), ({"gene_likelihood": "normal"}, 0),
+@pytest.mark.parametrize("kw, expected", [({}, 1), ({"gene_likelihood": "poisson"}, 0),
+                                          ({"gene_likelihood": "normal"}, 0),
                                           ({"dispersion": "gene-cell"}, 0), ({"gene_likelihood": "nb"}, 1)])
 def test_module_names_its_dispersion_parameter(pbmc_small, kw, expected):
     m = CountVAE(pbmc_small, **SMALL, **kw)
@@ -104,7 +105,7 @@ def test_larger_multiplier_moves_log_theta_further(zeisel_small, monkeypatch):
     assert moved[30.0] > 5 * moved[1.0]
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "fast", None, True])
 def test_bad_multiplier_is_refused_before_training(zeisel_small, bad):
     m = CountVAE(zeisel_small, **SMALL)
     with pytest.raises(CellvaeInputError, match="dispersion_lr_multiplier must be a positive number"):

@@ -84,8 +84,8 @@ def _fit_options(f):
         click.option("--dispersion-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=30.0,
                      show_default=True,
                      help="Learning rate of log theta (NB / ZINB with gene or gene-batch dispersion) relative to "
-                          "--lr (1: as scvi-tools; 30 learns theta in tens of epochs, see "
-                          "benchmarks/results/dispersion_lr.md)."),
+                          "--lr (1: as scvi-tools, under which theta barely leaves its random start for tens of "
+                          "epochs; benchmarks/results/dispersion_lr.md)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -349,7 +349,7 @@ class CountVAE:
                 ``"gene-batch"`` dispersion) relative to ``lr``; other likelihoods ignore it. 1 is scvi-tools'
                 setting, under which Adam moves log theta by at most about ``lr`` per step, so theta stays near its
                 random start for tens of epochs. The default 30 gave a better best validation ELBO on all five datasets
-                of ``benchmarks/results/dispersion_lr.md`` (+0.1 % to +6.8 %), reached in fewer epochs.
+                of ``benchmarks/results/dispersion_lr.md`` (+0.03 % to +6.8 % in 10 runs), reached in fewer epochs.
             seed: seeds initialisation, split, minibatch order, dropout and sampling.
             progress_bar: show progress.
             n_threads: torch threads while training (None: half the CPUs; see

@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -341,7 +341,8 @@ def train_module(
         module.cpu()
 
 
-def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan, dispersion=()) -> torch.optim.Adam:
+def make_optimizer(params: list[torch.Tensor], plan: TrainingPlan,
+                   dispersion: Sequence[torch.Tensor] = ()) -> torch.optim.Adam:
     """Adam with ``plan``'s lr, eps and weight decay; the fused implementation (one kernel over all parameters,
     same arithmetic) where this torch has it for the parameters' device, else the multi-tensor one.
 
@@ -428,7 +429,11 @@ def _train(module, data: TensorData, train_idx, val_idx, plan: TrainingPlan, che
         raise ValueError(f"Training needs at least 2 cells, got {len(train_idx)}.")
     if plan.checkpoint_every < 1:
         raise CellvaeInputError(f"checkpoint_every must be at least 1 epoch, got {plan.checkpoint_every}.")
-    if not (math.isfinite(plan.dispersion_lr_multiplier) and plan.dispersion_lr_multiplier > 0):
+    try:
+        multiplier = float(plan.dispersion_lr_multiplier)
+    except (TypeError, ValueError):
+        multiplier = math.nan
+    if isinstance(plan.dispersion_lr_multiplier, bool) or not (math.isfinite(multiplier) and multiplier > 0):
         raise CellvaeInputError("dispersion_lr_multiplier must be a positive number (1: the same learning rate as "
                                 f"the other weights), got {plan.dispersion_lr_multiplier!r}.")
     ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
