@@ -108,13 +108,21 @@ def train_pbmc_small(pbmc_small):
     return run
 
 
-def assert_same_training(a, b) -> None:
-    """Two ``(module, history)`` results have the same weights (1e-5) and ELBO histories (1e-5 relative)."""
-    sa, sb = a[0].state_dict(), b[0].state_dict()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+def assert_same_training(a, b, same_arithmetic: bool = False) -> None:
+    """Two ``(module, history)`` results of multi-epoch training agree.
+
+    Different code paths (native kernels against PyTorch, sparse against dense minibatches) round differently, and
+    BLAS picks other kernels on other CPUs, so after several epochs only the ELBO histories and the final
+    validation ELBO are compared, at 1e-4 relative. Weights are compared (1e-5) only with ``same_arithmetic``:
+    the same path, thread count and CPU.
+    """
     for key in ("train_elbo", "validation_elbo"):
-        np.testing.assert_allclose(a[1][key], b[1][key], rtol=1e-5)
+        np.testing.assert_allclose(a[1][key], b[1][key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(a[1]["validation_elbo"][-1], b[1]["validation_elbo"][-1], rtol=1e-4)
+    if same_arithmetic:
+        sa, sb = a[0].state_dict(), b[0].state_dict()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.fixture()

