@@ -22,15 +22,33 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Peer benchmark (scvi-tools 1.4.2) in a separate environment so the package's own stays lean.
+# Peer benchmark (scvi-tools 1.5.1, which needs Python >= 3.12) in a separate environment so the
+# package's own stays lean. BENCH_PYTHON may be a path or a command; if it is neither there nor on
+# PATH, python3.12 from PATH is used. torch is pinned by a constraints file so scvi-tools keeps it.
+BENCH_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python3.12
+BENCH_PY := $(or $(wildcard $(BENCH_PYTHON)),$(shell command -v $(BENCH_PYTHON) 2>/dev/null),python3.12)
+BENCH_TORCH ?= 2.13.0
+BENCH_PIP := .venv-bench/bin/python -m pip --disable-pip-version-check -q
+
 .venv-bench/.installed: pyproject.toml
-	$(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip -q install torch==2.13.0
-	echo "torch==2.13.0" > .venv-bench/constraints.txt
-	.venv-bench/bin/python -m pip -q install -c .venv-bench/constraints.txt -e '.[bench]'
+	@$(BENCH_PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { \
+		echo "bench-install: '$(BENCH_PY)' is missing or older than Python 3.12 (scvi-tools 1.5 needs it);" \
+			"set BENCH_PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@# An environment made by another Python (e.g. an old 3.11 one) is replaced, not patched.
+	@if [ "$$(.venv-bench/bin/python -c 'import sys; print(sys.version)' 2>/dev/null)" != \
+		"$$($(BENCH_PY) -c 'import sys; print(sys.version)')" ]; then \
+		echo "rm -rf .venv-bench && $(BENCH_PY) -m venv .venv-bench"; \
+		rm -rf .venv-bench && $(BENCH_PY) -m venv .venv-bench; fi
+	echo "torch==$(BENCH_TORCH)" > .venv-bench/constraints.txt
+	$(BENCH_PIP) install -c .venv-bench/constraints.txt torch==$(BENCH_TORCH)
+	$(BENCH_PIP) install -c .venv-bench/constraints.txt -e '.[bench]'
 	touch $@
 
 bench-install: .venv-bench/.installed
+	@.venv-bench/bin/python -c 'import sys, importlib.metadata as md; \
+		d = {x.metadata["Name"].lower(): x.version for x in md.distributions()}; \
+		print("bench env: Python " + sys.version.split()[0], *(p + " " + d.get(p, "-") for p in \
+		("torch", "scvi-tools", "scib-metrics", "lightning", "jax", "cellvae")), sep=", ")'
 
 # cellvae vs scvi-tools on every labelled dataset of $(CELLVAE_DATA_DIR): speed, peak RSS, held-out ELBO /
 # log p(x) / reconstruction error, ARI/NMI (3 seeds, 100 epochs, K=1000; about 1-2 h on one thread).

@@ -225,7 +225,7 @@ def fmt_mean_sd(vals, digits=3, missing="-"):
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (folders created) atomically, with :func:`cellvae.fileio.write_text_atomic`: a
     reader (or an interruption) never sees a half-written file."""
-    from cellvae.fileio import write_text_atomic
+    from cellvae.data.fileio import write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from cellvae import CountVAE  # noqa: E402
-from cellvae.anomaly import anomaly_score, calibrate_threshold  # noqa: E402
+from cellvae.analysis.anomaly import anomaly_score, calibrate_threshold  # noqa: E402
 from cellvae.data import select_highly_variable_genes  # noqa: E402
-from cellvae.fileio import write_text_atomic  # noqa: E402
+from cellvae.data.fileio import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CELLVAE_DATA_DIR") or ROOT.parent / "shared" / "data")

@@ -341,7 +341,7 @@ def run(args) -> dict:
             print(f"[warn] setting differs: {h}", flush=True)
 
     # --- 1. copy check on the held-out cells (eval mode, no sampling)
-    data = cmodel._tensors(held)
+    data = cmodel.prepared_data(held)
     ((x, cat, cont),) = list(data.iterate(torch.arange(n_ho), n_ho))
     xs = torch.as_tensor(held.X.toarray() if hasattr(held.X, "toarray") else np.asarray(held.X), dtype=torch.float32)
     assert torch.equal(x, xs), "cellvae's prepared counts differ from the AnnData"

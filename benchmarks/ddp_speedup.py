@@ -31,7 +31,7 @@ def worker(args) -> None:
     import torch
 
     import cellvae
-    from cellvae.distributed import init_from_env, is_main, shutdown
+    from cellvae.train.distributed import init_from_env, is_main, shutdown
 
     torch.set_num_threads(args.threads)
     init_from_env("cpu")

@@ -33,7 +33,7 @@ import anndata as ad  # noqa: E402
 import torch  # noqa: E402
 
 from cellvae import CountVAE  # noqa: E402
-from cellvae.de import differential_expression  # noqa: E402
+from cellvae.analysis.de import differential_expression  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CELLVAE_DATA_DIR") or ROOT.parent / "shared" / "data")

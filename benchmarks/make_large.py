@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from cellvae.module import evaluation
+    from cellvae.vae.module import evaluation
 
     torch.set_num_threads(args.threads)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     g = len(genes)
 
     # Posterior of every real cell (mean and variance of q(z|x)) and its observed library size.
-    data = model._tensors(None)
+    data = model.prepared_data()
     qm, qv, lib = [], [], []
     with evaluation(module, args.seed):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), 1024):

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 import cellvae  # noqa: E402
 from cellvae import CountVAE  # noqa: E402
-from cellvae.perturb import predict_perturbation  # noqa: E402
+from cellvae.analysis.perturb import predict_perturbation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CELLVAE_DATA_DIR") or ROOT.parent / "shared" / "data")

@@ -58,7 +58,7 @@ def _step_timer(pkg_name: str, adata, sparse: bool, batch_size: int, steps: int,
     """A function that runs ``steps`` training steps and returns the mean CPU ms per step."""
     import torch
 
-    from cellvae import native
+    from cellvae.native import build as native
 
     mods = _submodules(pkg_name)
     data = mods["data"].DataSpec(list(map(str, adata.var_names))).prepare(adata)
@@ -99,7 +99,7 @@ def _train_rates(pkg_name: str, adata, sparse: bool, epochs: int, python_only: b
     """(wall-clock training cells/s of the history, training cells x epochs per CPU second of ``train()``)."""
     import importlib
 
-    from cellvae import native
+    from cellvae.native import build as native
 
     kw = {"use_sparse_counts": sparse} if pkg_name == "cellvae" or sparse else {}
     model = importlib.import_module(pkg_name).CountVAE(adata, **kw)

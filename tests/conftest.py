@@ -93,7 +93,7 @@ def train_pbmc_small(pbmc_small):
     """``run(**module_kwargs) -> (module, history)``: 3 seeded epochs of a VAEModule on ``pbmc_small`` (250
     training, 50 validation cells, batch 64, one thread), for tests that compare two ways of training."""
     from cellvae.data import DataSpec
-    from cellvae.module import VAEModule
+    from cellvae.vae.module import VAEModule
     from cellvae.train import TrainingPlan, train_module
 
     data = DataSpec(list(pbmc_small.var_names)).prepare(pbmc_small)
@@ -129,7 +129,7 @@ def assert_same_training(a, b, same_arithmetic: bool = False) -> None:
 def optimizer_lrs(monkeypatch) -> list:
     """Records, at every optimizer step of ``cellvae.train``, the learning rate of each Adam parameter group (a list
     per step: the other weights' rate first, then the dispersion group's when there is one)."""
-    import cellvae.train as train_mod
+    import cellvae.train.loop as train_mod
 
     seen: list = []
     orig = train_mod.make_optimizer

@@ -5,7 +5,7 @@ Usage: python tests/crash_train.py CHECKPOINT_DIR --pause epoch:E|checkpoint:N [
 Trains CountVAE on the same real-data subset as :func:`crash_setup` with one torch thread. ``--pause epoch:E``
 prints ``PAUSED ...`` and sleeps in the middle of the E-th epoch run by this process (after 2 of its
 minibatches); ``--pause checkpoint:N`` does so during the N-th checkpoint write of this process, after the
-temporary file is written and fsynced and before it is renamed (via ``cellvae.train._CHECKPOINT_HOOK``). The test
+temporary file is written and fsynced and before it is renamed (via ``cellvae.train.checkpoint._CHECKPOINT_HOOK``). The test
 kills the process there. Without a kill the run finishes and prints ``DONE``.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anndata as ad  # noqa: E402
 
-import cellvae.train as train_mod  # noqa: E402
+import cellvae.train.checkpoint as train_mod  # noqa: E402
 from cellvae import CountVAE  # noqa: E402
 from cellvae.data import TensorData  # noqa: E402
 

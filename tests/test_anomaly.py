@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.anomaly import anomaly_score, annotate_anomalies, calibrate_threshold
+from cellvae.analysis.anomaly import anomaly_score, annotate_anomalies, calibrate_threshold
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from conftest import assert_same_training
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.backed import BackedData, is_backed, scan_counts
+from cellvae.data.backed import BackedData, is_backed, scan_counts
 from cellvae.data import DataSpec, check_values, minibatch_slices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,14 +148,14 @@ def test_sparse_minibatches_equal_dense_ones(tmp_path):
 def test_out_of_core_training_with_sparse_minibatches_same_weights(pbmc_small, tmp_path):
     """Out-of-core training feeds CSR minibatches on sparse data (pbmc, ~10 % non-zero) and ends like
     the same run on dense minibatches (to rounding)."""
-    from cellvae.train import _sparse_minibatches
+    from cellvae.train.evaluate import sparse_minibatches as _sparse_minibatches
 
     back = _backed(pbmc_small.copy(), tmp_path / "pbmc.h5ad")
     runs = []
     for sparse in (True, False):
         torch.manual_seed(0)
         m = CountVAE(back, out_of_core=True, use_sparse_counts=sparse)
-        assert _sparse_minibatches(m.module, m._tensors(None), torch.device("cpu")) == sparse
+        assert _sparse_minibatches(m.module, m.prepared_data(), torch.device("cpu")) == sparse
         m.train(max_epochs=2, batch_size=64, progress_bar=False, n_threads=1, early_stopping=False)
         runs.append((m.module, m.history))
     assert_same_training(*runs)  # two code paths: ELBO histories at 1e-4 relative (weights differ by rounding)
@@ -165,7 +165,7 @@ def test_backed_countvae_matches_in_memory(kang_pair, tmp_path):
     mem, back = kang_pair
     kw = dict(batch_key="batch", categorical_covariate_keys=["donor"], use_observed_lib_size=False, n_latent=5)
     m_mem, m_back = CountVAE(mem, **kw), CountVAE(back, out_of_core=True, **kw)
-    assert isinstance(m_back._tensors(None), BackedData) and m_back.spec == m_mem.spec
+    assert isinstance(m_back.prepared_data(), BackedData) and m_back.spec == m_mem.spec
     np.testing.assert_array_equal(m_back._train_cells, m_mem._train_cells)
     torch.testing.assert_close(m_back.module.library_log_means, m_mem.module.library_log_means)
     torch.testing.assert_close(m_back.module.library_log_vars, m_mem.module.library_log_vars)
@@ -188,7 +188,7 @@ def test_backed_countvae_matches_in_memory(kang_pair, tmp_path):
     again.train(max_epochs=1, batch_size=64, progress_bar=False, n_threads=1)
     assert again.get_latent_representation().shape == (mem.n_obs, 5)
     # anomaly scores whose reference statistics come from the backed training cells
-    from cellvae.anomaly import anomaly_score
+    from cellvae.analysis.anomaly import anomaly_score
     s = anomaly_score(again, mem[:20].copy(), method="latent_knn_gene")
     assert s.shape == (20,) and np.isfinite(s).all()
 
@@ -230,7 +230,7 @@ def test_scan_totals_match_check_values(kang_small, tmp_path):
 
 def test_out_of_core_needs_a_backed_anndata(kang_pair):
     mem, back = kang_pair
-    assert not isinstance(CountVAE(back)._tensors(None), BackedData)  # default: read into memory, as before
+    assert not isinstance(CountVAE(back).prepared_data(), BackedData)  # default: read into memory, as before
     for bad in (mem, back[:50]):
         with pytest.raises(CellvaeInputError, match="out_of_core=True needs an AnnData opened with"):
             CountVAE(bad, out_of_core=True)
@@ -268,7 +268,7 @@ def test_make_large_tiny(tmp_path, data_dir):
 def test_row_reader_groups_and_buffers(tmp_path, monkeypatch, gap, span):
     """Rows read with separate reads (large gaps), merged reads (small gaps) and capped spans, into fresh arrays
     or reused buffers, equal scipy's row selection."""
-    from cellvae import backed
+    from cellvae.data import backed
 
     monkeypatch.setattr(backed, "_GAP", gap)
     monkeypatch.setattr(backed, "_SPAN", span)

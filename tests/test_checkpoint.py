@@ -37,7 +37,7 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 def test_resume_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch, lr_schedule):
     """A 6-epoch run that fails after its epoch-3 checkpoint, resumed: the same weights (bit for bit on CPU),
     history and best epoch as 6 epochs straight; the cosine learning rate continues where it was."""
-    import cellvae.train as train_mod
+    import cellvae.train.checkpoint as train_mod
 
     kw = dict(TRAIN, lr_schedule=lr_schedule, checkpoint_every=3)
     straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=6, **kw)
@@ -143,7 +143,7 @@ class _Evil:
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A failure between writing the temporary file and renaming it leaves the old checkpoint intact and no
     temporary file; a leftover temporary file (a killed writer) is removed by the next load and never read."""
-    import cellvae.train as train_mod
+    import cellvae.train.checkpoint as train_mod
 
     save_checkpoint({"checkpoint_version": 1, "epoch": 1}, tmp_path)
 

@@ -103,7 +103,7 @@ def test_fit_refuses_nonempty_out_and_bad_values(tmp_path, small_h5ad, kang_smal
 def test_fit_resume_after_a_crash(tmp_path, small_h5ad, monkeypatch):
     """A job that dies in epoch 3 leaves out/checkpoints (epoch 2); a rerun without --resume is refused and names
     --resume; with --resume it continues from epoch 2, writes every output and removes the checkpoints."""
-    import cellvae.train as train_mod
+    import cellvae.train.loop as train_mod
 
     out = tmp_path / "out"
     args = ["fit", str(small_h5ad), "--out", str(out), "--max-epochs", "4", "--checkpoint-every", "2",
@@ -135,7 +135,7 @@ def test_fit_resume_after_a_crash(tmp_path, small_h5ad, monkeypatch):
 
 
 def test_fit_training_error_exits_3_and_saves_best_weights(tmp_path, small_h5ad, monkeypatch):
-    import cellvae.model as model_mod
+    import cellvae.models.count_vae as model_mod
     from cellvae import CellvaeTrainingError
 
     def diverge(module, *a, **k):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import cellvae
-from cellvae.distributions import log_zinb_positive
-from cellvae.module import VAEModule
+from cellvae.vae.distributions import log_zinb_positive
+from cellvae.vae.module import VAEModule
 from cellvae.train import TrainingPlan, kl_weight_at
 
 

@@ -158,7 +158,7 @@ def test_gene_alignment_reorders_and_reports_missing(zeisel_small):
 
 
 def test_tensor_data_dense_and_csr_agree(monkeypatch, zeisel_small):
-    import cellvae.data as data
+    import cellvae.data.tensors as data
 
     X = zeisel_small.X
     cat = torch.zeros(X.shape[0], 1, dtype=torch.int64)

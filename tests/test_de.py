@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.de import differential_expression, fdr_de_prediction, one_vs_rest
+from cellvae.analysis.de import differential_expression, fdr_de_prediction, one_vs_rest
 
 BASE_COLUMNS = [
     "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta",

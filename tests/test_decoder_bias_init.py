@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import cellvae.model as model_mod
+import cellvae.models.count_vae as model_mod
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.backed import BackedData
-from cellvae.module import VAEModule
+from cellvae.data.backed import BackedData
+from cellvae.vae.module import VAEModule
 
 TRAIN = dict(batch_size=64, seed=2, progress_bar=False, n_threads=1, early_stopping=False)
 
@@ -66,13 +66,13 @@ def test_out_of_core_totals_equal_in_memory_and_are_sampled_above_the_limit(pbmc
     back = ad.read_h5ad(path, backed="r")
     m = CountVAE(pbmc_small)
     rows = np.arange(0, 300, 2)
-    mem_tot = model_mod._gene_totals(m._tensors(None), rows, seed=0)
+    mem_tot = model_mod.decoder_bias_totals(m.prepared_data(), rows, seed=0)
     bd = BackedData(back, m.spec)
-    np.testing.assert_allclose(model_mod._gene_totals(bd, rows, seed=0), mem_tot, rtol=1e-12)
-    monkeypatch.setattr(model_mod, "_BIAS_INIT_MAX_CELLS", 40)
-    sub = model_mod._gene_totals(bd, rows, seed=0)
+    np.testing.assert_allclose(model_mod.decoder_bias_totals(bd, rows, seed=0), mem_tot, rtol=1e-12)
+    monkeypatch.setattr(model_mod, "BIAS_INIT_MAX_CELLS", 40)
+    sub = model_mod.decoder_bias_totals(bd, rows, seed=0)
     assert sub.sum() < mem_tot.sum()
-    np.testing.assert_array_equal(sub, model_mod._gene_totals(bd, rows, seed=0))  # seeded
+    np.testing.assert_array_equal(sub, model_mod.decoder_bias_totals(bd, rows, seed=0))  # seeded
     chosen = np.random.default_rng(0).choice(rows, 40, replace=False)
     genes = pbmc_small.var_names.get_indexer(m.spec.gene_names)
     np.testing.assert_allclose(sub, np.asarray(pbmc_small.X[np.sort(chosen)][:, genes].sum(0)).ravel(), rtol=1e-12)
@@ -99,4 +99,4 @@ def test_totals_of_dense_and_sparse_storage_agree_with_repeated_rows(pbmc_small)
     rows = np.array([0, 5, 5, 299, 17])
     want = np.asarray(x.toarray()[rows].sum(0), dtype=np.float64)
     for data in (dense, sparse):
-        np.testing.assert_allclose(model_mod._gene_totals(data, rows, seed=0), want, rtol=1e-12)
+        np.testing.assert_allclose(model_mod.decoder_bias_totals(data, rows, seed=0), want, rtol=1e-12)

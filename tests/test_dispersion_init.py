@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.cli import _DispersionInit
+from cellvae.cli import _Parsed
+from cellvae.settings import parse_dispersion_init
 
 TRAIN = dict(batch_size=64, seed=2, progress_bar=False, n_threads=1, early_stopping=False, max_epochs=1, lr=1e-12)
 
@@ -53,10 +54,10 @@ def test_a_number_needs_a_per_gene_dispersion(pbmc_small, kw):
 
 
 def test_cli_option_type():
-    t = _DispersionInit()
+    t = _Parsed(parse_dispersion_init, "random|NUMBER")  # the type cellvae fit's --dispersion-init gets
     assert t.convert("random", None, None) == "random"
     assert t.convert("1.5", None, None) == 1.5
     assert t.convert("-2", None, None) == -2.0
     for bad in ("high", "nan", "inf"):
-        with pytest.raises(click.BadParameter, match="neither 'random' nor a finite number"):
+        with pytest.raises(click.BadParameter, match="must be 'random' or a finite log theta"):
             t.convert(bad, None, None)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import cellvae.train as train_mod
+import cellvae.train.checkpoint as ck_mod
+import cellvae.train.loop as train_mod
 from cellvae import CellvaeInputError, CountVAE
 from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer
 
@@ -33,7 +34,7 @@ def _steps(opt, params, n=4, seed=1):
 @pytest.mark.parametrize("fused", [True, False])
 def test_multiplier_one_is_the_single_group_update(fused):
     """Adam is element-wise: the dispersion group with multiplier 1 gives bit-identical weights to one group."""
-    plan = TrainingPlan(fused_optimizer=fused)
+    plan = TrainingPlan(fused_optimizer=fused, dispersion_lr_multiplier=1.0)
     a, b = _params(), _params()
     one, two = make_optimizer(a, plan), make_optimizer(b, plan, [b[1]])
     assert len(one.param_groups) == 1 and len(two.param_groups) == 2
@@ -49,7 +50,7 @@ def test_dispersion_group_moves_multiplier_times_as_far(fused):
     others as without the group."""
     a, b = _params(), _params()
     start = [p.detach().clone() for p in a]
-    _steps(make_optimizer(a, TrainingPlan(fused_optimizer=fused)), a, n=1)
+    _steps(make_optimizer(a, TrainingPlan(fused_optimizer=fused)), a, n=1)  # no dispersion group: one lr
     opt = make_optimizer(b, TrainingPlan(fused_optimizer=fused, dispersion_lr_multiplier=30.0), [b[1]])
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 3e-2])
     assert [g["lr_multiplier"] for g in opt.param_groups] == [1.0, 30.0]
@@ -128,13 +129,13 @@ def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw,
             raise KeyboardInterrupt("simulated crash")
 
     kw = dict(TRAIN, n_epochs_kl_warmup=2, checkpoint_every=2, max_epochs=4, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", crash_at_second_checkpoint)
+    monkeypatch.setattr(ck_mod, "_CHECKPOINT_HOOK", crash_at_second_checkpoint)
     orig = train_mod.make_optimizer
     if first_optimizer is not None:
         monkeypatch.setattr(train_mod, "make_optimizer", first_optimizer)
     with pytest.raises(KeyboardInterrupt):
         CountVAE(zeisel_small, **SMALL).train(**kw, **first_kw)
-    monkeypatch.setattr(train_mod, "_CHECKPOINT_HOOK", None)
+    monkeypatch.setattr(ck_mod, "_CHECKPOINT_HOOK", None)
     monkeypatch.setattr(train_mod, "make_optimizer", orig)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     return CountVAE(zeisel_small, **SMALL).train(resume=True, **kw, **second_kw)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellvae.distributed import per_rank_batch_size, resolve_device, shard_indices, world
+from cellvae.train.distributed import per_rank_batch_size, resolve_device, shard_indices, world
 
 EPOCHS = "100"
 
@@ -118,7 +118,7 @@ def test_shards_are_disjoint_and_change_with_the_seed(monkeypatch):
 def _loss_flag_worker(rank, port, out):
     import torch.distributed as dist
 
-    from cellvae.distributed import allreduce_grads
+    from cellvae.train.distributed import allreduce_grads
 
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

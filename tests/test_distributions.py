@@ -28,7 +28,7 @@ import scipy.special as sc
 import scipy.stats as st
 import torch
 
-from cellvae.distributions import (
+from cellvae.vae.distributions import (
     NegativeBinomial,
     Normal,
     Poisson,

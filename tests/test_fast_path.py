@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellvae.distributions import (
-    NegativeBinomial,
-    Poisson,
-    ZeroInflatedNegativeBinomial,
-    count_log_prob_sum,
-)
-from cellvae.module import VAEModule
+from cellvae.vae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from cellvae.vae.losses import count_log_prob_sum
+from cellvae.vae.module import VAEModule
 
 
 def _counts(seed=0, n=64, g=300):

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from cellvae import CellvaeInputError, ImageVAE
 from cellvae.cli import main
-from cellvae.image import ImageData, ImageVAEModule, to_float_images
+from cellvae.data.images import ImageData, to_float_images
+from cellvae.vae.conv import ImageVAEModule
 
 IMAGES_FILE = "images/jurkat_cellcycle_40px.npz"
 SMALL = dict(n_latent=6, channels=(8, 16, 32))  # quick on one thread

@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.module import VAEModule, grad_reverse
+from cellvae.vae.module import VAEModule, grad_reverse
 
 EPOCHS = 40
 

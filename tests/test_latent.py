@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.generate import decode_latent
-from cellvae.latent import plot_interpolation, plot_latent_traversal
+from cellvae.analysis.generate import decode_latent
+from cellvae.analysis.latent import plot_interpolation, plot_latent_traversal
 from cellvae.metrics import mutual_information_gap
 
 

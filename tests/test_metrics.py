@@ -33,7 +33,7 @@ def trained(zeisel):
 
 
 def test_elbo_parts_per_cell_match_the_training_loop_mean(trained):
-    data, va = trained._tensors(None), trained.validation_indices
+    data, va = trained.prepared_data(), trained.validation_indices
     per_cell = compute_elbo(trained.module, data, va, seed=3)
     assert {k: v.shape for k, v in per_cell.items()} == {k: (len(va),) for k in per_cell}
     np.testing.assert_allclose(per_cell["elbo"], -(per_cell["reconstruction_loss"] + per_cell["kl_local"]))
@@ -59,7 +59,7 @@ def test_iwae_includes_the_latent_library_terms(zeisel):
     zero on average. Without the library terms it would be KL(q(l|x) || p(l)) on average."""
     m = CountVAE(_subset(zeisel, 300, 200), n_latent=5, use_observed_lib_size=False)
     m.train(max_epochs=10, batch_size=64, progress_bar=False, seed=0)
-    mod, data = m.module, m._tensors(None)
+    mod, data = m.module, m.prepared_data()
     # one batch of all cells in both, so that both draw the same (z, l) per cell from the same seed
     elbo = compute_elbo(mod, data, batch_size=1024, seed=5)["elbo"]
     k1 = compute_marginal_ll(mod, data, n_samples=1, batch_size=1024, seed=5)
@@ -77,7 +77,7 @@ def test_iwae_converges_to_the_exact_marginal_likelihood(zeisel):
     """One latent dimension: log p(x) = log of the integral of p(x|z) N(z; 0, 1) dz, by quadrature."""
     m = CountVAE(_subset(zeisel, 300, 200), n_latent=1, gene_likelihood="nb")
     m.train(max_epochs=150, batch_size=64, early_stopping=False, progress_bar=False, seed=0)
-    mod, data = m.module.eval(), m._tensors(None)
+    mod, data = m.module.eval(), m.prepared_data()
     idx = torch.as_tensor(m.validation_indices[:6])
     x, cat, cont = data.batch(idx)
     grid = torch.linspace(-8, 8, 6401)
@@ -97,9 +97,9 @@ def test_iwae_converges_to_the_exact_marginal_likelihood(zeisel):
 
 
 def test_k1000_runs_in_chunks(trained, monkeypatch):
-    import cellvae.metrics.likelihood as lik
+    import cellvae.train.evaluate as lik
 
-    data = trained._tensors(None)
+    data = trained.prepared_data()
     idx = trained.validation_indices[:5]
     calls = []
     orig = lik._log_weights
@@ -187,9 +187,9 @@ def saved_model(tmp_path, kang_small):
 
 
 def test_evaluate_cli_writes_json_and_markdown(tmp_path, saved_model, monkeypatch):
-    import cellvae.evaluate
+    import cellvae.jobs.evaluate
 
-    monkeypatch.setattr(cellvae.evaluate, "scib_available", lambda: False)  # the note, also where it is installed
+    monkeypatch.setattr(cellvae.jobs.evaluate, "scib_available", lambda: False)  # the note, also where it is installed
     model_dir, data = saved_model
     r = CliRunner().invoke(main, ["evaluate", str(model_dir), str(data), "--labels-key", "cell_type",
                                   "--batch-key", "donor", "--n-samples", "5", "--quiet"])

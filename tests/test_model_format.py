@@ -14,7 +14,12 @@ import scipy.sparse as sp
 import torch
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.model import FORMAT_VERSION, _migrate
+from cellvae.models.base import migrate_config
+from cellvae.models.count_vae import FORMAT_VERSION
+
+
+def _migrate(cfg: dict) -> dict:
+    return migrate_config(cfg, FORMAT_VERSION, CountVAE.MIGRATIONS)
 
 DATA = Path(__file__).resolve().parent / "data"
 

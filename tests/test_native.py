@@ -13,14 +13,10 @@ import torch
 
 from conftest import assert_same_training
 
-from cellvae import native
-from cellvae.distributions import (
-    NegativeBinomial,
-    ZeroInflatedNegativeBinomial,
-    linear_softmax_count_log_prob_sum,
-    softmax_count_log_prob_sum,
-)
-from cellvae.nn import sparse_linear
+from cellvae.native import build as native
+from cellvae.vae.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from cellvae.vae.losses import linear_softmax_count_log_prob_sum, softmax_count_log_prob_sum
+from cellvae.vae.nn import sparse_linear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -267,7 +263,7 @@ def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
     """The fused batch norm + ReLU + dropout of FCLayers (native or its torch fallback) gives the outputs, input and
     parameter gradients, running statistics and batch count of the three torch modules, for the same dropout mask
     (the modules' output times the fused path's keep flags, rescaled)."""
-    from cellvae.nn import _fusable_post, bn_relu_dropout, dropout_keep
+    from cellvae.vae.nn import _fusable_post, bn_relu_dropout, dropout_keep
 
     if not use_native:
         monkeypatch.setitem(native._state, "lib", None)
@@ -299,7 +295,7 @@ def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
 def test_dropout_keep_flags_native_equal_torch_and_are_fair():
     """The keep flags of the C kernel equal the torch fallback's bit for bit; over many seeds the kept fraction of
     every element and the correlation between elements are those of independent Bernoulli(1 - p) draws."""
-    from cellvae.nn import _drop_threshold, dropout_keep
+    from cellvae.vae.nn import _drop_threshold, dropout_keep
 
     lib = native.library()
     torch.manual_seed(0)
@@ -323,7 +319,7 @@ def test_dropout_keep_flags_native_equal_torch_and_are_fair():
 def test_fclayers_fuse_in_training_only_and_refuse_one_cell():
     """FCLayers takes the fused path in training (same output as its modules with dropout 0) and its modules in
     eval mode; a one-cell training batch raises torch's batch-norm error, as without fusion."""
-    from cellvae.nn import FCLayers
+    from cellvae.vae.nn import FCLayers
 
     torch.manual_seed(0)
     layers = FCLayers(20, 16, n_hidden=16, dropout_rate=0.0)
@@ -340,7 +336,7 @@ def test_fclayers_fuse_in_training_only_and_refuse_one_cell():
 
 @pytest.mark.parametrize("use_native", [True, False])
 def test_grads_finite(use_native, monkeypatch):
-    from cellvae.optim import grads_finite
+    from cellvae.train.optim import grads_finite
 
     if not use_native:
         monkeypatch.setitem(native._state, "lib", None)

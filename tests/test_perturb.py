@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.perturb import latent_delta, predict_perturbation
+from cellvae.analysis.perturb import latent_delta, predict_perturbation
 
 HELD = "B cells"
 OTHER = "CD14+ Monocytes"

@@ -216,7 +216,7 @@ def test_count_vae_input_fuzz(data):
             warnings.simplefilter("ignore")
             m = CountVAE(adata, batch_key=batch_key, continuous_covariate_keys=cont_keys, gene_likelihood=likelihood,
                          n_hidden=4, n_latent=2)
-            td = m._tensors(None)
+            td = m.prepared_data()
     except CellvaeInputError as e:
         assert str(e)  # a message
         event("refused")
@@ -260,7 +260,7 @@ def test_valid_counts_in_any_form_are_accepted(n, g, rate, seed, dtype, form, li
             return
         kept = np.isin(adata.var_names, m.spec.gene_names)
         if likelihood != "normal":
-            np.testing.assert_array_equal(m._tensors(None).X.numpy(), counts[:, kept].astype(np.float32))
+            np.testing.assert_array_equal(m.prepared_data().X.numpy(), counts[:, kept].astype(np.float32))
         try:
             m.train(max_epochs=1, batch_size=2, progress_bar=False, n_threads=1)
         except CellvaeInputError as e:

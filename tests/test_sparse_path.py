@@ -16,9 +16,11 @@ import torch
 from conftest import assert_same_training
 
 from cellvae.data import TensorData
-from cellvae.module import VAEModule
-from cellvae.nn import Encoder, InputMajorLinear, sparse_linear
-from cellvae.train import TrainingPlan, _sparse_minibatches, _transpose_old_states, make_optimizer
+from cellvae.vae.module import VAEModule
+from cellvae.vae.nn import Encoder, InputMajorLinear, sparse_linear
+from cellvae.train import TrainingPlan, make_optimizer
+from cellvae.train.evaluate import sparse_minibatches as _sparse_minibatches
+from cellvae.train.optim import _transpose_old_states
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # from x.to_sparse_csr()
 

@@ -141,7 +141,7 @@ def test_guard_off_gives_the_same_result(zeisel_small):
     b = CountVAE(zeisel_small, **SMALL)
     torch.manual_seed(TRAIN["seed"])
     b.module = b._build_module()
-    data = b._tensors(None)
+    data = b.prepared_data()
     plan = TrainingPlan(max_epochs=2, batch_size=64, seed=1, progress_bar=False, n_threads=1, check_finite=False,
                         lr=1e-3, lr_schedule="constant", dispersion_lr_multiplier=30.0)  # CountVAE.train's defaults
     train_module(b.module, data, a.train_indices, a.validation_indices, plan)

@@ -3,23 +3,30 @@
 Main entry points:
 
 - :class:`cellvae.CountVAE`: scVI-style count VAE on an AnnData (train, latent representation, normalized
-  expression, save/load).
+  expression, analyses, save/load).
+- :class:`cellvae.ImageVAE`: convolutional VAE for single-cell images.
 - :class:`cellvae.CVAE`, :class:`cellvae.CVAE_NB`, :class:`cellvae.CVAE_ZINB`: conditional VAEs as plain torch
   modules.
 - :class:`cellvae.Autoencoder`: deterministic autoencoder baseline (MSE on log1p-normalized data).
 - ``cellvae fit DATA.h5ad --out DIR`` and ``cellvae evaluate DIR/model DATA.h5ad`` on the command line.
 - :mod:`cellvae.metrics`: held-out ELBO, IWAE marginal log-likelihood, reconstruction error, clustering and
   batch-mixing scores.
+
+The package is layered (README, "Architecture"): ``cli -> jobs -> models -> {analysis, metrics, train} -> vae ->
+native``, and every layer may use ``data``, ``errors`` and ``settings``. Module paths of cellvae 0.1's flat layout
+(``cellvae.model``, ``cellvae.distributions``, ...) still import, as aliases of their new homes (:mod:`._aliases`).
 """
 
-__version__ = "0.1.0"
+from . import _aliases
+from ._version import __version__
+from .errors import CellvaeInputError, CellvaeTrainingError
+from .data.read import read_data
+from .models.autoencoder import Autoencoder
+from .models.count_vae import CountVAE
+from .models.image_vae import ImageVAE
+from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 
-from .autoencoder import Autoencoder  # noqa: E402
-from .cvae import CVAE, CVAE_NB, CVAE_ZINB  # noqa: E402
-from .data import CellvaeInputError, read_data  # noqa: E402
-from .image import ImageVAE  # noqa: E402
-from .model import CountVAE  # noqa: E402
-from .train import CellvaeTrainingError  # noqa: E402
+_aliases.install()
 
-__all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError", "CellvaeTrainingError", "read_data",
-           "__version__"]
+__all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
+           "CellvaeTrainingError", "read_data", "__version__"]

@@ -3,21 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from . import __version__
-from .data import CellvaeInputError
-from .module import DISPERSIONS, GENE_LIKELIHOODS
+from ._version import __version__
+from .errors import CellvaeInputError
+from .settings import DataSettings, FitJobSettings, ModelSettings, TrainSettings, cli_fields
 
 __all__ = ["main"]
 
 
 def _run(fn, **kwargs):
-    from .train import CellvaeTrainingError
+    from .errors import CellvaeTrainingError
 
     try:
         return fn(**kwargs)
@@ -29,83 +30,53 @@ def _run(fn, **kwargs):
         sys.exit(3)
 
 
-class _DispersionInit(click.ParamType):
-    """``random`` or a finite number (log theta)."""
+class _Parsed(click.ParamType):
+    """A click type from a settings field's ``parse`` function (e.g. ``random`` or a number)."""
 
-    name = "random|NUMBER"
+    def __init__(self, parse, metavar: str):
+        self.parse, self.name = parse, metavar
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) or value == "random":
-            return value
         try:
-            v = float(value)
-        except ValueError:
-            v = float("nan")
-        if v != v or v in (float("inf"), float("-inf")):
-            self.fail(f"{value!r} is neither 'random' nor a finite number", param, ctx)
-        return v
+            return self.parse(value)
+        except CellvaeInputError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _option(f: dataclasses.Field):
+    """The click option of a settings field (:func:`cellvae.settings.cli_fields`): its flag, help, default and type
+    from the field's metadata and annotation; bounds become click ranges, so a bad value is refused before the job
+    starts (exit status 2)."""
+    meta = f.metadata
+    flag, kw = meta["cli"], {"help": meta.get("help") or None, "show_default": True, "default": f.default}
+    if f.type == "bool":
+        secondary = meta.get("secondary")
+        decl = f"{flag}/{secondary}" if secondary else flag
+        if not secondary:
+            kw.update(is_flag=True, show_default=False)
+        return click.option(decl, f.name, **kw)
+    if "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif "parse" in meta:
+        kw["type"] = _Parsed(meta["parse"], meta.get("metavar", "VALUE"))
+    elif f.type.startswith(("int", "float")):
+        integer = f.type.startswith("int")
+        if "min" in meta or "max" in meta:
+            rng = click.IntRange if integer else click.FloatRange
+            kw["type"] = rng(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
+        else:
+            kw["type"] = int if integer else float
+    if f.default is None:
+        kw["show_default"] = False
+    return click.option(flag, f.name, **kw)
 
 
 def _fit_options(f):
-    options = [
-        click.option("--layer", default=None, help="Layer with raw counts (default: X)."),
-        click.option("--batch-key", default=None, help="obs column of the batch covariate."),
-        click.option("--labels-key", default=None, help="obs column of known cell types (metrics, figures)."),
-        click.option("--gene-likelihood", type=click.Choice(GENE_LIKELIHOODS), default="zinb", show_default=True),
-        click.option("--dispersion", type=click.Choice(DISPERSIONS), default="gene", show_default=True),
-        click.option("--n-latent", type=int, default=10, show_default=True),
-        click.option("--n-hidden", type=int, default=128, show_default=True),
-        click.option("--n-layers", type=int, default=1, show_default=True),
-        click.option("--max-epochs", type=int, default=None,
-                     help="Default: min(400, 20000/n_cells*400), with early stopping."),
-        click.option("--batch-size", type=int, default=128, show_default=True),
-        click.option("--n-top-genes", type=int, default=None,
-                     help="Model only this many highly variable genes (seurat_v3 on counts)."),
-        click.option("--adversarial-batch-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="With --batch-key: weight of an adversarial batch classifier on the latent space "
-                          "(domain confusion; 0 = off; 3 scored best in benchmarks/results/integration.md, 10 "
-                          "over-mixed cell types on one dataset). Removes batch signal from the latent space beyond "
-                          "the decoder's batch covariate."),
-        click.option("--latent-library/--observed-library", default=False, show_default=True,
-                     help="Latent log-normal library size instead of the observed total counts."),
-        click.option("--early-stopping/--no-early-stopping", default=True, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-                     help="(Peak) learning rate of Adam (1e-3: scvi-tools' default)."),
-        click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
-                     show_default=True,
-                     help="constant: --lr throughout; cosine: from --lr down to --lr/100 at the last epoch."),
-        click.option("--decoder-bias-init", type=click.Choice(["frequency", "default"]), default="frequency",
-                     show_default=True,
-                     help="Initial decoder bias: frequency: log of each gene's share of the training counts "
-                          "(starts from the average profile); default: PyTorch's initialisation, as scvi-tools."),
-        click.option("--dispersion-init", type=_DispersionInit(), default="random", show_default=True,
-                     help="Initial log theta (NB / ZINB with gene or gene-batch dispersion): random: one N(0, 1) "
-                          "draw per gene, as scvi-tools; a number: that log theta for every gene."),
-        click.option("--dispersion-lr-multiplier", type=click.FloatRange(min=0, min_open=True), default=30.0,
-                     show_default=True,
-                     help="Learning rate of log theta (NB / ZINB with gene or gene-batch dispersion) relative to "
-                          "--lr (1: as scvi-tools, under which theta barely leaves its random start for tens of "
-                          "epochs; benchmarks/results/dispersion_lr.md)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--overwrite", is_flag=True, help="Replace the contents of an existing --out directory."),
+    """``cellvae fit``'s options, generated from the fields of :mod:`cellvae.settings` that carry a flag."""
+    options = [_option(fld) for cls in (DataSettings, ModelSettings, TrainSettings, FitJobSettings)
+               for fld in cli_fields(cls)]
+    options += [
         click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
-    return _add(options, f)
-
-
-def _fit_only_options(f):
-    options = [
-        click.option("--resume", is_flag=True,
-                     help="Continue an interrupted job in --out from its last checkpoint (same data and options; "
-                          "the result equals an uninterrupted run)."),
-        click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Epochs between training checkpoints in --out/checkpoints (a crash loses at most this "
-                          "many)."),
-        click.option("--accelerator", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True, help="Device for training (auto: CUDA when available)."),
-        click.option("--backed", is_flag=True,
-                     help="Train out of core: read the .h5ad's matrix from disk in row chunks (CSR or dense X; "
-                          "see docs/backed.md). For data larger than memory."),
         click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Train with this many processes on this machine (torch.distributed data parallel, "
                           "launched with torchrun; gloo on CPU, nccl on GPUs). For several machines run torchrun "
@@ -130,13 +101,12 @@ def main():
 @click.argument("data")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @_fit_options
-@_fit_only_options
 def fit(data, out_dir, quiet, nproc, **kwargs):
     """Fit a count VAE to DATA (.h5ad, 10x .h5 or directory, .csv/.tsv, URL) and write the model, an
     annotated .h5ad, figures, metrics and an HTML report to --out."""
     import os
 
-    from .job import fit_job
+    from .jobs.fit import fit_job
 
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(_launch_torchrun(nproc))
@@ -156,7 +126,7 @@ def demo(out_dir, max_epochs, overwrite, quiet):
     """Run the main job on the default dataset: Kang et al. 2018 IFN-beta PBMCs
     (kang2018_ifnb_pbmc_muscat.h5ad from $CELLVAE_DATA_DIR; labels cell_type, batch key donor). Without that
     file, scanpy's pbmc3k dataset (10x Genomics, 2,700 PBMCs) is downloaded and used instead."""
-    from .job import demo_data_path, fit_job
+    from .jobs.fit import demo_data_path, fit_job
 
     t0 = time.perf_counter()
     path = demo_data_path()
@@ -190,7 +160,7 @@ def evaluate(model_dir, data, labels_key, batch_key, n_samples, cells, out_dir, 
     """Evaluate the model in MODEL_DIR on DATA: ELBO, reconstruction error, marginal log-likelihood (nats per
     cell), clustering agreement with --labels-key and batch mixing with --batch-key. Prints a Markdown table and
     writes JSON and Markdown files."""
-    from .evaluate import evaluate_job, markdown_table
+    from .jobs.evaluate import evaluate_job, markdown_table
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     result, json_path, md_path = _run(
@@ -221,7 +191,7 @@ def evaluate(model_dir, data, labels_key, batch_key, n_samples, cells, out_dir, 
 def de(model_dir, data, groupby, group1, group2, mode, delta, fdr_target, n_samples, out, seed, quiet):
     """Bayes-factor differential expression with the model in MODEL_DIR on DATA; writes a CSV (genes x
     statistics, sorted by Bayes factor within each comparison) and prints the top genes."""
-    from .commands import de_job
+    from .jobs.analyses import de_job
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     df, path = _run(de_job, model_dir=model_dir, data=data, groupby=groupby, out=out, group1=group1,
@@ -253,7 +223,7 @@ def de(model_dir, data, groupby, group1, group2, mode, delta, fdr_target, n_samp
 def score(model_dir, data, out, method, reference, quantile, threshold, seed, quiet):
     """Anomaly scores of the cells of DATA under the model in MODEL_DIR (obs cellvae_anomaly and
     cellvae_is_anomaly)."""
-    from .commands import score_job
+    from .jobs.analyses import score_job
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     table, path = _run(score_job, model_dir=model_dir, data=data, out=out, method=method, quantile=quantile,
@@ -278,7 +248,7 @@ def score(model_dir, data, out, method, reference, quantile, threshold, seed, qu
 def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, cell_type, method, out, seed, quiet):
     """Predict perturbed expression of the control cells in DATA (the model's training data) with the model in
     MODEL_DIR; writes an .h5ad (X: expected counts, layers['counts']: sampled counts)."""
-    from .commands import perturb_job
+    from .jobs.analyses import perturb_job
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     pred, path = _run(perturb_job, model_dir=model_dir, data=data, condition_key=condition_key, control=control,
@@ -299,7 +269,7 @@ def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, c
 def generate(model_dir, data, n_cells, labels_key, label, out, seed, quiet):
     """Generate cells from the model in MODEL_DIR (attached to its training DATA): from the prior, or of one label.
     Writes an .h5ad with sampled counts in X and layers['counts'] and the decoded mean in layers['mean']."""
-    from .commands import generate_job
+    from .jobs.analyses import generate_job
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     gen, path = _run(generate_job, model_dir=model_dir, data=data, n_cells=n_cells, out=out, label=label,
@@ -329,7 +299,7 @@ def fit_images(data, out_dir, quiet, **kwargs):
     """Fit a convolutional VAE to the single-cell images in DATA (.npz with images (n, H, W, C) uint8, optional
     labels/label_names and split) and write the model, latent codes, figures, metrics and an HTML report to
     --out."""
-    from .image_job import fit_images_job
+    from .jobs.fit_images import fit_images_job
 
     t0 = time.perf_counter()
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))

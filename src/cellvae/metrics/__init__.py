@@ -28,24 +28,11 @@ Batch mixing (:mod:`cellvae.metrics.integration`):
 ``get_reconstruction_error``; ``cellvae evaluate`` (:mod:`cellvae.evaluate`) reports all of them.
 """
 
-from .clustering import (
-    clustering_agreement,
-    kmeans_agreement,
-    kmeans_clusters,
-    leiden_agreement,
-    leiden_clusters,
-    leiden_n_clusters,
-    silhouette_labels,
-)
+from .clustering import clustering_agreement, kmeans_agreement, kmeans_clusters, leiden_agreement, leiden_clusters, leiden_n_clusters, silhouette_labels
 from .disentangle import discretize_latent, latent_factor_mutual_info, mutual_information_gap
-from .integration import (
-    SCIB_INSTALL_HINT,
-    batch_classifier_accuracy,
-    batch_silhouette,
-    scib_available,
-    scib_benchmark,
-)
-from .likelihood import as_indices, compute_elbo, compute_marginal_ll, compute_reconstruction_error
+from .integration import SCIB_INSTALL_HINT, batch_classifier_accuracy, batch_silhouette, scib_available, scib_benchmark
+from ..data.tensors import as_indices
+from ..train.evaluate import compute_elbo, compute_marginal_ll, compute_reconstruction_error
 
 __all__ = [
     "compute_elbo",

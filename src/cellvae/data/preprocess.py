@@ -1,0 +1,80 @@
+"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
+
+Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
+:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
+no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from .checks import get_counts
+
+__all__ = ['select_highly_variable_genes', 'log1p_cp10k']
+
+
+
+def select_highly_variable_genes(
+    adata: ad.AnnData, n_top_genes: int, layer: str | None = None, batch_key: str | None = None
+) -> np.ndarray:
+    """Highly variable genes on raw counts with scanpy's ``seurat_v3`` flavour (Stuart et al. 2019).
+
+    Works on a copy of the matrix; ``adata`` is not modified. When the flavour's loess fit fails (it can be singular
+    when many genes are (nearly) undetected), the selection is retried on the genes detected in at least 3 cells,
+    with a ``UserWarning``; other genes are then never selected.
+
+    Args:
+        adata: (n_cells, n_genes) raw counts in ``X`` or ``layer``.
+        n_top_genes: number of genes to select; at least n_genes selects every gene.
+        layer: layer holding the counts (default ``X``).
+        batch_key: obs column for scanpy's per-batch selection.
+
+    Returns:
+        Boolean mask over genes, shape (n_genes,).
+
+    Raises:
+        ValueError: scanpy's error when the fit fails even on the detected genes, or when at most ``n_top_genes``
+            genes are detected in 3 cells.
+    """
+    import scanpy as sc
+
+    if n_top_genes >= adata.n_vars:
+        return np.ones(adata.n_vars, dtype=bool)
+    X = get_counts(adata, layer)
+    tmp = ad.AnnData(X=X, obs=adata.obs[[batch_key]] if batch_key else None)
+    tmp.var_names = adata.var_names
+    try:
+        df = sc.pp.highly_variable_genes(
+            tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes), batch_key=batch_key, inplace=False
+        )
+        return np.asarray(df["highly_variable"], dtype=bool)
+    except ValueError as err:  # the loess fit of seurat_v3 can be singular with many (nearly) undetected genes
+        detected = np.asarray((X > 0).sum(0)).ravel() >= 3
+        if detected.sum() <= n_top_genes or detected.all():
+            raise
+        warnings.warn(f"seurat_v3 highly variable genes failed ({err}); retrying on the {int(detected.sum())} "
+                      "genes detected in at least 3 cells.", stacklevel=2)
+        mask = np.zeros(adata.n_vars, dtype=bool)
+        mask[np.flatnonzero(detected)[select_highly_variable_genes(tmp[:, detected], n_top_genes, batch_key=batch_key)]] = True
+        return mask
+
+
+def log1p_cp10k(X):
+    """``log1p(x / total * 1e4)`` per cell (scanpy ``normalize_total`` + ``log1p``), sparse-preserving."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        tot = np.asarray(X.sum(1)).ravel()
+        tot[tot == 0] = 1.0
+        X = sp.csr_matrix(sp.diags((1e4 / tot).astype(np.float32)) @ X)
+        np.log1p(X.data, out=X.data)
+        return X
+    X = np.asarray(X, dtype=np.float32)
+    tot = X.sum(1, keepdims=True)
+    tot[tot == 0] = 1.0
+    return np.log1p(X / tot * 1e4)
+
+

@@ -1,0 +1,239 @@
+"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
+
+Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
+:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
+no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from ..errors import CellvaeInputError, warn
+from .tensors import TensorData
+from .checks import check_values, get_counts
+from .preprocess import log1p_cp10k
+
+__all__ = ['DataSpec']
+
+
+
+# --------------------------------------------------------------------------------------- covariates
+def _categories(adata: ad.AnnData, key: str, role: str = "obs key") -> list[str]:
+    col = _obs_column(adata, key, role)
+    if col.isna().any():
+        ex = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[:3]].tolist()
+        raise CellvaeInputError(
+            f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values (e.g. cells {ex}); fill them "
+            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).fillna('unknown')) or drop those cells."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = [str(c) for c in col.cat.categories if (col == c).any()]
+    else:
+        cats = sorted(pd.unique(col.astype(str)).tolist())
+    sizes = col.astype(str).value_counts()
+    small = [c for c in cats if sizes.get(c, 0) < 3]
+    if small:  # as scvi-tools' setup_anndata
+        warn(f"obs[{key!r}] ({role}) has categories with fewer than 3 cells: {small[:5]}; the model may not learn "
+             "them well. Merge or drop such categories if that matters.")
+    return cats
+
+
+def _obs_column(adata: ad.AnnData, key: str, role: str = "obs key") -> pd.Series:
+    if key not in adata.obs.columns:
+        raise CellvaeInputError(
+            f"obs key {key!r} not found ({role} must be an obs column); available obs columns: "
+            f"{list(adata.obs.columns) or 'none'}. Pass one of them, or add the column to adata.obs."
+        )
+    return adata.obs[key]
+
+
+def _continuous(adata: ad.AnnData, keys: Sequence[str]) -> np.ndarray | None:
+    """Continuous covariates as a float32 (n_cells, n_keys) array (None without keys).
+
+    Raises:
+        CellvaeInputError: a missing key, or NaN, inf or non-numeric values (naming the key and a few cells).
+    """
+    if not keys:
+        return None
+    cols = []
+    for k in keys:
+        col = _obs_column(adata, k, "continuous covariate")
+        num = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(num)
+        if bad.any():
+            i = np.flatnonzero(bad)[:3]
+            ex = ", ".join(f"cell {adata.obs_names[j]!s}: {col.iloc[j]}" for j in i)
+            raise CellvaeInputError(
+                f"obs[{k!r}] (continuous covariate) has {int(bad.sum())} NaN, infinite or non-numeric values "
+                f"(e.g. {ex}); fix or drop those cells, or pass the column as a categorical covariate if it is one."
+            )
+        if np.abs(num).max() > 1e30:
+            raise CellvaeInputError(f"obs[{k!r}] (continuous covariate) has values beyond 1e30; rescale it.")
+        cols.append(num.astype(np.float32))
+    return np.stack(cols, axis=1)
+
+
+def _encode(adata: ad.AnnData, key: str, categories: Sequence[str], role: str = "obs key") -> np.ndarray:
+    col = _obs_column(adata, key, role)
+    if col.isna().any():
+        raise CellvaeInputError(f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values; fill them "
+                                "(e.g. 'unknown') or drop those cells.")
+    values = col.astype(str).to_numpy()
+    codes = pd.Index(categories).get_indexer(values)
+    if (codes < 0).any():
+        unknown = sorted(set(values[codes < 0]))[:5]
+        n_unknown = int((codes < 0).sum())
+        raise CellvaeInputError(
+            f"obs[{key!r}] ({role}) has categories unseen at training time: {unknown} ({n_unknown} cells); the "
+            f"model knows {list(categories)}. Rename them to known categories, drop those cells, or train a model "
+            "that includes them."
+        )
+    return codes.astype(np.int64)
+
+
+@dataclass
+class DataSpec:
+    """How an AnnData becomes tensors: the genes, the matrix, and the covariate encodings (fixed at training).
+
+    Attributes:
+        gene_names: modelled genes, in model order.
+        layer: layer holding the data, or None for ``X``.
+        gene_likelihood: determines checks and the ``normal`` transform.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys: obs columns.
+        batch_categories: categories of ``batch_key`` (``["0"]`` without one).
+        categorical_categories: categories per categorical covariate key.
+        normal_transform: for ``normal``: ``"log1p_cp10k"`` (counts normalized to 10,000 per cell, then log1p)
+            or ``"none"`` (data used as given).
+    """
+
+    gene_names: list[str]
+    layer: str | None = None
+    gene_likelihood: str = "zinb"
+    batch_key: str | None = None
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    batch_categories: list[str] = field(default_factory=lambda: ["0"])
+    categorical_categories: dict[str, list[str]] = field(default_factory=dict)
+    normal_transform: str = "none"
+
+    @classmethod
+    def from_adata(
+        cls,
+        adata: ad.AnnData,
+        gene_names: Sequence[str],
+        layer: str | None = None,
+        gene_likelihood: str = "zinb",
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        normal_transform: str = "none",
+    ) -> "DataSpec":
+        """Record genes and covariate categories from the training AnnData."""
+        cat_keys = list(categorical_covariate_keys or [])
+        cont_keys = list(continuous_covariate_keys or [])
+        batch_categories = _categories(adata, batch_key, "batch_key") if batch_key else ["0"]
+        _continuous(adata, cont_keys)  # NaN / inf / non-numeric: answered now, before training
+        return cls(
+            gene_names=[str(g) for g in gene_names],
+            layer=layer,
+            gene_likelihood=gene_likelihood,
+            batch_key=batch_key,
+            categorical_covariate_keys=cat_keys,
+            continuous_covariate_keys=cont_keys,
+            batch_categories=batch_categories,
+            categorical_categories={k: _categories(adata, k, "categorical covariate") for k in cat_keys},
+            normal_transform=normal_transform,
+        )
+
+    @property
+    def is_counts(self) -> bool:
+        """Whether the model's data are counts (every gene likelihood but ``"normal"``): they must then be
+        non-negative integers, and no log1p transform is applied."""
+        return self.gene_likelihood != "normal"
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(self.categorical_categories[k]) for k in self.categorical_covariate_keys)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(**d)
+
+    # ----------------------------------------------------------------------------------------------
+    def gene_indexer(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Column indices of the model's genes in ``adata`` (None when identical and in order).
+
+        Raises:
+            CellvaeInputError: genes of the model missing from ``adata``.
+        """
+        names = pd.Index(adata.var_names.astype(str))
+        model = pd.Index(self.gene_names)
+        if len(names) == len(model) and names.equals(model):
+            return None
+        if not names.is_unique:
+            raise CellvaeInputError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
+        idx = names.get_indexer(model)
+        if (idx < 0).any():
+            missing = model[idx < 0]
+            raise CellvaeInputError(
+                f"{len(missing)} of the model's {len(model)} genes are missing from the data "
+                f"(e.g. {list(missing[:5])}). Use data with the same genes (var_names) as the training data."
+            )
+        return idx
+
+    def counts_matrix(self, adata: ad.AnnData):
+        """The model's genes, in model order, from ``X`` or the layer (dense or CSR, not yet transformed)."""
+        X = get_counts(adata, self.layer)
+        idx = self.gene_indexer(adata)
+        if idx is not None:
+            X = X[:, idx]
+        if sp.issparse(X):
+            X = sp.csr_matrix(X)
+        return X
+
+    def prepare(self, adata: ad.AnnData, check: bool = True) -> "TensorData":
+        """Encode ``adata`` once into :class:`TensorData`.
+
+        Raises:
+            CellvaeInputError: bad values, missing genes or obs keys, unknown categories, NaN/inf covariates.
+        """
+        X = self.counts_matrix(adata)
+        if check:
+            check_values(X, self.is_counts, where=f"layers[{self.layer!r}]" if self.layer else "X")
+        if not self.is_counts and self.normal_transform == "log1p_cp10k":
+            X = log1p_cp10k(X)
+        cat, cont = self.covariate_tensors(adata)
+        return TensorData(X, cat, cont)
+
+    def covariate_tensors(self, adata: ad.AnnData) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Covariates of ``adata`` encoded as in :meth:`prepare`: ``cat`` (n_cells, 1 + n_cat) int64 codes,
+        batch first, and ``cont`` (n_cells, n_cont) float32 or None.
+
+        Raises:
+            CellvaeInputError: missing obs keys, unknown categories, NaN/inf covariates.
+        """
+        n = adata.n_obs
+        cols = [_encode(adata, self.batch_key, self.batch_categories, "batch_key") if self.batch_key
+                else np.zeros(n, np.int64)]
+        cols += [_encode(adata, k, self.categorical_categories[k], "categorical covariate")
+                 for k in self.categorical_covariate_keys]
+        cat = torch.from_numpy(np.stack(cols, axis=1))
+        arr = _continuous(adata, self.continuous_covariate_keys)
+        cont = torch.from_numpy(arr) if arr is not None else None
+        return cat, cont
+
+
