@@ -14,6 +14,7 @@ import torch
 from conftest import assert_same_training
 
 from cellvae.native import build as native
+from cellvae.native import ops
 from cellvae.vae.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from cellvae.vae.losses import linear_softmax_count_log_prob_sum, softmax_count_log_prob_sum
 from cellvae.vae.nn import sparse_linear
@@ -173,23 +174,37 @@ def test_disabled_by_environment(monkeypatch, no_native):
     assert "CELLVAE_NATIVE" in native.reason_unavailable()
 
 
-def test_failed_build_falls_back(monkeypatch, tmp_path, no_native):
-    """A source that does not compile gives None and a reason, never an exception; nothing is left in the cache
-    but finished libraries."""
+def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, no_native, caplog):
+    """A source that does not compile gives None and a reason, never an exception; with a compiler present that is a
+    WARNING naming the slowdown; nothing is left in the cache but finished libraries."""
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
     monkeypatch.delitem(native._state, "lib")
     monkeypatch.setattr(native, "_SOURCE", bad)
     monkeypatch.setenv("CELLVAE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CELLVAE_NATIVE", raising=False)
-    assert native.library() is None
-    assert "failed" in native.reason_unavailable() or "compiler" in native.reason_unavailable()
+    with caplog.at_level("INFO", logger="cellvae"):
+        assert native.library() is None
+    assert "failed" in native.reason_unavailable()
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warned and "times as long" in warned[0].getMessage()
     cache = tmp_path / "cache" / "native"
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
+def test_missing_compiler_is_info_only(monkeypatch, tmp_path, no_native, caplog):
+    monkeypatch.delitem(native._state, "lib")
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.delenv("CELLVAE_NATIVE", raising=False)
+    with caplog.at_level("INFO", logger="cellvae"):
+        assert native.library() is None
+    assert "compiler" in native.reason_unavailable()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_build_into_cache_dir(monkeypatch, tmp_path):
-    """The library is compiled into $CELLVAE_CACHE_DIR/native under a content hash and reused from there."""
+    """The library is compiled into $CELLVAE_CACHE_DIR/native under its build key and the hash of its own bytes,
+    and reused from there."""
     monkeypatch.setenv("CELLVAE_CACHE_DIR", str(tmp_path))
     lib = native._build()
     files = list((tmp_path / "native").glob("fastpath-*.so"))
@@ -197,6 +212,50 @@ def test_build_into_cache_dir(monkeypatch, tmp_path):
     mtime = files[0].stat().st_mtime_ns
     native._build()
     assert files[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert list((tmp_path / "native").iterdir()) == files  # no temporary leftovers
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "flip"])
+def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage):
+    """A truncated, emptied or altered library in the cache is never loaded (loading a truncated one killed every
+    later run with SIGBUS): its bytes no longer match the hash in its name, so it is deleted and built again. Each
+    run is a fresh process, as in use (a library mapped by this process must not be rewritten under it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CELLVAE_CACHE_DIR": str(tmp_path)}
+    run = [sys.executable, "-c", "from cellvae.native import build, ops; import torch; "
+           "assert build.library() is not None, build.reason_unavailable(); "
+           "print(ops.all_finite([torch.ones(3)]))"]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr
+    (f,) = (tmp_path / "native").glob("fastpath-*.so")
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[: len(data) // 3])
+    elif damage == "empty":
+        f.write_bytes(b"")
+    else:
+        f.write_bytes(data[:4096] + bytes([data[4096] ^ 1]) + data[4097:])
+    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "True", again.stderr
+    (g,) = (tmp_path / "native").glob("fastpath-*.so")
+    assert g.read_bytes() == data  # rebuilt (gcc is deterministic: the same bytes under the same name)
+
+
+def test_cache_writable_by_others_is_not_used(monkeypatch, tmp_path, caplog):
+    shared = tmp_path / "shared"
+    (shared / "native").mkdir(parents=True)
+    (shared / "native").chmod(0o777)
+    monkeypatch.setenv("CELLVAE_CACHE_DIR", str(shared))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "private-tmp"))
+    (tmp_path / "private-tmp").mkdir()
+    with caplog.at_level("WARNING", logger="cellvae"):
+        native._build()
+    assert any("writable by other users" in r.getMessage() for r in caplog.records)
+    assert not list((shared / "native").glob("*.so"))
+    assert list((tmp_path / "private-tmp").glob("cellvae-native-*/fastpath-*.so"))
 
 
 @pytest.mark.parametrize("log_theta", [6.0, 18.0, 25.0, 35.0])
@@ -297,14 +356,13 @@ def test_dropout_keep_flags_native_equal_torch_and_are_fair():
     every element and the correlation between elements are those of independent Bernoulli(1 - p) draws."""
     from cellvae.vae.nn import _drop_threshold, dropout_keep
 
-    lib = native.library()
+    assert native.library() is not None
     torch.manual_seed(0)
     masks = []
     for p in (0.1, 0.5, 0.0, 0.999):
         seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
-        k = torch.empty(5000, dtype=torch.uint8)
-        lib.cv_dropout_keep(5000, _drop_threshold(p), seeds[0], seeds[1], k.data_ptr())
-        assert torch.equal(k.bool(), dropout_keep(5000, p, seeds)), p
+        k = ops.dropout_keep(5000, _drop_threshold(p), seeds)
+        assert torch.equal(k, dropout_keep(5000, p, seeds)), p
     for _ in range(400):
         masks.append(dropout_keep(64 * 32, 0.1, torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()))
     m = torch.stack(masks).double()  # (draws, elements)

@@ -402,6 +402,30 @@ void cv_csr_linear_wgrad(int64_t n, int64_t n_in, int64_t n_out, const int64_t *
     free(cptr); free(rows); free(cval);
 }
 
+/* The structure of a CSR matrix of n rows and n_cols columns with nnz stored values (crow: n + 1 entries, col: nnz
+ * entries, both int64): 0 when crow[0] == 0, crow is non-decreasing, crow[n] == nnz and each row's column indices
+ * are strictly increasing (sorted, no duplicates) in [0, n_cols). Otherwise a code (1: crow[0] != 0, 2: crow
+ * decreases, 3: crow[n] != nnz, 4: a column index out of range, 5: unsorted or duplicate columns in a row) and the
+ * row (crow codes) or stored value (col codes) where it was found in *where. Reads only crow[0..n] and the col
+ * entries that crow points at once it is valid, so it is safe to call on any arrays of those lengths. */
+int32_t cv_csr_check(int64_t n, int64_t n_cols, int64_t nnz, const int64_t *crow, const int64_t *col,
+                     int64_t *where) {
+    if (crow[0] != 0) { *where = 0; return 1; }
+    for (int64_t i = 0; i < n; ++i)
+        if (crow[i + 1] < crow[i]) { *where = i; return 2; }
+    if (crow[n] != nnz) { *where = n; return 3; }
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t prev = -1;
+        for (int64_t k = crow[i]; k < crow[i + 1]; ++k) {
+            const int64_t c = col[k];
+            if (c < 0 || c >= n_cols) { *where = k; return 4; }
+            if (c <= prev) { *where = k; return 5; }
+            prev = c;
+        }
+    }
+    return 0;
+}
+
 /* 1 when every element of the k float32 tensors (addresses as int64, sizes[t] elements each) is finite, else 0:
  * the sum of x * 0 is 0 exactly when no x is inf or NaN (no overflow can occur, unlike a sum or a norm of x). */
 int32_t cv_all_finite(int64_t k, const int64_t *ptrs, const int64_t *sizes) {

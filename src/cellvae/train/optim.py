@@ -4,21 +4,14 @@ else from their total norm."""
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from ..native import build as native
+from ..native import ops
 from typing import Sequence
 
 from ..settings import TrainingPlan
 
 __all__ = ["grads_finite", "make_optimizer", "set_lr"]
-
-
-def _addresses(tensors: list[torch.Tensor]):
-    k = len(tensors)
-    return (ctypes.c_int64 * k)(*[t.data_ptr() for t in tensors]), (ctypes.c_int64 * k)(*[t.numel() for t in tensors])
 
 
 def grads_finite(params: list[torch.Tensor]) -> bool:
@@ -38,10 +31,8 @@ def grads_finite(params: list[torch.Tensor]) -> bool:
     if not grads:
         return True
     dense_f32 = all(g.layout == torch.strided and g.dtype == torch.float32 for g in grads)
-    lib = native.library() if dense_f32 and native.usable(*grads) else None
-    if lib is not None:
-        ptrs, sizes = _addresses(grads)
-        return bool(lib.cv_all_finite(len(grads), ptrs, sizes))
+    if dense_f32 and ops.applies(*grads):
+        return ops.all_finite(grads)
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     else:  # pragma: no cover

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..native import build as native
-from ..data.sparse import csr_rows
+from ..native import ops
+from ..data.sparse import check_csr_tensor, csr_parts, csr_rows
 from .distributions import lgamma_ratio
 
 __all__ = ['count_log_prob_sum', 'linear_softmax_count_log_prob_sum', 'softmax_count_log_prob_sum']
@@ -160,6 +160,7 @@ def count_log_prob_sum(
         (n_cells,) log-likelihood per cell, nats.
     """
     if x.layout == torch.sparse_csr:
+        check_csr_tensor(x, "counts")
         return _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, table_max)
     if log_theta is None:  # Poisson
         return (x * log_mu - log_mu.exp() - _lgamma1_table(x, table_max)).sum(-1)
@@ -281,22 +282,11 @@ def _count_log_prob_sum_sparse(x, log_mu, log_theta, zi_logits, theta_rows, tabl
 
 # ------------------------------------------------------------------ fused log-softmax + likelihood (native)
 def _nb_kernel(logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv, xdense, grad):
-    """Run ``cv_nb_loglik``: ``(ll (n,), (ga, gth, gzi, glib) or None, shapes for the backward pass)``."""
-    n, n_genes = logits.shape
-    lt = log_theta.reshape(-1, n_genes).contiguous()
-    theta = lt.exp()
-    loglib = log_library.reshape(n).contiguous()
-    ll = logits.new_empty(n)
-    ga = torch.empty_like(logits) if grad else None
-    gth = torch.empty_like(logits) if grad else None
-    gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
-    glib = logits.new_empty(n) if grad else None
-    n_rows = lt.shape[0]
-    lib = native.library()
-    work = logits.new_empty(lib.cv_nb_work_size(n_genes, n_rows))
-    p = native.ptr
-    lib.cv_nb_loglik(n, n_genes, n_rows, p(logits), p(loglib), p(theta), p(lt), p(theta_rows), p(zi_logits),
-                     p(crow), p(col), p(xv), p(xdense), p(ll), p(ga), p(gth), p(gzi), p(glib), p(work))
+    """Run the native kernel (:func:`cellvae.native.ops.nb_loglik`): ``(ll (n,), (ga, gth, gzi, glib) or None,
+    shapes for the backward pass)``."""
+    ll, ga, gth, gzi, glib = ops.nb_loglik(logits, log_library, log_theta, zi_logits, theta_rows, crow, col, xv,
+                                           xdense, grad)
+    n_rows = log_theta.reshape(-1, logits.shape[1]).shape[0]
     return ll, ((ga, gth, gzi, glib) if grad else None), (log_library.shape, log_theta.shape, n_rows)
 
 
@@ -424,7 +414,7 @@ def linear_softmax_count_log_prob_sum(
         ValueError, IndexError: as :func:`softmax_count_log_prob_sum`.
     """
     got = None
-    if h.dim() == 2 and native.usable(h, weight, bias, zi_weight, zi_bias):  # else the kernel cannot run
+    if h.dim() == 2 and ops.applies(h, weight, bias, zi_weight, zi_bias):  # else the kernel cannot run
         with torch.no_grad():
             logits = F.linear(h, weight, bias)
             zi_logits = F.linear(h, zi_weight, zi_bias) if zi_weight is not None else None
@@ -460,7 +450,7 @@ def _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows):
     if any(t is not None and t.dtype != torch.float32 for t in (x, logits, log_library, log_theta, zi_logits)):
         return None
     sparse = x.layout == torch.sparse_csr
-    parts = (*native.csr_parts(x), None) if sparse else (None, None, None, x)
+    parts = (*csr_parts(x), None) if sparse else (None, None, None, x)
     if theta_rows is not None:
         theta_rows = theta_rows.long().contiguous()
         if n and (int(theta_rows.min()) < 0 or int(theta_rows.max()) >= log_theta.shape[0]):
@@ -468,7 +458,7 @@ def _native_inputs(x, logits, log_library, log_theta, zi_logits, theta_rows):
     values = parts[2] if sparse else x
     if values.numel() and bool(values.min() < 0):
         raise ValueError("negative counts: the NB / ZINB likelihood needs non-negative integer counts.")
-    if not native.usable(logits, log_library, log_theta, zi_logits, theta_rows, *parts):
+    if not ops.applies(logits, log_library, log_theta, zi_logits, theta_rows, *parts):
         return None
     return (theta_rows, *parts)
 

@@ -14,7 +14,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ..native import build as native
+from ..data.sparse import check_csr_tensor, csr_parts
+from ..native import ops
 
 __all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear", "bn_relu_dropout",
            "dropout_keep"]
@@ -32,11 +33,9 @@ class _SparseLinear(torch.autograd.Function):
         ctx.x = x
         wt = weight.t()
         if x.dim() == 2 and x.shape[1] == wt.shape[0] and _native_csr(x, wt, bias):  # else torch raises
-            crow, col, val = ctx.parts = native.csr_parts(x)
-            out = wt.new_empty(x.shape[0], wt.shape[1])
-            native.library().cv_csr_linear(x.shape[0], wt.shape[1], crow.data_ptr(), col.data_ptr(), val.data_ptr(),
-                                           wt.data_ptr(), native.ptr(bias), out.data_ptr())
-            return out
+            crow, col, val = ctx.parts = csr_parts(x)
+            return ops.csr_linear(crow, col, val, wt, bias)  # checks the CSR structure
+        check_csr_tensor(x)
         out = x @ wt
         return out + bias if bias is not None else out
 
@@ -47,11 +46,8 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad = grad.contiguous()
             if _native_csr(x, grad):
-                crow, col, val = getattr(ctx, "parts", None) or native.csr_parts(x)
-                dwt = grad.new_empty(x.shape[1], grad.shape[1])
-                native.library().cv_csr_linear_wgrad(x.shape[0], x.shape[1], grad.shape[1], crow.data_ptr(),
-                                                     col.data_ptr(), val.data_ptr(), grad.data_ptr(), dwt.data_ptr())
-                dw = dwt.t()
+                crow, col, val = getattr(ctx, "parts", None) or csr_parts(x)
+                dw = ops.csr_linear_wgrad(crow, col, val, grad, x.shape[1]).t()
             elif x.device.type == "cpu":
                 m = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()),
                                   shape=x.shape)
@@ -64,10 +60,10 @@ class _SparseLinear(torch.autograd.Function):
 
 
 def _native_csr(x: torch.Tensor, *dense: torch.Tensor | None) -> bool:
-    """Whether the native CSR kernels of :mod:`cellvae.native` apply (float32 CPU tensors)."""
+    """Whether the native CSR kernels of :mod:`cellvae.native.ops` apply (float32 CPU tensors)."""
     return (x.dtype == torch.float32
             and all(t is None or t.dtype == torch.float32 for t in dense)
-            and native.usable(x.values(), *dense))  # int32 indices are converted by native.csr_parts
+            and ops.applies(x.values(), *dense))  # int32 indices are converted by csr_parts
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,16 +79,9 @@ class _BNReLUDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, p, seeds):
-        n, C = x.shape
-        y = torch.empty_like(x)
-        mean, invstd = x.new_empty(C), x.new_empty(C)
-        work = torch.empty(2 * C, dtype=torch.float64)
-        threshold = _drop_threshold(p)
         scale = 1.0 / (1.0 - p)
-        native.library().cv_bn_relu_dropout(
-            n, C, x.data_ptr(), native.ptr(weight), native.ptr(bias), eps, momentum, native.ptr(running_mean),
-            native.ptr(running_var), threshold, scale, seeds[0], seeds[1], y.data_ptr(), mean.data_ptr(),
-            invstd.data_ptr(), work.data_ptr())
+        y, mean, invstd = ops.bn_relu_dropout(x, weight, bias, running_mean, running_var, eps, momentum,
+                                              _drop_threshold(p), scale, seeds)
         ctx.save_for_backward(x, y, weight, mean, invstd)
         ctx.scale = scale
         return y
@@ -100,16 +89,9 @@ class _BNReLUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, y, weight, mean, invstd = ctx.saved_tensors
-        n, C = x.shape
-        gy = gy.contiguous()
-        dx = torch.empty_like(x)
         need = ctx.needs_input_grad
-        dw = x.new_empty(C) if weight is not None and need[1] else None
-        db = x.new_empty(C) if need[2] else None
-        work = torch.empty(2 * C, dtype=torch.float64)
-        native.library().cv_bn_relu_dropout_backward(
-            n, C, x.data_ptr(), y.data_ptr(), gy.data_ptr(), native.ptr(weight), mean.data_ptr(), invstd.data_ptr(),
-            ctx.scale, dx.data_ptr(), native.ptr(dw), native.ptr(db), work.data_ptr())
+        dx, dw, db = ops.bn_relu_dropout_backward(x, y, gy.contiguous(), weight, mean, invstd, ctx.scale, need[1],
+                                                  need[2])
         return dx if need[0] else None, dw, db, None, None, None, None, None, None
 
 
@@ -178,7 +160,7 @@ def bn_relu_dropout(x: torch.Tensor, bn: nn.BatchNorm1d, p: float) -> torch.Tens
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     x = x.contiguous()
-    if native.usable(x, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+    if ops.applies(x, bn.weight, bn.bias, bn.running_mean, bn.running_var):
         return _BNReLUDropout.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.momentum),
                                     float(bn.eps), p, seeds)
     y = torch.relu(nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
