@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export CELLVAE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test bench-install bench bench-time-to-quality bench-clustering bench-integration \
+.PHONY: install demo test test-native-sanitize bench-install bench bench-time-to-quality bench-clustering bench-integration \
 	bench-imputation bench-large bench-throughput clean
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The native kernels built with -fsanitize=address,undefined (their own cache), and the tests that exercise them,
+# malformed CSR input included, in a process that preloads the sanitizer runtimes. Any finding aborts the run.
+SANITIZE_ENV = CELLVAE_NATIVE_SANITIZE=1 CELLVAE_CACHE_DIR=$(abspath .cache/sanitize) \
+	LD_PRELOAD="$$($(CC_SAN) -print-file-name=libasan.so) $$($(CC_SAN) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+CC_SAN ?= gcc
+test-native-sanitize: install
+	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_malformed_csr.py \
+		tests/test_sparse_path.py tests/test_fast_path.py
 
 # Peer benchmark (scvi-tools 1.5.1, which needs Python >= 3.12) in a separate environment so the
 # package's own stays lean. BENCH_PYTHON may be a path or a command; if it is neither there nor on

@@ -52,7 +52,7 @@ static inline float exp_nonpos(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    float y = p * bits_to_float((ni + 127) << 23);
+    float y = p * bits_to_float((int32_t)((uint32_t)(ni + 127) << 23)); /* unsigned: defined for NaN input too */
     return x < -87.0f ? 0.0f : y;
 }
 
