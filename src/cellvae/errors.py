@@ -1,8 +1,9 @@
-"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
+"""The errors cellvae raises for its users, and its one warning helper.
 
-Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
-:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
-no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+- :class:`CellvaeInputError` (a ``ValueError``): bad data, arguments or files; the message says what is wrong and
+  how to fix it. The command line prints it as ``error: ...`` and exits with status 2.
+- :class:`CellvaeTrainingError` (a ``RuntimeError``): training could not go on (repeated non-finite losses); exit
+  status 3.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
+"""What a matrix must satisfy before a model trains on it, with messages that say what is wrong and how to fix it.
 
-Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
-:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
-no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+:func:`check_values` refuses non-numeric dtypes, NaN/inf, values beyond float32 and, for a count likelihood,
+negative or non-integer values. :func:`value_summary` and :func:`merge_value_summaries` compute the same facts chunk by
+chunk, so that an out-of-core file (:mod:`cellvae.data.backed`) gets the same checks and messages as a matrix in
+memory. :func:`get_counts` and :func:`counts_source` find the matrix (``X`` or a layer).
 """
 
 from __future__ import annotations

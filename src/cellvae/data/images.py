@@ -1,40 +1,6 @@
-"""A convolutional VAE for single-cell images (:class:`ImageVAE`), trained with the count model's loop.
-
-Generative model (Kingma & Welling 2014, "Auto-encoding variational Bayes", ICLR):
-
-- ``z_n ~ N(0, I)`` (``n_latent``);
-- ``x_n | z_n ~ p(x | f(z_n))`` for an image ``x_n`` of shape (C, H, W) with intensities in [0, 1], where ``f`` is
-  a convolutional decoder (a linear layer to a (channels[-1], H/2^L, W/2^L) map, then L stages of 2x
-  nearest-neighbour upsampling and a 3x3 convolution, the last one to C channels);
-- inference ``q(z | x) = N(m(x), diag v(x))``, ``m`` and ``v`` from a convolutional encoder of L stride-2
-  convolutions (kernel 4) with batch normalisation and LeakyReLU, sampled with the reparameterisation trick.
-
-Likelihoods (``likelihood=``):
-
-- ``"gaussian"`` (default): ``x_chw ~ N(muchannels_first(z), sigma^2)`` with ``mu = sigmoid(decoder output)`` (so the mean
-  stays in [0, 1]) and a *learned* standard deviation, one per channel (``variance="channel"``) or one per pixel and
-  channel (``variance="pixel"``), not depending on z. Why this choice: the three channels of the Jurkat data
-  (brightfield, DNA stain, darkfield) have very different noise levels, and a learned variance lets the ELBO weigh
-  them accordingly instead of a fixed MSE weight; the decoded mean is the image itself (no correction needed), and
-  the per-image negative ELBO is a well-behaved anomaly score. The standard deviation is bounded below by
-  ``min_scale`` (default 1e-3, about a quarter of one uint8 step, 1/255) so that flat background pixels cannot drive
-  the density to infinity. Because this is a density on continuous values, log-likelihoods and ELBOs are in nats
-  per image and can be positive; comparisons between images and models on the same data are meaningful, absolute
-  values are not comparable with discrete (bits/dim) figures.
-- ``"continuous_bernoulli"``: ``x_chw ~ CB(lambdachannels_first(z))`` (Loaiza-Ganem & Cunningham 2019, "The continuous
-  Bernoulli: fixing a pervasive error in variational autoencoders", NeurIPS), the properly normalised version of
-  the Bernoulli "likelihood" often used on [0, 1] intensities. Its mean (returned by :meth:`ImageVAE.decode`) is
-  ``lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda))``, not ``lambda``. It has no variance parameter, and it
-  favours values near 0 and 1, which suits near-binary images better than the grey-level Jurkat tiles.
-
-The KL term may be weighted by ``beta`` after a linear KL warm-up (beta-VAE, Higgins et al. 2017, "beta-VAE: learning
-basic visual concepts with a constrained variational framework", ICLR); ``beta = 1`` is the ELBO.
-
-Training uses :func:`cellvae.train.train_module` (Adam, KL warm-up, early stopping on the validation ELBO, best
-weights, guards against non-finite steps), with :class:`ImageData` as the data object.
-
-Image arrays passed to the public methods are channels-last ``(n, H, W, C)``: ``uint8`` (divided by 255) or float in
-[0, 1]. Internally the module works on channels-first float32 tensors ``(n, C, H, W)``.
+"""Single-cell images as arrays and tensors: checked conversion of (n, H, W, C) uint8 or [0, 1] float arrays
+(:func:`to_float_images`), channels-last <-> channels-first, and :class:`ImageData`, the minibatch interface of the
+training loop for images (:class:`cellvae.ImageVAE`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
-
-Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
-:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
-no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+"""Preprocessing on raw counts: highly variable genes (scanpy's ``seurat_v3``) and log1p normalisation
+(``normalize_total`` to 10,000 + ``log1p``), on copies: the AnnData passed in is not modified.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
-
-Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
-:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
-no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+"""Find and read single-cell data: a path, a file name in ``$CELLVAE_DATA_DIR`` or an http(s) URL; ``.h5ad``, 10x
+``.h5`` and directories, ``.csv``/``.tsv`` tables and ``.loom``. The file is never modified; a download is written
+to a temporary name and renamed.
 """
 
 from __future__ import annotations

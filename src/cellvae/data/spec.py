@@ -1,8 +1,6 @@
-"""Data layer: read files, check counts, encode covariates once, and serve minibatches from prepared tensors.
-
-Everything AnnData- or pandas-shaped happens here, once, before training. The training loop then only sees
-:class:`TensorData`, which slices a dense float32 tensor (or a CSR matrix for large data) by integer index:
-no AnnData indexing, no DataFrame access and no per-cell Python in the hot path.
+""":class:`DataSpec`: how an AnnData becomes tensors for a model (the genes in model order, the matrix, the covariate
+encodings), fixed at training and saved with the model, so that any later AnnData is prepared the same way (genes
+matched by name, unseen categories refused).
 """
 
 from __future__ import annotations

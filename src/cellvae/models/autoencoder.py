@@ -1,17 +1,6 @@
-"""A deterministic autoencoder baseline for :class:`cellvae.CountVAE` on an AnnData (module:
-:class:`cellvae.vae.autoencoder.AEModule`).
-
-Same building blocks as the VAE (:class:`cellvae.vae.nn.FCLayers`: linear -> batch norm -> ReLU -> dropout), but a
-deterministic encoder ``z = W_z h(x)`` and decoder ``x_hat = W_x g(z)`` trained to minimise the squared error on
-log1p-normalized expression (``log1p(counts / total * 1e4)``, scanpy's ``normalize_total`` + ``log1p``), with
-no KL term and no likelihood: the classical autoencoder (Hinton & Salakhutdinov 2006, Science 313:504) as used
-as a baseline for single-cell VAEs (e.g. Eraslan et al. 2019 use a count autoencoder; Lopez et al. 2018 compare
-scVI with deterministic embeddings).
-
-Training reuses :func:`cellvae.train.train_module` (Adam, minibatches, early stopping on the validation loss,
-best weights): the module follows the interface of :class:`cellvae.vae.module.VAEModule` (``forward(x, cat, cont,
-kl_weight)`` returning a :class:`cellvae.vae.module.LossOutput` with ``kl_local`` = 0, so its ``elbo`` is minus the
-squared error).
+"""The deterministic autoencoder baseline on an AnnData: :class:`Autoencoder` (squared error on log1p-normalized
+expression, no KL term; the module is :class:`cellvae.vae.autoencoder.AEModule`, which describes the method). It
+trains with the loop and defaults of :class:`cellvae.CountVAE` and saves and loads like every model.
 """
 
 from __future__ import annotations

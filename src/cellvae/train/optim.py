@@ -1,6 +1,8 @@
-"""The training loop's guard before each optimizer step: :func:`grads_finite` tells whether every gradient is
-finite, in one native read of the gradients (``cv_all_finite`` in ``csrc/fastpath.c``, see :mod:`cellvae.native`),
-else from their total norm."""
+"""The optimiser of the training loop: Adam with the inverse dispersion (log theta) in its own parameter group and
+learning rate (:func:`make_optimizer`, :func:`set_lr`), the migration of optimizer states of older checkpoints, and the
+guard before each step: :func:`grads_finite` tells whether every gradient is finite, in one native read of the
+gradients (:func:`cellvae.native.ops.all_finite`), else from their total norm.
+"""
 
 from __future__ import annotations
 

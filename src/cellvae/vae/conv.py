@@ -1,4 +1,5 @@
-"""A convolutional VAE for single-cell images (:class:`ImageVAE`), trained with the count model's loop.
+"""The convolutional VAE module for single-cell images (:class:`ImageVAEModule`; the model on arrays is
+:class:`cellvae.ImageVAE`).
 
 Generative model (Kingma & Welling 2014, "Auto-encoding variational Bayes", ICLR):
 
@@ -30,11 +31,8 @@ Likelihoods (``likelihood=``):
 The KL term may be weighted by ``beta`` after a linear KL warm-up (beta-VAE, Higgins et al. 2017, "beta-VAE: learning
 basic visual concepts with a constrained variational framework", ICLR); ``beta = 1`` is the ELBO.
 
-Training uses :func:`cellvae.train.train_module` (Adam, KL warm-up, early stopping on the validation ELBO, best
-weights, guards against non-finite steps), with :class:`ImageData` as the data object.
-
-Image arrays passed to the public methods are channels-last ``(n, H, W, C)``: ``uint8`` (divided by 255) or float in
-[0, 1]. Internally the module works on channels-first float32 tensors ``(n, C, H, W)``.
+The module works on channels-first float32 tensors ``(n, C, H, W)`` with values in [0, 1]; ``forward(x, cat, cont,
+kl_weight)`` returns a :class:`cellvae.vae.module.LossOutput` in nats per image, as the training loop expects.
 """
 
 from __future__ import annotations

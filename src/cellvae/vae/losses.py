@@ -1,20 +1,17 @@
-"""Likelihoods for single-cell data as small distribution classes.
+"""The fused training likelihood of the scVI decoder: per-cell log-likelihood of counts from the log mean (or from the
+decoder's logits, with the log-softmax folded in), equal to the distribution classes of
+:mod:`cellvae.vae.distributions` to float rounding but cheaper:
 
-Each class holds its parameters as tensors of one broadcast shape, usually (n_cells, n_genes), and offers
-``log_prob(x)`` (nats, element-wise, same shape as ``x``), ``mean``, ``variance`` and ``sample()``.
-All log-probabilities are computed in log space with the stable forms below, so that they stay finite for
-inverse dispersion theta in [1e-4, 1e8] (and beyond: theta = inf is the Poisson limit), mean mu in [0, 1e7] and
-counts up to 1e6, in float64 and float32. float16 and bfloat16 parameters are computed in float32 and give a float32
-log-probability: their range (float16: 65504) and precision (bfloat16: 8 bits) cannot hold the lgamma terms of
-counts, and a log-probability of -1e5 nats is not representable in float16 (autocast does the same for ``lgamma``).
+- :func:`count_log_prob_sum`: Poisson, NB or ZINB from ``log mu``; the ``lgamma`` terms of integer counts come from a
+  per-gene table, NB / ZINB have a hand-written backward, and sparse CSR counts are read at their non-zeros only;
+- :func:`softmax_count_log_prob_sum`: the same from the decoder's logits; on the CPU in float32 one native pass
+  (:mod:`cellvae.native.ops`) computes the log-softmax, every entry's likelihood and all derivatives;
+- :func:`linear_softmax_count_log_prob_sum`: the same with the decoder's output layers folded in, so that the
+  backward pass applies the per-cell gradient on the (cells x hidden) side of the weight products.
 
-Parameterisations follow scVI (Lopez et al. 2018, Nat. Methods 15:1053, Methods "Model"):
-
-- Negative binomial NB(mu, theta): mean ``mu``, inverse dispersion ``theta``, variance ``mu + mu**2 / theta``.
-- Zero-inflated NB ZINB(mu, theta, zi_logits): with probability ``sigmoid(zi_logits)`` a structural zero,
-  otherwise NB(mu, theta).
-- Poisson(mu).
-- Normal(loc, scale): for log1p-normalized expression (not counts).
+Parameterisations follow scVI (Lopez et al. 2018, Nat. Methods 15:1053, Methods): ``mu = l * softmax(f(z))``, theta
+per gene (or per gene and batch), zero-inflation logits per entry. Sparse CSR counts must be canonical
+(:mod:`cellvae.data.sparse`); anything else is refused on every path.
 """
 
 from __future__ import annotations
