@@ -17,7 +17,7 @@ native``, and every layer may use ``data``, ``errors`` and ``settings``. Module 
 (``cellvae.model``, ``cellvae.distributions``, ...) still import, as aliases of their new homes (:mod:`._aliases`).
 """
 
-from . import _aliases
+from ._aliases import install as _install_aliases
 from ._version import __version__
 from .errors import CellvaeInputError, CellvaeTrainingError
 from .data.read import read_data
@@ -26,7 +26,7 @@ from .models.count_vae import CountVAE
 from .models.image_vae import ImageVAE
 from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 
-_aliases.install()
+_install_aliases()
 
 __all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
            "CellvaeTrainingError", "read_data", "__version__"]
