@@ -29,12 +29,17 @@ Batch mixing (:mod:`cellvae.metrics.integration`):
 """
 
 from .clustering import clustering_agreement, kmeans_agreement, kmeans_clusters, leiden_agreement, leiden_clusters, leiden_n_clusters, silhouette_labels
+from .evaluation import METRICS, bio_conservation, depth_r2, evaluate_latent
 from .disentangle import discretize_latent, latent_factor_mutual_info, mutual_information_gap
 from .integration import SCIB_INSTALL_HINT, batch_classifier_accuracy, batch_silhouette, scib_available, scib_benchmark
 from ..data.tensors import as_indices
 from ..train.evaluate import compute_elbo, compute_marginal_ll, compute_reconstruction_error
 
 __all__ = [
+    "evaluate_latent",
+    "depth_r2",
+    "bio_conservation",
+    "METRICS",
     "compute_elbo",
     "compute_marginal_ll",
     "compute_reconstruction_error",
