@@ -343,7 +343,7 @@ def test_32_output_directory_exists(tmp_path, small_h5ad):
     (out / "old.txt").write_text("x")
     r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--quiet"])
     assert r.exit_code == 2
-    assert "exists and is not empty; pass --overwrite to replace its contents or choose another --out" in r.output
+    assert "exists and is not empty; pass --overwrite to replace the outputs of an earlier job or choose another --out" in r.output
 
 
 def test_33_input_path_equal_to_or_inside_output(tmp_path, small_h5ad):

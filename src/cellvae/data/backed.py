@@ -39,6 +39,7 @@ are loaded into memory by anndata itself; they work, without the memory saving.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,7 +51,8 @@ import torch
 from .tensors import SPARSE_MAX_DENSITY, CellData, minibatch_slices
 from ..errors import CellvaeInputError
 from .spec import DataSpec
-from .checks import check_values, counts_source, get_counts, is_count_matrix, merge_value_summaries, raise_for_values, value_summary
+from .checks import (canonical_sparse, check_values, counts_source, get_counts, is_count_matrix, merge_value_summaries,
+                     raise_for_values, sparse_structure_problem, value_summary)
 from .preprocess import log1p_cp10k
 from .read import resolve_data_path
 from .sparse import csr_tensor
@@ -100,6 +102,7 @@ class _RowReader:
 
     def __init__(self, X, where: str = "X"):
         self.dense = None
+        self.where = where
         fmt = getattr(X, "format", None)
         if hasattr(X, "group") and fmt in ("csr", "csc"):  # anndata's backed sparse dataset
             if fmt == "csc":
@@ -111,8 +114,14 @@ class _RowReader:
             g = X.group
             self.data, self.indices = g["data"], g["indices"]
             self.indptr = np.asarray(g["indptr"][()], dtype=np.int64)
+            nnz = int(self.indices.shape[0])
+            problem = sparse_structure_problem(self.indptr, None, int(X.shape[0]), int(X.shape[1]), nnz=nnz)
+            if problem is None and int(self.data.shape[0]) != nnz:
+                problem = f"{int(self.data.shape[0])} values but {nnz} indices are stored"
+            if problem:
+                raise _invalid(where, X.shape, problem)
         elif sp.issparse(X):
-            X = X if X.format == "csr" else sp.csr_matrix(X)
+            X = canonical_sparse(sp.csr_matrix(X) if X.format != "csr" else X, where)
             self.data, self.indices, self.indptr = X.data, X.indices, X.indptr.astype(np.int64, copy=False)
         elif hasattr(X, "shape") and len(X.shape) == 2 and hasattr(X, "dtype"):  # h5py dataset or ndarray
             self.dense = X
@@ -121,6 +130,14 @@ class _RowReader:
                                     "CSR or dense matrix in the .h5ad.")
         self.shape = tuple(int(s) for s in X.shape)
         self.dtype = np.dtype(X.dtype)
+
+    def _checked(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        """A block read from the file, its column indices checked (the file's indptr was checked when opened)."""
+        idx = m.indices
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.shape[1]):
+            bad = idx[(idx < 0) | (idx >= self.shape[1])][0]
+            raise _invalid(self.where, self.shape, f"a column index {bad} is outside [0, {self.shape[1]})")
+        return m
 
     def read(self, rows: np.ndarray, bufs: "_Buffers | None" = None) -> sp.csr_matrix:
         """Rows ``rows`` (sorted, unique, int64) as a CSR matrix of the stored dtype (all stored columns).
@@ -139,10 +156,10 @@ class _RowReader:
             a, b = int(s[0]), int(e[-1])
             ptr = self.indptr[rows[0]:rows[-1] + 2] - a
             if bufs is None:
-                return sp.csr_matrix((self.data[a:b], self.indices[a:b], ptr), shape=(n, self.shape[1]))
+                return self._checked(_csr(self.data[a:b], self.indices[a:b], ptr, (n, self.shape[1])))
             data = _read_into(self.data, a, b, bufs.get("data", b - a, self.dtype))
             indices = _read_into(self.indices, a, b, bufs.get("indices", b - a, idt))
-            return sp.csr_matrix((data, indices, ptr), shape=(n, self.shape[1]))
+            return self._checked(_csr(data, indices, ptr, (n, self.shape[1])))
         lens = e - s
         ptr = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=ptr[1:])
@@ -170,7 +187,7 @@ class _RowReader:
             src = np.arange(o1 - o0) + np.repeat(s[g0:g1] - a - (ptr[g0:g1] - o0), lens[g0:g1])
             np.take(d, src, out=data[o0:o1])
             np.take(ix, src, out=indices[o0:o1])
-        return sp.csr_matrix((data, indices, ptr), shape=(n, self.shape[1]))
+        return self._checked(_csr(data, indices, ptr, (n, self.shape[1])))
 
     def _read_dense(self, rows: np.ndarray) -> sp.csr_matrix:
         if isinstance(self.dense, np.ndarray):
@@ -187,6 +204,26 @@ class _RowReader:
             block = np.asarray(self.dense[r0:r1])
             parts.append(sp.csr_matrix(block[rows[g0:g1] - r0] if r1 - r0 != g1 - g0 else block))
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def _where(adata, layer: str | None) -> str:
+    """How messages name the matrix: the file and ``X`` or the layer."""
+    name = f"layers[{layer!r}]" if layer else "X"
+    f = getattr(adata, "filename", None)
+    return f"{os.path.basename(str(f))}: {name}" if f else name
+
+
+def _csr(data, indices, indptr, shape) -> sp.csr_matrix:
+    """A CSR matrix from parts whose structure is checked by the caller (scipy's constructor checks only lengths)."""
+    return sp.csr_matrix((data, indices, indptr), shape=shape)
+
+
+def _invalid(where: str, shape, problem: str) -> CellvaeInputError:
+    return CellvaeInputError(
+        f"{where} is not a valid CSR sparse matrix of shape {tuple(shape)}: {problem}. The file was written wrongly "
+        "(e.g. by hand with h5py); write it again from a valid matrix (scipy.sparse.csr_matrix checks this: "
+        "m.check_format(full_check=True))."
+    )
 
 
 class _Buffers:
@@ -278,12 +315,17 @@ def _scan(reader: _RowReader, genes: np.ndarray | None, count_likelihood: bool, 
     cell_abs = np.zeros(n)
     cell_sum = np.zeros(n)
     summary = None
+    n_dup = 0
     bufs = _Buffers()
     for a in range(0, n, chunk_size):
         b = min(n, a + chunk_size)
         m = reader.read(np.arange(a, b, dtype=np.int64), bufs)
         if genes is not None:
             m = m[:, genes]
+        if not m.has_canonical_format:  # duplicated entries are summed wherever rows are read; say so once
+            c = m.copy()
+            c.sum_duplicates()
+            n_dup += m.nnz - c.nnz
         summary = merge_value_summaries(summary, value_summary(m.data))
         dt = summary["dtype"]
         if not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
@@ -296,6 +338,9 @@ def _scan(reader: _RowReader, genes: np.ndarray | None, count_likelihood: bool, 
         cell_sum[a:b] = np.asarray(m.sum(1, dtype=np.float64)).ravel()
     if summary is None:
         summary = value_summary(np.zeros(0, reader.dtype))
+    if n_dup:
+        warnings.warn(f"{where} stores {n_dup} duplicated entries (the same row and column twice); they are summed "
+                      "when read, as scipy and a dense copy do.", UserWarning, stacklevel=3)
     raise_for_values(summary, count_likelihood, where)
     is_count = summary["size"] == 0 or (summary["min"] >= 0 and summary["n_nonint"] == 0)
     return ScanResult(summary, gene_abs, cell_abs, cell_sum, bool(is_count))
@@ -310,7 +355,7 @@ def scan_counts(adata: ad.AnnData, layer: str | None = None, count_likelihood: b
         CellvaeInputError: as :func:`cellvae.data.check_values` on the whole matrix (same messages and counts),
             a missing layer, or a matrix that cannot be read by rows (CSC).
     """
-    where = f"layers[{layer!r}]" if layer else "X"
+    where = _where(adata, layer)
     reader = _RowReader(counts_source(adata, layer), where)
     return _scan(reader, None, count_likelihood, where, int(chunk_size))
 
@@ -374,7 +419,7 @@ class BackedData(CellData):
         self.adata = adata
         self.spec = spec
         self.chunk_size, self.buffer_chunks = int(chunk_size), int(buffer_chunks)
-        self.where = f"layers[{spec.layer!r}]" if spec.layer else "X"
+        self.where = _where(adata, spec.layer)
         self._reader = _RowReader(counts_source(adata, spec.layer), self.where)
         self._genes = spec.gene_indexer(adata)
         self.n_cells, self.n_genes = int(adata.n_obs), len(spec.gene_names)

@@ -8,13 +8,15 @@ memory. :func:`get_counts` and :func:`counts_source` find the matrix (``X`` or a
 
 from __future__ import annotations
 
+import warnings
+
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 from ..errors import CellvaeInputError
 
-__all__ = ['get_counts', 'counts_source', 'is_count_matrix', 'check_values', 'value_summary', 'merge_value_summaries', 'raise_for_values']
+__all__ = ['get_counts', 'canonical_sparse', 'sparse_structure_problem', 'counts_source', 'is_count_matrix', 'check_values', 'value_summary', 'merge_value_summaries', 'raise_for_values']
 
 
 
@@ -23,12 +25,72 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # ------------------------------------------------------------------------------------------- checking
 def get_counts(adata: ad.AnnData, layer: str | None = None):
-    """The matrix the model is fitted on: ``adata.layers[layer]`` or ``adata.X`` (n_cells, n_genes).
+    """The matrix the model is fitted on: ``adata.layers[layer]`` or ``adata.X`` (n_cells, n_genes), in memory; a
+    sparse matrix is checked and made canonical (:func:`canonical_sparse`; the AnnData is not modified).
 
     Raises:
-        CellvaeInputError: a missing layer, or no ``X``.
+        CellvaeInputError: a missing layer, no ``X``, or a sparse matrix whose structure is invalid.
     """
-    return _in_memory(counts_source(adata, layer))
+    X = _in_memory(counts_source(adata, layer))
+    return canonical_sparse(X, f"layers[{layer!r}]" if layer else "X") if sp.issparse(X) else X
+
+
+def sparse_structure_problem(indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int,
+                             minor: str = "columns", nnz: int | None = None) -> str | None:
+    """What is wrong with the structure of a compressed sparse matrix (CSR: rows major), or None when it is valid:
+    ``indptr`` of ``n_major + 1`` entries starting at 0, never decreasing and ending at the number of stored values
+    (``nnz``, default ``len(indices)``), and every index in ``[0, n_minor)`` (not checked when ``indices`` is None:
+    a file read in chunks checks them chunk by chunk). Duplicated or unsorted indices are valid here (see
+    :func:`canonical_sparse`)."""
+    indptr = np.asarray(indptr)
+    nnz = len(indices) if nnz is None else int(nnz)
+    if indptr.ndim != 1 or len(indptr) != n_major + 1:
+        return f"indptr has {indptr.size} entries, not {n_major + 1} (one more than the rows)"
+    if indptr[0] != 0:
+        return f"indptr starts at {indptr[0]}, not 0"
+    if len(indptr) > 1 and (np.diff(indptr) < 0).any():
+        return f"indptr decreases (first at row {int(np.argmax(np.diff(indptr) < 0))})"
+    if indptr[-1] != nnz:
+        return f"indptr ends at {indptr[-1]}, but {nnz} values are stored"
+    if indices is not None and len(indices) and (indices.min() < 0 or indices.max() >= n_minor):
+        bad = int(np.flatnonzero((indices < 0) | (indices >= n_minor))[0])
+        return f"index {indices[bad]} (stored value {bad}) is outside [0, {n_minor}) for {n_minor} {minor}"
+    return None
+
+
+def canonical_sparse(X, where: str = "X"):
+    """``X`` (scipy sparse) checked and in canonical form: CSR or CSC with sorted indices and no duplicates.
+
+    A structure that would let counts land in other cells or outside the matrix (indices out of range, a bad
+    ``indptr``) is refused. Duplicated entries are summed (scipy's ``sum_duplicates``, the value a dense copy would
+    have) on a copy, with a ``UserWarning`` naming how many; unsorted indices are sorted on a copy. The input is
+    never changed.
+
+    Raises:
+        CellvaeInputError: an invalid structure, naming ``where`` and the problem.
+    """
+    if X.format not in ("csr", "csc"):
+        return sp.csr_matrix(X)  # COO and others: converting sums duplicates and checks the coordinates
+    n_major, n_minor = X.shape if X.format == "csr" else X.shape[::-1]
+    problem = sparse_structure_problem(X.indptr, X.indices, n_major, n_minor,
+                                       "columns" if X.format == "csr" else "rows")
+    if problem is None and len(X.data) != len(X.indices):
+        problem = f"{len(X.data)} stored values but {len(X.indices)} indices"
+    if problem:
+        raise CellvaeInputError(
+            f"{where} is not a valid {X.format.upper()} sparse matrix of shape {X.shape}: {problem}. The file was "
+            "written wrongly (e.g. by hand with h5py); write it again from a valid matrix (scipy.sparse.csr_matrix "
+            "checks this: m.check_format(full_check=True))."
+        )
+    if X.has_canonical_format:
+        return X
+    X = X.copy()
+    n0 = X.nnz
+    X.sum_duplicates()  # sorts the indices too
+    if X.nnz < n0:
+        warnings.warn(f"{where} stores {n0 - X.nnz} duplicated entries (the same row and column twice); they were "
+                      "summed, as scipy and a dense copy do.", UserWarning, stacklevel=3)
+    return X
 
 
 def counts_source(adata: ad.AnnData, layer: str | None = None):

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["write_atomic", "write_text_atomic", "write_synced", "atomic_directory", "fsync_dir", "plain", "safe_name"]
+__all__ = ["write_atomic", "write_text_atomic", "write_synced", "atomic_directory", "fsync_dir", "plain", "safe_name", "zip_damage"]
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
@@ -130,3 +130,21 @@ def safe_name(name, max_len: int = 80) -> str:
     if len(s) > max_len:
         s = f"{s[:max_len - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
     return s
+
+
+def zip_damage(data: bytes) -> str | None:
+    """Why a zip archive (``torch.save``'s format) is damaged, or None: a truncated or unreadable archive, or a member
+    whose bytes do not match the CRC-32 stored for it (a flipped bit anywhere in the data). torch itself does not
+    check the CRCs, so a damaged weight would load as a wrong number. Bytes that are not a zip archive at all give
+    None (torch's legacy format; ``torch.load`` then decides)."""
+    import io
+    import zipfile
+
+    if not data.startswith(b"PK"):
+        return None  # not a zip archive (torch's legacy format): torch.load decides
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+        return f"not a readable zip archive ({type(e).__name__}: {str(e)[:200]})"
+    return None if bad is None else f"the stored checksum (CRC-32) of its member {bad!r} does not match its bytes"

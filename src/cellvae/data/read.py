@@ -13,7 +13,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from ..errors import CellvaeInputError, warn
+from .checks import canonical_sparse
 
 __all__ = ['DATA_DIR_ENV', 'resolve_data_path', 'read_data']
 
@@ -100,7 +102,7 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
             f"Could not read {str(p)!r} as a table: {first}. A row has more values than the header has gene names "
             "(header: cell-name column, then one name per gene); fix that row or the header."
         ) from e
-    except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, RuntimeError) as e:
         what = suffixes or "a 10x directory"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CellvaeInputError(
@@ -110,6 +112,11 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise CellvaeInputError(f"{str(p)!r} holds an empty matrix ({adata.n_obs} cells x {adata.n_vars} genes); "
                                 "check the file.")
+    if sp.issparse(adata.X):  # a malformed sparse matrix is refused here, before anything reads it
+        adata.X = canonical_sparse(adata.X, f"{p.name}: X")
+    for key in list(adata.layers.keys()):
+        if sp.issparse(adata.layers[key]):
+            adata.layers[key] = canonical_sparse(adata.layers[key], f"{p.name}: layers[{key!r}]")
     return adata
 
 

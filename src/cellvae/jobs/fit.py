@@ -18,6 +18,7 @@ The input file is never modified; every output file is written to a temporary na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,9 +43,10 @@ from ..plot import plot_embedding, plot_training_curves, save_figure
 from ..settings import DataSettings, FitJobSettings, ModelSettings, TrainSettings, as_dict, build
 from ..train.distributed import barrier, with_process_group, world
 from ..train.threads import torch_threads
+from .outdir import OutputDir
 from .report import render_report
 
-__all__ = ["fit_job", "prepare_out_dir", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
+__all__ = ["fit_job", "FIT_OUTPUTS", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
 
 N_DE_SAMPLES = 2000  # posterior draws per one-vs-rest comparison for the report's marker genes
 N_MARKERS = 10
@@ -52,41 +54,7 @@ NORMALIZED_LIBRARY_SIZE = 1e4
 BACKED_EMBED_MAX_CELLS = 200_000  # out of core, above this many cells no UMAP / Leiden (kNN graph of all cells)
 METRIC_MAX_CELLS = 50_000  # out of core, clustering and batch metrics on a seeded subsample of this many cells
 CHECKPOINT_DIR = "checkpoints"
-
-
-def prepare_out_dir(out_dir: str | os.PathLike, inputs: list[Path], overwrite: bool, resume: bool = False) -> Path:
-    """Check and create the output directory.
-
-    Args:
-        out_dir: the output directory.
-        inputs: input paths, which must not lie in it.
-        overwrite: replace the contents of a non-empty directory (its old checkpoints are removed).
-        resume: continue the job in a non-empty directory from its ``checkpoints/`` (when there are any).
-
-    Raises:
-        CellvaeInputError: ``out_dir`` is an input path or contains one, it is a file, or it exists and is not
-            empty while neither ``overwrite`` nor ``resume`` is given.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    for p in inputs:
-        p = p.resolve()
-        if p == out:
-            raise CellvaeInputError(f"--out {str(out)!r} is the input itself; choose another --out.")
-        if out in p.parents:
-            raise CellvaeInputError(f"The input {str(p)!r} lies in the output directory {str(out)!r}, where it "
-                                    "could be overwritten; choose another --out.")
-    if out.exists() and not out.is_dir():
-        raise CellvaeInputError(f"--out {str(out)!r} exists and is not a directory; choose another --out.")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        hint = ""
-        if (out / CHECKPOINT_DIR).is_dir():
-            hint = " It holds the checkpoints of an interrupted job: pass --resume to continue that job."
-        raise CellvaeInputError(f"Output directory {str(out)!r} exists and is not empty; pass --overwrite to "
-                                f"replace its contents or choose another --out.{hint}")
-    if overwrite and not resume and (out / CHECKPOINT_DIR).exists():
-        shutil.rmtree(out / CHECKPOINT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+FIT_OUTPUTS = ("model", "cellvae.h5ad", "figures", "report.html", "metrics.json", "markers.csv", CHECKPOINT_DIR)
 
 
 _SETTINGS = (DataSettings, ModelSettings, TrainSettings, FitJobSettings)
@@ -147,7 +115,22 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
     rank, n_ranks = world()
     if rank != 0:
         log = (lambda m: None)  # noqa: E731 - rank 0 reports
-    path, adata, out = _read(data, out_dir, keys, job, log)
+    if job.backed and job.n_top_genes:  # before the output directory is touched
+        raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
+                                "a subsample) and write them to a new .h5ad, or drop --backed.")
+    path = resolve_data_path(data)
+    out = Path(out_dir).expanduser().resolve()
+    outdir = (OutputDir(out, [path], FIT_OUTPUTS, job.overwrite, job.resume, CHECKPOINT_DIR) if rank == 0
+              else contextlib.nullcontext(out))
+    with outdir:
+        barrier()  # the other ranks wait for rank 0 to prepare the directory
+        return _run_job(path, out, keys, model_s, training, job, log, t_start)
+
+
+def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: float) -> dict:
+    """The stages of :func:`fit_job` in a prepared, locked output directory."""
+    rank, n_ranks = world()
+    adata = _read(path, keys, job, log)
     modelled = np.ones(adata.n_vars, dtype=bool)
     if job.n_top_genes:
         modelled = select_highly_variable_genes(adata, job.n_top_genes, layer=keys.layer, batch_key=keys.batch_key)
@@ -170,24 +153,14 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
     return metrics
 
 
-def _read(data, out_dir, keys: DataSettings, job: FitJobSettings, log) -> tuple[Path, ad.AnnData, Path]:
-    """Resolve and read the data (backed with ``job.backed``), prepare the output directory (rank 0), check the
-    obs keys and make names unique. Returns (data path, AnnData, output directory).
+def _read(path: Path, keys: DataSettings, job: FitJobSettings, log) -> ad.AnnData:
+    """Read the data (backed with ``job.backed``), check the obs keys and make names unique.
 
     Raises:
-        CellvaeInputError: as :func:`fit_job`, before the output directory is touched where possible.
+        CellvaeInputError: as :func:`fit_job`.
     """
-    rank, n_ranks = world()
-    if job.backed and job.n_top_genes:  # before the output directory is touched
-        raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
-                                "a subsample) and write them to a new .h5ad, or drop --backed.")
-    path = resolve_data_path(data)
-    if rank == 0:
-        prepare_out_dir(out_dir, [path], job.overwrite, resume=job.resume)
-    barrier()
-    out = Path(out_dir).expanduser().resolve()  # the directory prepare_out_dir made (e.g. '~/res')
-    if n_ranks > 1:
-        log(f"distributed training on {n_ranks} processes")
+    if world()[1] > 1:
+        log(f"distributed training on {world()[1]} processes")
     adata = open_backed(path) if job.backed else read_data(path)
     log(f"{'opened (backed)' if job.backed else 'read'} {path.name}: {adata.n_obs} cells x {adata.n_vars} genes")
     counts_source(adata, keys.layer)  # missing layer -> clear error now
@@ -202,7 +175,7 @@ def _read(data, out_dir, keys: DataSettings, job: FitJobSettings, log) -> tuple[
         adata.var_names_make_unique()
     if not adata.obs_names.is_unique:
         adata.obs_names_make_unique()
-    return path, adata, out
+    return adata
 
 
 def _fit(adata_model: ad.AnnData, keys: DataSettings, model_s: ModelSettings, training: TrainSettings,

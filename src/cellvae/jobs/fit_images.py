@@ -35,13 +35,14 @@ from ..errors import CellvaeInputError
 from ..data.fileio import write_atomic, write_text_atomic
 from ..models.image_vae import ImageVAE
 from ..data.images import to_float_images
-from .fit import prepare_out_dir
+from .outdir import OutputDir
 from ..train.threads import torch_threads
 
 __all__ = ["fit_images_job", "load_image_npz", "PREFERRED_INTERPOLATION"]
 
 # Endpoints of the interpolation figure when both labels exist (interphase to mitosis); else first -> last label.
 PREFERRED_INTERPOLATION = ("G1", "Metaphase")
+IMAGE_OUTPUTS = ("model", "latent.npz", "figures", "metrics.json", "report.html")
 N_RECON_PER_LABEL = 2
 N_RECON_MAX = 16
 GRID_STEPS = 9
@@ -145,14 +146,22 @@ def fit_images_job(
         CellvaeInputError: unreadable data, missing keys, bad images, a bad output directory (raised before
             training), or too few training images.
         CellvaeTrainingError: training diverged; the best weights so far are saved to ``out_dir/model``.
-        FileExistsError: never (the output directory is checked by :func:`cellvae.job.prepare_out_dir`).
     """
-    from ..errors import CellvaeTrainingError
-
     t_start = time.perf_counter()
     path = Path(data).expanduser()
     d = load_image_npz(path, images_key=images_key, labels_key=labels_key, split_key=split_key)
-    out = prepare_out_dir(out_dir, [path], overwrite)
+    with OutputDir(out_dir, [path], IMAGE_OUTPUTS, overwrite) as out:
+        return _images_job(path, d, out, images_key, labels_key, split_key, n_latent, max_epochs, batch_size, beta, likelihood,
+                           seed, progress_bar, n_threads, log, t_start)
+
+
+def _images_job(path: Path, d: dict, out: Path, images_key: str, labels_key: str | None, split_key: str,
+                n_latent: int, max_epochs: int,
+                batch_size: int, beta: float, likelihood: str, seed: int, progress_bar: bool, n_threads: int | None,
+                log, t_start: float) -> dict:
+    """The stages of :func:`fit_images_job` in a prepared, locked output directory."""
+    from ..errors import CellvaeTrainingError
+
     images = to_float_images(d["images"], what=images_key)
     n, h, w, c = images.shape
     labels, order, channel_names = d["labels"], d["label_order"], d["channel_names"]

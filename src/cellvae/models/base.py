@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..data.fileio import atomic_directory, plain, write_synced
+from ..data.fileio import atomic_directory, plain, write_synced, zip_damage
 from ..data.spec import DataSpec
 from ..data.tensors import as_indices
 from ..errors import CellvaeInputError, warn
@@ -122,11 +122,12 @@ def read_weights(d: Path, cfg: dict) -> dict:
     path = d / WEIGHTS
     data = path.read_bytes()
     want = (cfg.get("files") or {}).get(WEIGHTS)
-    if isinstance(want, str) and _sha256(data) != want:
+    damage = ("its SHA-256 differs from the one recorded in config.json when it was saved"
+              if isinstance(want, str) and _sha256(data) != want else zip_damage(data))
+    if damage:
         raise CellvaeInputError(
-            f"{str(path)!r} is damaged: its SHA-256 differs from the one recorded in {CONFIG} when it was saved (bit "
-            "rot, a truncated copy or an edited file). Copy the model directory again from a good source, or train "
-            "the model again."
+            f"{str(path)!r} is damaged: {damage} (bit rot, a truncated copy or an edited file). Copy the model "
+            "directory again from a good source, or train the model again."
         )
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")

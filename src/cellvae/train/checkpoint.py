@@ -11,6 +11,7 @@ containers only (``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import CellvaeInputError
 from ..data.fileio import fsync_dir as _fsync_dir
+from ..data.fileio import zip_damage
 
 __all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_VERSION', 'save_checkpoint', 'load_checkpoint']
 
@@ -76,8 +78,15 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict | None:
     path = d / CHECKPOINT_NAME
     if not path.exists():
         return None
+    data = path.read_bytes()
+    damage = zip_damage(data)
+    if damage:
+        raise CellvaeInputError(
+            f"Checkpoint {str(path)!r} is damaged: {damage} (bit rot, a truncated copy or an edited file). Delete it "
+            "(or its directory) to start training from the beginning."
+        )
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure to read is the same answer for the user
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CellvaeInputError(
