@@ -9,6 +9,8 @@ a script can cap its thread counts with :func:`limit_threads` *before* any numer
 - :func:`import_tool`: import scvi-tools or cellvae quietly, with its version.
 - :func:`mean_sd`, :func:`fmt_mean_sd`: mean ± sd over seeds for the Markdown reports.
 - :func:`atomic_write_text`: write a file through a temporary file and ``os.replace``.
+- :func:`git_commit`: the short commit of the repository (and whether a path in it has uncommitted changes).
+- :func:`paired_t_ci`: mean and t-based 95 % confidence interval of paired differences.
 """
 
 from __future__ import annotations
@@ -240,3 +242,41 @@ def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
     atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown)
     print(markdown)
+
+
+def git_commit(path: str | None = None) -> dict:
+    """``{"commit": git rev-parse --short HEAD, "dirty": bool | None}`` of :data:`REPO_ROOT`; ``dirty`` says whether
+    ``path`` (relative to the repository, e.g. ``"src"``; None: the whole tree) has uncommitted changes to tracked
+    files. Values are ``"?"`` / None where git is not available."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True, timeout=30)
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "?"
+        st = git("status", "--porcelain", "--untracked-files=no", *([path] if path else []))
+        dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "?", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def paired_t_ci(diffs, level: float = 0.95) -> tuple:
+    """(mean, half-width, n) of paired differences, with the t-based interval mean ± t_{(1+level)/2, n-1} sd/sqrt(n)
+    (sample sd). The half-width is None for fewer than 2 values; (None, None, 0) for none. None values are skipped."""
+    import math
+
+    import numpy as np
+
+    vals = [float(v) for v in diffs if v is not None]
+    n = len(vals)
+    if n == 0:
+        return None, None, 0
+    m = float(np.mean(vals))
+    if n < 2:
+        return m, None, n
+    from scipy import stats
+
+    sd = float(np.std(vals, ddof=1))
+    return m, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)), n
