@@ -440,9 +440,15 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         return {"meta": {}, "rows": []}
     data = json.loads(path.read_text())
-    data.setdefault("meta", {})
-    data.setdefault("rows", [])
-    return data
+    rows = data.get("rows", [])
+    keep = [r for r in rows if r.get("mode") in MODES and all(k in r for k in ("tool", "dataset", "seed"))]
+    meta = data.get("meta", {})
+    if len(keep) < len(rows) or (rows and "invocations" not in meta):
+        # rows of the old speed / time-to-quality script (mode "main" / "ttq"): not comparable, not kept
+        print(f"[json] {path}: ignoring {len(rows) - len(keep)} row(s) and the meta of an older format of this "
+              "benchmark (they stay in git history)", flush=True)
+        meta = {k: v for k, v in meta.items() if k == "invocations"}
+    return {"meta": meta, "rows": keep}
 
 
 class Store:
