@@ -205,10 +205,11 @@ def test_bad_values_raise_as_in_memory(kang_small, tmp_path, value, match):
     back = _backed(kang_small.copy(), tmp_path / "bad.h5ad")
     with pytest.raises(CellvaeInputError) as out_of_core:
         CountVAE(back, out_of_core=True)
-    assert str(out_of_core.value) == str(in_memory.value)
+    # the same message, with the file named out of core
+    assert str(out_of_core.value) == "bad.h5ad: " + str(in_memory.value)
     with pytest.raises(CellvaeInputError) as chunked:
         scan_counts(back, count_likelihood=True, chunk_size=50)
-    assert str(chunked.value) == str(in_memory.value)
+    assert str(chunked.value) == "bad.h5ad: " + str(in_memory.value)
     if not np.isnan(value):
         scan_counts(back, count_likelihood=False, chunk_size=50)  # the normal likelihood accepts real values
 

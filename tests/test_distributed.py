@@ -25,7 +25,7 @@ def _fit(data, out, extra=(), seed="0"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "cellvae.cli", "fit", str(data), "--out", str(out), "--labels-key", "cell_type",
-           "--max-epochs", EPOCHS, "--quiet", "--seed", seed, *extra]
+           "--max-epochs", EPOCHS, "--no-early-stopping", "--quiet", "--seed", seed, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text()), res

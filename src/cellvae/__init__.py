@@ -19,7 +19,7 @@ native``, and every layer may use ``data``, ``errors`` and ``settings``. Module 
 
 from ._aliases import install as _install_aliases
 from ._version import __version__
-from .errors import CellvaeInputError, CellvaeTrainingError
+from .errors import CellvaeInputError, CellvaeOutputError, CellvaeTrainingError
 from .data.read import read_data
 from .models.autoencoder import Autoencoder
 from .models.count_vae import CountVAE
@@ -29,4 +29,4 @@ from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 _install_aliases()
 
 __all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
-           "CellvaeTrainingError", "read_data", "__version__"]
+           "CellvaeOutputError", "CellvaeTrainingError", "read_data", "__version__"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .errors import CellvaeInputError
+from .errors import CellvaeInputError, CellvaeOutputError
 from .settings import DataSettings, FitJobSettings, ModelSettings, TrainSettings, cli_fields
 
 __all__ = ["main"]
@@ -25,6 +26,13 @@ def _run(fn, **kwargs):
     except (CellvaeInputError, FileExistsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except CellvaeOutputError as e:
+        click.echo(f"error: {e}", err=True)
+        # HDF5 keeps a file whose writes failed half-open, and its own clean-up at interpreter exit can crash
+        # (SIGSEGV, seen with a full disk): every output is atomic and the temporary files are gone, so end here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except CellvaeTrainingError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(3)

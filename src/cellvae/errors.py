@@ -2,6 +2,8 @@
 
 - :class:`CellvaeInputError` (a ``ValueError``): bad data, arguments or files; the message says what is wrong and
   how to fix it. The command line prints it as ``error: ...`` and exits with status 2.
+- :class:`CellvaeOutputError` (a ``RuntimeError``): an output could not be written (a full disk, permissions);
+  exit status 2.
 - :class:`CellvaeTrainingError` (a ``RuntimeError``): training could not go on (repeated non-finite losses); exit
   status 3.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ['CellvaeInputError', 'warn', 'CellvaeTrainingError']
+__all__ = ['CellvaeInputError', 'CellvaeOutputError', 'CellvaeTrainingError', 'warn']
 
 
 
@@ -35,3 +37,7 @@ class CellvaeTrainingError(RuntimeError):
         self.history = history or {}
 
 
+class CellvaeOutputError(RuntimeError):
+    """An output could not be written (a full disk, no permission); the message names the file and the cause. The
+    earlier files are left as they were (outputs are written atomically). The command line prints it as
+    ``error: ...`` and exits with status 2."""

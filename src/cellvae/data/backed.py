@@ -605,18 +605,23 @@ class BackedData(CellData):
             self._row_sums[absolute] = out
         return self._row_sums[absolute]
 
-    def col_sums(self, rows: np.ndarray | None = None, absolute: bool = False) -> np.ndarray:
+    def col_sums(self, rows: np.ndarray | None = None, absolute: bool = False, weights=None) -> np.ndarray:
         """(n_genes,) float64 sum (of |x| with ``absolute``) per gene over ``rows`` (None: all cells; repeats
-        count as often as they occur), streamed over windows of ``chunk_size`` rows."""
-        rows = np.arange(self.n_cells, dtype=np.int64) if rows is None else np.sort(_as_numpy_indices(rows))
+        count as often as they occur), each row times its entry of ``weights`` (aligned with ``rows``; None: 1),
+        streamed over windows of ``chunk_size`` rows."""
+        rows = np.arange(self.n_cells, dtype=np.int64) if rows is None else _as_numpy_indices(rows)
+        wts = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        order = np.argsort(rows, kind="stable")
+        rows, wts = rows[order], wts[order]
         out = np.zeros(self.n_genes)
         bufs = _Buffers()
         for a in range(0, len(rows), self.chunk_size):
-            u, cnt = np.unique(rows[a:a + self.chunk_size], return_counts=True)
+            u, inv = np.unique(rows[a:a + self.chunk_size], return_inverse=True)
+            wu = np.bincount(inv, weights=wts[a:a + self.chunk_size], minlength=len(u))
             m = self.read_rows(u, bufs)
             m = abs(m) if absolute else m
-            if (cnt > 1).any():
-                m = sp.csr_matrix(sp.diags(cnt.astype(np.float64)) @ m)
+            if not (wu == 1).all():
+                m = sp.csr_matrix(sp.diags(wu) @ m)
             out += np.asarray(m.sum(0, dtype=np.float64)).ravel()
         return out
 

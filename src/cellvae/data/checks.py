@@ -21,6 +21,7 @@ __all__ = ['get_counts', 'canonical_sparse', 'sparse_structure_problem', 'counts
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_EXACT = float(2**24)  # every integer up to this is exact in float32
 
 
 # ------------------------------------------------------------------------------------------- checking
@@ -221,6 +222,13 @@ def raise_for_values(summary: dict, count_likelihood: bool, where: str = "X") ->
         raise CellvaeInputError(
             f"{where} contains negative values (min {vmin:g}): a count likelihood needs raw counts. "
             "Pass the raw-count layer (layer=... / --layer counts) or use gene_likelihood='normal'."
+        )
+    if summary["size"] and float(vmax) > _FLOAT32_EXACT:
+        raise CellvaeInputError(
+            f"{where} contains counts above 2^24 = 16,777,216 (max {float(vmax):.10g}), which float32, the precision "
+            "cellvae computes in, cannot hold exactly. One gene in one cell does not reach that many UMIs: check "
+            "that these are raw counts (not summed over cells, scaled or corrupted), or divide them if the scale is "
+            "intended."
         )
     if summary["n_nonint"]:
         ex = summary["nonint"]

@@ -15,23 +15,81 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["write_atomic", "write_text_atomic", "write_synced", "atomic_directory", "fsync_dir", "plain", "safe_name", "zip_damage"]
+from ..errors import CellvaeOutputError
+
+__all__ = ["writing", "write_atomic", "write_h5ad_atomic", "write_text_atomic", "write_synced", "atomic_directory", "fsync_dir", "plain", "safe_name", "zip_damage"]
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure to write ``path`` (a full disk, no permission, a writer's own error such as torch's or
+    h5py's) into :class:`cellvae.CellvaeOutputError` that names the file, the cause and the free space left.
+
+    Raises:
+        CellvaeOutputError: the block raised OSError or RuntimeError.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, CellvaeOutputError):
+            raise
+        text = str(e)
+        cause = (e.strerror if isinstance(e, OSError) and e.strerror else text).splitlines()[0]
+        cause = cause.split(" (file write failed")[0][:200]  # HDF5 appends a long multi-line report
+        if ("No space left on device" in text or getattr(e, "errno", None) == 28) and "No space left" not in cause:
+            cause += ": no space left on device"
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+            space = f"; {free / 2**20:.1f} MiB free on that disk"
+        except OSError:
+            space = ""
+        raise CellvaeOutputError(
+            f"Could not write {str(path)!r} ({type(e).__name__}: {cause}{space}). Free some space (or fix the "
+            "permissions) and run the command again, or write elsewhere; the files that were there before are "
+            "unchanged."
+        ) from e
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` to write a temporary file beside ``path``, then ``os.replace`` it onto ``path``.
 
     The temporary file is removed if ``writer`` raises. Returns ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        CellvaeOutputError: the file cannot be written (a full disk, permissions; :func:`writing`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        writer(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            writer(tmp)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_h5ad_atomic(path: str | os.PathLike, adata) -> Path:
+    """``adata.write_h5ad`` (gzip) through :func:`write_atomic`. When HDF5 fails to write (a full disk), h5py reports
+    every object it cannot close as an "Exception ignored" traceback; those are held back, and the one
+    :class:`cellvae.CellvaeOutputError` names the file and the cause.
+
+    Raises:
+        CellvaeOutputError: the file cannot be written.
+    """
+    import contextlib as _cl
+    import io
+
+    held = io.StringIO()  # h5py prints the tracebacks of the objects it cannot close to stderr
+    with _cl.redirect_stderr(held):
+        try:
+            return write_atomic(path, lambda p: adata.write_h5ad(p, compression="gzip"))
+        except CellvaeOutputError:
+            raise
+        except BaseException:
+            held.seek(0)
+            raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -70,15 +128,18 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
 
     Raises:
         FileExistsError: ``target`` exists and ``overwrite`` is False.
+        CellvaeOutputError: the directory cannot be written (a full disk, permissions; :func:`writing`).
     """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        yield tmp
+        with writing(target):
+            yield tmp
         fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old{os.getpid()}")

@@ -127,6 +127,12 @@ def _table_to_adata(df: pd.DataFrame, path: Path) -> ad.AnnData:
         CellvaeInputError: non-numeric columns, or rows with fewer values than the header (empty fields).
     """
     name = path.name
+    if df.shape[0] == 0:
+        raise CellvaeInputError(
+            f"{name} has a header row ({df.shape[1]} gene names) but no rows of counts: there are no cells in it. A "
+            "count table needs one row per cell (its name, then one count per gene); check that the file was "
+            "written completely."
+        )
     bad_cols = [str(c) for c, t in df.dtypes.items() if not (pd.api.types.is_numeric_dtype(t)
                                                                and not pd.api.types.is_bool_dtype(t))]
     if bad_cols:

@@ -62,10 +62,28 @@ class CellData:
         """(n_cells,) float64 sum of each cell's values (of |x| with ``absolute``): the library sizes of counts."""
         raise NotImplementedError
 
-    def col_sums(self, rows=None, absolute: bool = False) -> np.ndarray:  # pragma: no cover - interface
+    def col_sums(self, rows=None, absolute: bool = False, weights=None) -> np.ndarray:  # pragma: no cover
         """(n_genes,) float64 sum of each gene's values over the cells ``rows`` (None: all; a repeated cell counts
-        as often as it occurs)."""
+        as often as it occurs), each row times its entry of ``weights`` (aligned with ``rows``; None: 1)."""
         raise NotImplementedError
+
+    def fingerprint(self, chunk: int = 4096) -> str:
+        """SHA-256 (hex) of the values and covariates of every cell, the same whether the data are held dense, as
+        CSR or read from disk (each block of rows is hashed as canonical CSR without stored zeros). A checkpoint
+        stores it, so that resuming on changed counts is refused (one streamed pass over the data)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.n_cells}x{self.n_genes}".encode())
+        for a in range(0, self.n_cells, chunk):
+            m = sp.csr_matrix(self.rows(np.arange(a, min(self.n_cells, a + chunk))), dtype=np.float32, copy=True)
+            m.sum_duplicates()
+            m.eliminate_zeros()
+            for arr in (np.diff(m.indptr).astype(np.int64), m.indices.astype(np.int64), m.data):
+                h.update(np.ascontiguousarray(arr).tobytes())
+        for t in (self.cat, self.cont):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 class TensorData(CellData):
@@ -134,13 +152,13 @@ class TensorData(CellData):
         m = abs(self.csr) if absolute else self.csr
         return np.asarray(m.sum(1, dtype=np.float64)).ravel()
 
-    def col_sums(self, rows=None, absolute: bool = False) -> np.ndarray:
-        """(n_genes,) float64 sum of each gene's values over the cells ``rows`` (None: all; repeats counted), from a
-        per-cell weight vector (no copies of the rows)."""
-        if rows is None:
-            w = np.ones(self.n_cells)
-        else:
-            w = np.bincount(np.asarray(rows, dtype=np.int64).reshape(-1), minlength=self.n_cells).astype(np.float64)
+    def col_sums(self, rows=None, absolute: bool = False, weights=None) -> np.ndarray:
+        """(n_genes,) float64 sum of each gene's values over the cells ``rows`` (None: all; repeats counted), each
+        times its entry of ``weights`` (aligned with ``rows``; None: 1), from a per-cell weight vector (no copies
+        of the rows)."""
+        rows = np.arange(self.n_cells) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        wts = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        w = np.bincount(rows, weights=wts, minlength=self.n_cells).astype(np.float64)
         if self.X is None:
             m = abs(self.csr) if absolute else self.csr
             return np.asarray(m.T @ w).ravel()

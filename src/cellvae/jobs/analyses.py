@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..errors import CellvaeInputError
 from ..data.read import read_data, resolve_data_path
-from ..data.fileio import write_atomic
+from ..data.fileio import write_atomic, write_h5ad_atomic
 from ..models.count_vae import CountVAE
 from ..train.threads import torch_threads
 
@@ -112,7 +112,7 @@ def score_job(model_dir, data, out, method: str = "latent_knn", quantile: float 
     if out.suffix.lower() == ".csv":
         write_atomic(out, lambda p: table.to_csv(p, index_label="cell"))
     else:
-        write_atomic(out, lambda p: res.write_h5ad(p, compression="gzip"))
+        write_h5ad_atomic(out, res)
     log(f"{int(np.sum(table['cellvae_is_anomaly']))} of {len(table)} cells flagged; "
         f"threshold {res.uns['cellvae_anomaly']['threshold']:.4g}")
     return table, out
@@ -135,7 +135,7 @@ def perturb_job(model_dir, data, condition_key: str, control: str, perturbed: st
     with torch_threads(None):
         pred = model.predict_perturbation(adata, condition_key, control, perturbed, cell_type_key=cell_type_key,
                                           cell_type=cell_type, method=method, seed=seed)
-    write_atomic(out, lambda p: pred.write_h5ad(p, compression="gzip"))
+    write_h5ad_atomic(out, pred)
     return pred, out
 
 
@@ -156,5 +156,5 @@ def generate_job(model_dir, data, n_cells: int, out, label: str | None = None, l
     log(f"loaded {model!r}; generating {n_cells} cells" + (f" of {labels_key}={label!r}" if label else ""))
     with torch_threads(None):
         gen = model.sample(n_cells, seed=seed, labels=label, labels_key=labels_key)
-    write_atomic(out, lambda p: gen.write_h5ad(p, compression="gzip"))
+    write_h5ad_atomic(out, gen)
     return gen, out

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from ..data.backed import open_backed
 from ..data.checks import counts_source
-from ..data.fileio import plain, safe_name, write_atomic, write_text_atomic
+from ..data.fileio import plain, safe_name, write_atomic, write_h5ad_atomic, write_text_atomic
 from ..data.preprocess import select_highly_variable_genes
 from ..data.read import read_data, resolve_data_path
 from ..errors import CellvaeInputError, CellvaeTrainingError
@@ -327,7 +327,7 @@ def _write(out: Path, path: Path, adata: ad.AnnData, res: ad.AnnData, vae: Count
     res.uns["cellvae"] = plain({"settings": settings, "metrics": metrics,
                                 "normalized_library_size": NORMALIZED_LIBRARY_SIZE}, for_h5ad=True)
     vae.save(out / "model", overwrite=True)
-    write_atomic(out / "cellvae.h5ad", lambda p: res.write_h5ad(p, compression="gzip"))
+    write_h5ad_atomic(out / "cellvae.h5ad", res)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
     write_text_atomic(out / "metrics.json", json.dumps(plain({"settings": settings, "metrics": metrics}), indent=2))
     data_summary = {

@@ -116,6 +116,10 @@ class OutputDir:
     # ----------------------------------------------------------------------------------------- state
     def _prepare(self) -> None:
         out = self.out
+        for name in self.outputs:  # an empty folder left by a job that failed early holds nothing to keep
+            p = out / name
+            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                p.rmdir()
         present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
         if not present:
             return

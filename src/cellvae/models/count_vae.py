@@ -25,6 +25,7 @@ __all__ = ["CountVAE", "FORMAT_VERSION", "BIAS_INIT_MAX_CELLS", "decoder_bias_to
 
 FORMAT_VERSION = 1
 BIAS_INIT_MAX_CELLS = 50_000  # the decoder bias comes from at most this many training cells (a seeded sample)
+BIAS_INIT_BLOCKS = 11  # blocks of cells of the median of means (an odd number: one median value)
 
 
 def _migrate_0_to_1(cfg: dict) -> dict:
@@ -269,6 +270,8 @@ class CountVAE(AnnDataModel):
                 "module_kwargs": self.module_kwargs}
         if isinstance(data, BackedData):  # another minibatch order: resume out of core only (no key in memory)
             meta["out_of_core"] = True
+        if checkpoint_dir is not None:  # resuming on other counts (same cells and genes) is refused
+            meta["data_fingerprint"] = data.fingerprint()
         self.train_indices, self.validation_indices = tr, va
         try:
             self.history = train_module(self.module, data, tr, va, s, checkpoint_dir=checkpoint_dir, resume=resume,
@@ -657,14 +660,29 @@ class CountVAE(AnnDataModel):
         )
 
 
-def decoder_bias_totals(data, rows: np.ndarray, seed: int) -> np.ndarray:
-    """(n_genes,) float64 total counts of each gene over the training cells ``rows`` of ``data`` (a
-    :class:`cellvae.data.CellData`, in memory or on disk): over a seeded sample of :data:`BIAS_INIT_MAX_CELLS` of
-    them when there are more (the log-frequency initialisation of the decoder bias needs no more)."""
+def decoder_bias_totals(data, rows: np.ndarray, seed: int, n_blocks: int = BIAS_INIT_BLOCKS) -> np.ndarray:
+    """(n_genes,) float64 robust mean expression profile of the training cells ``rows`` of ``data`` (a
+    :class:`cellvae.data.CellData`, in memory or on disk), the starting point of the decoder bias
+    (:meth:`cellvae.vae.module.VAEModule.init_decoder_bias` takes its log).
+
+    Each cell's counts are divided by its library size (a profile summing to 1), the cells are dealt into
+    ``n_blocks`` seeded blocks, and each gene gets the median over the blocks of the mean profile in the block
+    (median of means; at most ``BIAS_INIT_MAX_CELLS`` cells, a seeded sample). One cell with an extreme count then
+    moves one block's mean only, and cannot set the starting expression of its gene for every other cell, as the
+    plain sum of counts let it (issue 23; ``tests/test_reliability.py``). With fewer than 3 blocks' worth of cells
+    (20 each) the plain mean of the profiles is used.
+    """
     rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
     if len(rows) > BIAS_INIT_MAX_CELLS:
-        rows = np.random.default_rng(seed).choice(rows, BIAS_INIT_MAX_CELLS, replace=False)
-    return data.col_sums(rows)
+        rows = rng.choice(rows, BIAS_INIT_MAX_CELLS, replace=False)
+    weights = 1.0 / np.maximum(data.row_sums()[rows], 1.0)
+    k = min(int(n_blocks), len(rows) // 20)
+    if k < 3:
+        return data.col_sums(rows, weights=weights) / max(len(rows), 1)
+    block = rng.permutation(len(rows)) % k
+    means = [data.col_sums(rows[block == b], weights=weights[block == b]) / (block == b).sum() for b in range(k)]
+    return np.median(np.stack(means), axis=0)
 
 
 def _check_adata(adata: ad.AnnData, keys: DataSettings) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CellvaeInputError
 from ..data.fileio import fsync_dir as _fsync_dir
-from ..data.fileio import zip_damage
+from ..data.fileio import writing, zip_damage
 
 __all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_VERSION', 'save_checkpoint', 'load_checkpoint']
 
@@ -49,7 +49,7 @@ def save_checkpoint(state: dict, checkpoint_dir: str | os.PathLike) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=d)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with writing(target), os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())

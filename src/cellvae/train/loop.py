@@ -45,7 +45,7 @@ __all__ = ["kl_weight_at", "train_module", "HISTORY_KEYS"]
 # Settings that must not change on resume (they fix the minibatch order and the cells).
 _RESUME_FIXED = ("batch_size", "seed", "train_size")
 # Settings that may change on resume without notice.
-_RESUME_FREE = ("max_epochs", "progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
+_RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
                 "accelerator", "fused_optimizer", "decoder_bias_init", "dispersion_init")
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
@@ -382,7 +382,14 @@ def _check_resume(ck: dict, plan: TrainSettings, train_t, val_t, meta: dict, war
                   lr_steps: int = 0) -> None:
     """Refuse a checkpoint of another model, data or split; warn about settings that changed."""
     where = str(ck_dir)
-    for key in sorted(set(ck.get("meta", {})) | set(meta)):
+    keys = sorted(set(ck.get("meta", {})) | set(meta), key=lambda k: (k == "data_fingerprint", k))  # that one last
+    for key in keys:
+        if key == "data_fingerprint" and ck.get("meta", {}).get(key) != meta.get(key):
+            raise CellvaeInputError(
+                f"The checkpoint in {where!r} was written for other counts: the data have the same cells and genes "
+                "but their values differ (the fingerprint of the counts and covariates changed). Resume with the "
+                "data of the interrupted run, or start over without resume (--resume) in an empty directory."
+            )
         if ck.get("meta", {}).get(key) != meta.get(key):
             raise CellvaeInputError(
                 f"The checkpoint in {where!r} was written for another model or data ({key} differs). Resume with "

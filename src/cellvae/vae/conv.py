@@ -86,6 +86,11 @@ class ImageVAEModule(nn.Module):
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 1 or n_channels < 1 or n_latent < 1:
             raise ValueError("n_channels, n_latent and every entry of channels must be >= 1 (and channels not empty).")
+        if (len(channels) > 8 or max(channels) > 4096 or n_channels > 256 or n_latent > 4096
+                or max(image_size) > 8192):  # a config read from a file must not make a huge allocation
+            raise ValueError(f"sizes out of range: n_channels {n_channels} (<= 256), n_latent {n_latent} (<= 4096), "
+                             f"channels {list(channels)} (<= 8 stages of <= 4096), image_size {tuple(image_size)} "
+                             "(<= 8192 px).")
         if not (np.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
         if not min_scale > 0:

@@ -226,14 +226,16 @@ class VAEModule(nn.Module):
 
     @torch.no_grad()
     def init_decoder_bias(self, gene_totals) -> bool:
-        """Set the bias of the decoder's logits layer to ``log(s_g / sum_g s_g)`` (centred), ``s_g`` the total
-        counts of gene g over the training cells (at least half a count): the maximum-likelihood bias of the
-        scVI decoder ``rho = softmax(h W^T + b)`` under a Poisson or multinomial likelihood when ``h W^T = 0``
-        (``mu_ng = l_n rho_g``). Training then starts from the average expression profile instead of a uniform
-        one. Count likelihoods only; returns whether the bias was set (False for ``"normal"``).
+        """Set the bias of the decoder's logits layer to ``log(s_g / sum_g s_g)`` (centred), ``s_g`` the expression
+        of gene g in the training cells: their mean profile (counts over library size, as
+        :func:`cellvae.models.count_vae.decoder_bias_totals` computes it) or their total counts (the
+        maximum-likelihood bias of the scVI decoder ``rho = softmax(h W^T + b)`` under a Poisson or multinomial
+        likelihood when ``h W^T = 0``, ``mu_ng = l_n rho_g``). Training then starts from the average expression
+        profile instead of a uniform one. A gene never seen gets half the smallest share of any other. Count
+        likelihoods only; returns whether the bias was set (False for ``"normal"``).
 
         Args:
-            gene_totals: (n_genes,) non-negative totals (counts).
+            gene_totals: (n_genes,) non-negative values, any scale (a profile or counts).
 
         Raises:
             ValueError: ``gene_totals`` of another length, negative or not finite.
@@ -244,7 +246,9 @@ class VAEModule(nn.Module):
         bias = self.decoder.scale_decoder.bias
         if s.shape != tuple(bias.shape) or not np.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"gene_totals must be {bias.shape[0]} finite non-negative totals, got shape {s.shape}.")
-        b = np.log(np.maximum(s, 0.5) / max(s.sum(), 0.5))
+        share = s / s.sum() if s.sum() > 0 else np.full_like(s, 1.0 / max(len(s), 1))
+        floor = 0.5 * share[share > 0].min() if (share > 0).any() else 1.0
+        b = np.log(np.maximum(share, floor))
         bias.copy_(torch.as_tensor(b - b.mean(), dtype=bias.dtype))
         return True
 
