@@ -130,6 +130,8 @@ class _RowReader:
                                     "CSR or dense matrix in the .h5ad.")
         self.shape = tuple(int(s) for s in X.shape)
         self.dtype = np.dtype(X.dtype)
+        if self.dtype == np.float16:  # scipy's sparse matrices do not hold float16: read as float32 (exact)
+            self.dtype = np.dtype(np.float32)
 
     def _checked(self, m: sp.csr_matrix) -> sp.csr_matrix:
         """A block read from the file, its column indices checked (the file's indptr was checked when opened)."""
@@ -156,7 +158,8 @@ class _RowReader:
             a, b = int(s[0]), int(e[-1])
             ptr = self.indptr[rows[0]:rows[-1] + 2] - a
             if bufs is None:
-                return self._checked(_csr(self.data[a:b], self.indices[a:b], ptr, (n, self.shape[1])))
+                d = np.asarray(self.data[a:b], dtype=self.dtype)
+                return self._checked(_csr(d, self.indices[a:b], ptr, (n, self.shape[1])))
             data = _read_into(self.data, a, b, bufs.get("data", b - a, self.dtype))
             indices = _read_into(self.indices, a, b, bufs.get("indices", b - a, idt))
             return self._checked(_csr(data, indices, ptr, (n, self.shape[1])))
@@ -183,7 +186,7 @@ class _RowReader:
                 d = _read_into(self.data, a, b, bufs.get("scratch_data", b - a, self.dtype))
                 ix = _read_into(self.indices, a, b, bufs.get("scratch_indices", b - a, idt))
             else:
-                d, ix = self.data[a:b], self.indices[a:b]
+                d, ix = np.asarray(self.data[a:b], dtype=self.dtype), self.indices[a:b]
             src = np.arange(o1 - o0) + np.repeat(s[g0:g1] - a - (ptr[g0:g1] - o0), lens[g0:g1])
             np.take(d, src, out=data[o0:o1])
             np.take(ix, src, out=indices[o0:o1])
@@ -191,7 +194,7 @@ class _RowReader:
 
     def _read_dense(self, rows: np.ndarray) -> sp.csr_matrix:
         if isinstance(self.dense, np.ndarray):
-            return sp.csr_matrix(self.dense[rows])
+            return sp.csr_matrix(np.asarray(self.dense[rows], dtype=self.dtype if self.dtype.kind == "f" else None))
         n = len(rows)
         if n == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
@@ -201,7 +204,7 @@ class _RowReader:
         parts = []
         for g0, g1 in zip(starts, np.append(starts[1:], n)):
             r0, r1 = int(rows[g0]), int(rows[g1 - 1]) + 1
-            block = np.asarray(self.dense[r0:r1])
+            block = np.asarray(self.dense[r0:r1], dtype=self.dtype if self.dtype.kind == "f" else None)
             parts.append(sp.csr_matrix(block[rows[g0:g1] - r0] if r1 - r0 != g1 - g0 else block))
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 

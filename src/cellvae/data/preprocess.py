@@ -9,6 +9,7 @@ import warnings
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+from ..errors import CellvaeInputError
 from .checks import get_counts
 
 __all__ = ['select_highly_variable_genes', 'log1p_cp10k']
@@ -34,8 +35,8 @@ def select_highly_variable_genes(
         Boolean mask over genes, shape (n_genes,).
 
     Raises:
-        ValueError: scanpy's error when the fit fails even on the detected genes, or when at most ``n_top_genes``
-            genes are detected in 3 cells.
+        CellvaeInputError: the fit fails even on the detected genes (too few cells or genes for a loess fit), or at
+            most ``n_top_genes`` genes are detected in 3 cells; the message says to select fewer genes or none.
     """
     import scanpy as sc
 
@@ -49,14 +50,24 @@ def select_highly_variable_genes(
             tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes), batch_key=batch_key, inplace=False
         )
         return np.asarray(df["highly_variable"], dtype=bool)
-    except ValueError as err:  # the loess fit of seurat_v3 can be singular with many (nearly) undetected genes
+    except (ValueError, np.linalg.LinAlgError) as err:  # seurat_v3's loess fit can be singular (many undetected genes)
         detected = np.asarray((X > 0).sum(0)).ravel() >= 3
-        if detected.sum() <= n_top_genes or detected.all():
-            raise
+        if detected.sum() <= n_top_genes or detected.all() or getattr(err, "_cellvae_retry", False):
+            msg = err.args[0].decode(errors="replace") if err.args and isinstance(err.args[0], bytes) else str(err)
+            raise CellvaeInputError(
+                f"Selecting {n_top_genes} highly variable genes (scanpy seurat_v3) failed: its loess fit of mean "
+                f"against variance is singular on these data ({msg.strip()[:150]}; {adata.n_obs} cells, "
+                f"{int(detected.sum())} genes detected in at least 3 cells). Select fewer genes (--n-top-genes) or "
+                "none (drop the option), or filter the data first."
+            ) from None
         warnings.warn(f"seurat_v3 highly variable genes failed ({err}); retrying on the {int(detected.sum())} "
                       "genes detected in at least 3 cells.", stacklevel=2)
         mask = np.zeros(adata.n_vars, dtype=bool)
-        mask[np.flatnonzero(detected)[select_highly_variable_genes(tmp[:, detected], n_top_genes, batch_key=batch_key)]] = True
+        try:
+            sub = select_highly_variable_genes(tmp[:, detected], n_top_genes, batch_key=batch_key)
+        except CellvaeInputError:
+            raise
+        mask[np.flatnonzero(detected)[sub]] = True
         return mask
 
 
