@@ -34,6 +34,7 @@ from ..vae.module import evaluation
 __all__ = ["sample", "posterior_predictive_sample", "decode_latent", "resolve_covariates", "LABEL_SAMPLING"]
 
 LABEL_SAMPLING = ("posterior", "gaussian")
+MAX_GENERATED_VALUES = 200_000_000  # cells x genes of one call (0.8 GB per float32 layer)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -41,10 +42,7 @@ def _train_positions(model: TrainedModel) -> np.ndarray:
     """Positions in ``model.adata`` of the training cells (all cells with counts when unknown)."""
     if model.train_indices is not None:
         return np.asarray(model.train_indices)
-    cells = getattr(model, "_train_cells", None)
-    if cells is not None:
-        return np.flatnonzero(cells)
-    return np.arange(model.adata.n_obs)
+    return np.flatnonzero(model.prepared_data().row_sums(absolute=True) > 0)
 
 
 def _obs_str(adata: ad.AnnData, key: str) -> np.ndarray:
@@ -240,6 +238,13 @@ def sample(
     n = int(n_cells)
     if n < 1:
         raise CellvaeInputError(f"n_cells must be >= 1, got {n_cells}.")
+    n_genes = len(model.spec.gene_names)
+    if n * n_genes > MAX_GENERATED_VALUES:
+        raise CellvaeInputError(
+            f"n_cells={n} cells of {n_genes} genes would hold {n * n_genes:.3g} values per layer (three layers, "
+            f"float32), beyond {MAX_GENERATED_VALUES:.0e}: generate at most {MAX_GENERATED_VALUES // n_genes} cells "
+            "per call and concatenate the results."
+        )
     if label_sampling not in LABEL_SAMPLING:
         raise CellvaeInputError(f"label_sampling must be one of {LABEL_SAMPLING}, got {label_sampling!r}.")
     if library_size is not None and not (np.isfinite(library_size) and library_size > 0):
