@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 from ..errors import CellvaeInputError
 from .checks import get_counts
+from .obs import categories
 
 __all__ = ['select_highly_variable_genes', 'log1p_cp10k']
 
@@ -42,6 +43,8 @@ def select_highly_variable_genes(
 
     if n_top_genes >= adata.n_vars:
         return np.ones(adata.n_vars, dtype=bool)
+    if batch_key is not None:
+        categories(adata, batch_key, "batch_key")  # missing values: the model's message, before scanpy trips
     X = get_counts(adata, layer)
     tmp = ad.AnnData(X=X, obs=adata.obs[[batch_key]] if batch_key else None)
     tmp.var_names = adata.var_names

@@ -13,87 +13,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from ..errors import CellvaeInputError, warn
+from ..errors import CellvaeInputError
 from .tensors import TensorData
 from .checks import check_values, get_counts
+from .obs import categories, continuous, encode
 from .preprocess import log1p_cp10k
 
 __all__ = ['DataSpec']
-
-
-
-# --------------------------------------------------------------------------------------- covariates
-def _categories(adata: ad.AnnData, key: str, role: str = "obs key") -> list[str]:
-    col = _obs_column(adata, key, role)
-    if col.isna().any():
-        ex = adata.obs_names[np.flatnonzero(col.isna().to_numpy())[:3]].tolist()
-        raise CellvaeInputError(
-            f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values (e.g. cells {ex}); fill them "
-            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).fillna('unknown')) or drop those cells."
-        )
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        cats = [str(c) for c in col.cat.categories if (col == c).any()]
-    else:
-        cats = sorted(pd.unique(col.astype(str)).tolist())
-    sizes = col.astype(str).value_counts()
-    small = [c for c in cats if sizes.get(c, 0) < 3]
-    if small:  # as scvi-tools' setup_anndata
-        warn(f"obs[{key!r}] ({role}) has categories with fewer than 3 cells: {small[:5]}; the model may not learn "
-             "them well. Merge or drop such categories if that matters.")
-    return cats
-
-
-def _obs_column(adata: ad.AnnData, key: str, role: str = "obs key") -> pd.Series:
-    if key not in adata.obs.columns:
-        raise CellvaeInputError(
-            f"obs key {key!r} not found ({role} must be an obs column); available obs columns: "
-            f"{list(adata.obs.columns) or 'none'}. Pass one of them, or add the column to adata.obs."
-        )
-    return adata.obs[key]
-
-
-def _continuous(adata: ad.AnnData, keys: Sequence[str]) -> np.ndarray | None:
-    """Continuous covariates as a float32 (n_cells, n_keys) array (None without keys).
-
-    Raises:
-        CellvaeInputError: a missing key, or NaN, inf or non-numeric values (naming the key and a few cells).
-    """
-    if not keys:
-        return None
-    cols = []
-    for k in keys:
-        col = _obs_column(adata, k, "continuous covariate")
-        num = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(num)
-        if bad.any():
-            i = np.flatnonzero(bad)[:3]
-            ex = ", ".join(f"cell {adata.obs_names[j]!s}: {col.iloc[j]}" for j in i)
-            raise CellvaeInputError(
-                f"obs[{k!r}] (continuous covariate) has {int(bad.sum())} NaN, infinite or non-numeric values "
-                f"(e.g. {ex}); fix or drop those cells, or pass the column as a categorical covariate if it is one."
-            )
-        if np.abs(num).max() > 1e30:
-            raise CellvaeInputError(f"obs[{k!r}] (continuous covariate) has values beyond 1e30; rescale it.")
-        cols.append(num.astype(np.float32))
-    return np.stack(cols, axis=1)
-
-
-def _encode(adata: ad.AnnData, key: str, categories: Sequence[str], role: str = "obs key") -> np.ndarray:
-    col = _obs_column(adata, key, role)
-    if col.isna().any():
-        raise CellvaeInputError(f"obs[{key!r}] ({role}) has {int(col.isna().sum())} missing values; fill them "
-                                "(e.g. 'unknown') or drop those cells.")
-    values = col.astype(str).to_numpy()
-    codes = pd.Index(categories).get_indexer(values)
-    if (codes < 0).any():
-        unknown = sorted(set(values[codes < 0]))[:5]
-        n_unknown = int((codes < 0).sum())
-        raise CellvaeInputError(
-            f"obs[{key!r}] ({role}) has categories unseen at training time: {unknown} ({n_unknown} cells); the "
-            f"model knows {list(categories)}. Rename them to known categories, drop those cells, or train a model "
-            "that includes them."
-        )
-    return codes.astype(np.int64)
 
 
 @dataclass
@@ -136,8 +62,8 @@ class DataSpec:
         """Record genes and covariate categories from the training AnnData."""
         cat_keys = list(categorical_covariate_keys or [])
         cont_keys = list(continuous_covariate_keys or [])
-        batch_categories = _categories(adata, batch_key, "batch_key") if batch_key else ["0"]
-        _continuous(adata, cont_keys)  # NaN / inf / non-numeric: answered now, before training
+        batch_categories = categories(adata, batch_key, "batch_key") if batch_key else ["0"]
+        continuous(adata, cont_keys)  # NaN / inf / non-numeric: answered now, before training
         return cls(
             gene_names=[str(g) for g in gene_names],
             layer=layer,
@@ -146,7 +72,7 @@ class DataSpec:
             categorical_covariate_keys=cat_keys,
             continuous_covariate_keys=cont_keys,
             batch_categories=batch_categories,
-            categorical_categories={k: _categories(adata, k, "categorical covariate") for k in cat_keys},
+            categorical_categories={k: categories(adata, k, "categorical covariate") for k in cat_keys},
             normal_transform=normal_transform,
         )
 
@@ -225,12 +151,12 @@ class DataSpec:
             CellvaeInputError: missing obs keys, unknown categories, NaN/inf covariates.
         """
         n = adata.n_obs
-        cols = [_encode(adata, self.batch_key, self.batch_categories, "batch_key") if self.batch_key
+        cols = [encode(adata, self.batch_key, self.batch_categories, "batch_key") if self.batch_key
                 else np.zeros(n, np.int64)]
-        cols += [_encode(adata, k, self.categorical_categories[k], "categorical covariate")
+        cols += [encode(adata, k, self.categorical_categories[k], "categorical covariate")
                  for k in self.categorical_covariate_keys]
         cat = torch.from_numpy(np.stack(cols, axis=1))
-        arr = _continuous(adata, self.continuous_covariate_keys)
+        arr = continuous(adata, self.continuous_covariate_keys)
         cont = torch.from_numpy(arr) if arr is not None else None
         return cat, cont
 
