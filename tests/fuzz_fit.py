@@ -197,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--derandomize", action="store_true", help="the same examples every run (for make test)")
     p.add_argument("--report", default=None, help="write a Markdown summary here")
     p.add_argument("--verbose", action="store_true", help="print every example's outcome")
+    p.add_argument("--trace", default=None,
+                   help="write each case here before running it (names the case that crashed the interpreter)")
     args = p.parse_args(argv)
     from hypothesis import HealthCheck, given, seed, settings
 
@@ -211,6 +213,11 @@ def main(argv=None) -> int:
     @given(cases())
     def prop(case):
         tmp = Path(tempfile.mkdtemp(dir=tmp_root))
+        if args.trace:
+            with open(args.trace, "w") as fh:
+                fh.write(repr(case) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
         ok, what = run_case(case, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         key = ("ok" if what == "ok" else "unwritable case" if what.startswith("unwritable")

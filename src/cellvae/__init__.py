@@ -24,9 +24,10 @@ from .data.read import read_data
 from .models.autoencoder import Autoencoder
 from .models.count_vae import CountVAE
 from .models.image_vae import ImageVAE
+from .models.label_transfer import LabelTransferVAE
 from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 
 _install_aliases()
 
-__all__ = ["CountVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
+__all__ = ["CountVAE", "LabelTransferVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
            "CellvaeOutputError", "CellvaeTrainingError", "read_data", "__version__"]

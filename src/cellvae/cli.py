@@ -1,5 +1,6 @@
 """Command line: ``cellvae fit DATA --out DIR``, ``cellvae demo``, and on a saved model ``cellvae evaluate``,
-``cellvae de`` (differential expression), ``cellvae score`` (anomaly scores), ``cellvae perturb`` and ``cellvae generate``."""
+``cellvae de`` (differential expression), ``cellvae score`` (anomaly scores), ``cellvae perturb`` and ``cellvae generate``;
+``cellvae map`` maps a query onto a saved reference model (and transfers its labels)."""
 
 from __future__ import annotations
 
@@ -313,6 +314,42 @@ def fit_images(data, out_dir, quiet, **kwargs):
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     metrics = _run(fit_images_job, data=data, out_dir=out_dir, progress_bar=not quiet, log=log, **kwargs)
     for k in ("n_images", "n_epochs", "test_elbo", "test_mse_per_pixel", "probe_balanced_accuracy"):
+        if metrics.get(k) is not None:
+            v = metrics[k]
+            click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    click.echo(f"wall time: {time.perf_counter() - t0:.1f} s")
+    click.echo(f"report: {(Path(out_dir) / 'report.html').resolve()}")
+
+
+@main.command("map")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--batch-key", default=None, help="obs column of the query's batches (default: the reference's batch "
+              "key if the query has it, else the query is one new batch).")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of query training (default: min(100, the usual heuristic)).")
+@click.option("--max-missing-genes", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+              help="Largest fraction of the reference's genes the query may lack (they are zero-filled).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ignore-query-labels", is_flag=True, help="Predict every query cell even where the query has the "
+              "reference's labels column (default: its known labels are used and kept), and report the agreement.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier job in --out.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def map_(model_dir, data, out_dir, batch_key, max_epochs, max_missing_genes, seed, ignore_query_labels, overwrite,
+         quiet):
+    """Map the query DATA onto the reference model in MODEL_DIR (scArches surgery: the reference stays frozen) and,
+    for a model from `cellvae fit --labels-key K --semi-supervised`, transfer its labels with a calibrated
+    confidence and an unknown flag. Writes the mapped model, an annotated .h5ad, figures and report.html to --out."""
+    from .jobs.map import map_job
+
+    t0 = time.perf_counter()
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    metrics = _run(map_job, model_dir=model_dir, data=data, out_dir=out_dir, batch_key=batch_key,
+                   max_epochs=max_epochs, max_missing_genes=max_missing_genes, seed=seed,
+                   ignore_query_labels=ignore_query_labels, overwrite=overwrite, progress_bar=not quiet, log=log)
+    for k in ("n_query_cells", "n_genes_missing", "query_epochs", "n_unknown", "mean_label_confidence",
+              "ilisi_reference_query", "query_label_accuracy", "query_label_balanced_accuracy"):
         if metrics.get(k) is not None:
             v = metrics[k]
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")

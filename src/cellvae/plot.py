@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_training_curves", "plot_embedding", "save_figure"]
+__all__ = ["plot_training_curves", "plot_embedding", "plot_histogram", "save_figure"]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -59,4 +59,14 @@ def plot_embedding(adata, color: str, basis: str = "umap", title: str | None = N
 
     fig = sc.pl.embedding(adata, basis=basis, color=color, show=False, return_fig=True, title=title or color,
                           frameon=False)
+    return fig
+
+
+def plot_histogram(values, bins: int = 20, xlabel: str = "", ylabel: str = "cells"):
+    """Histogram of ``values`` (1-D); returns a Figure."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(values, bins=bins, color="#4477aa", edgecolor="white")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
     return fig

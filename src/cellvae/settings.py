@@ -168,6 +168,9 @@ class ModelSettings:
             (see :class:`cellvae.vae.module.VAEModule`).
         use_fast_likelihood, use_sparse_counts: use the fused training likelihood and sparse (CSR) minibatches
             where they apply (same values to float rounding; off only for tests and comparisons).
+        classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
+            classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
+            Kingma et al. 2014, Eq. 9).
     """
 
     gene_likelihood: str = field(default="zinb", metadata=_opt("--gene-likelihood", choices=GENE_LIKELIHOODS))
@@ -194,6 +197,7 @@ class ModelSettings:
     adversarial_mode: str = field(default="confusion", metadata={"choices": ADVERSARIAL_MODES})
     use_fast_likelihood: bool = True
     use_sparse_counts: bool = True
+    classification_ratio: float = field(default=50.0, metadata={"min": 0.0})
 
     def __post_init__(self):
         _check_fields(self)
@@ -322,6 +326,10 @@ class FitJobSettings:
         backed: train out of core (the .h5ad's matrix read from disk in row chunks; see ``docs/backed.md``).
         overwrite: replace the known outputs of an earlier job in the output directory.
         resume: continue an interrupted job in the output directory from its last checkpoint.
+        semi_supervised: after the count VAE, train a label-transfer model (:class:`cellvae.LabelTransferVAE`,
+            scANVI) from it on ``labels_key`` (needs it); the saved model is then that one, ready for
+            ``cellvae map``.
+        unlabeled_category: with ``semi_supervised``: the label value of cells without a label.
     """
 
     n_top_genes: int | None = field(default=None, metadata=_opt(
@@ -334,6 +342,11 @@ class FitJobSettings:
     resume: bool = field(default=False, metadata=_opt(
         "--resume", "Continue an interrupted job in --out from its last checkpoint (same data and options; the "
         "result equals an uninterrupted run)."))
+    semi_supervised: bool = field(default=False, metadata=_opt(
+        "--semi-supervised", "With --labels-key: then train a label-transfer model (scANVI) from the count VAE; "
+        "the saved model predicts labels and maps queries (cellvae map)."))
+    unlabeled_category: str = field(default="Unknown", metadata=_opt(
+        "--unlabeled-category", "With --semi-supervised: the --labels-key value of cells without a label."))
 
     def __post_init__(self):
         _check_fields(self)

@@ -35,6 +35,10 @@ class DataSpec:
         categorical_categories: categories per categorical covariate key.
         normal_transform: for ``normal``: ``"log1p_cp10k"`` (counts normalized to 10,000 per cell, then log1p)
             or ``"none"`` (data used as given).
+        labels_key, label_categories, unlabeled_category: for a model that learns labels (label transfer): the obs
+            column, its known labels in code order, and the value that marks a cell without a label. The code of
+            each cell's label is appended as the last column of ``cat`` (``len(label_categories)`` for no label: the
+            unlabeled category, a missing value, a label the model does not know, or no such column at all).
     """
 
     gene_names: list[str]
@@ -46,6 +50,9 @@ class DataSpec:
     batch_categories: list[str] = field(default_factory=lambda: ["0"])
     categorical_categories: dict[str, list[str]] = field(default_factory=dict)
     normal_transform: str = "none"
+    labels_key: str | None = None
+    label_categories: list[str] | None = None
+    unlabeled_category: str | None = None
 
     @classmethod
     def from_adata(
@@ -143,6 +150,18 @@ class DataSpec:
         cat, cont = self.covariate_tensors(adata)
         return TensorData(X, cat, cont)
 
+    def label_codes(self, adata: ad.AnnData) -> np.ndarray:
+        """(n_cells,) int64 code of each cell's label in ``label_categories``; ``len(label_categories)`` for a cell
+        without a known label (see the class docstring)."""
+        n_labels = len(self.label_categories or ())
+        if self.labels_key is None or self.labels_key not in adata.obs.columns:
+            return np.full(adata.n_obs, n_labels, np.int64)
+        col = adata.obs[self.labels_key]
+        values = col.astype(str).to_numpy()
+        codes = pd.Index(self.label_categories).get_indexer(values)
+        codes[(codes < 0) | col.isna().to_numpy() | (values == str(self.unlabeled_category))] = n_labels
+        return codes.astype(np.int64)
+
     def covariate_tensors(self, adata: ad.AnnData) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Covariates of ``adata`` encoded as in :meth:`prepare`: ``cat`` (n_cells, 1 + n_cat) int64 codes,
         batch first, and ``cont`` (n_cells, n_cont) float32 or None.
@@ -155,6 +174,8 @@ class DataSpec:
                 else np.zeros(n, np.int64)]
         cols += [encode(adata, k, self.categorical_categories[k], "categorical covariate")
                  for k in self.categorical_covariate_keys]
+        if self.label_categories is not None:
+            cols.append(self.label_codes(adata))
         cat = torch.from_numpy(np.stack(cols, axis=1))
         arr = continuous(adata, self.continuous_covariate_keys)
         cont = torch.from_numpy(arr) if arr is not None else None

@@ -39,6 +39,7 @@ from ..errors import CellvaeInputError, CellvaeTrainingError
 from ..metrics.clustering import clustering_agreement, kmeans_agreement, silhouette_labels
 from ..metrics.integration import batch_classifier_accuracy, batch_silhouette
 from ..models.count_vae import CountVAE
+from ..models.label_transfer import LabelTransferVAE
 from ..plot import plot_embedding, plot_training_curves, save_figure
 from ..settings import DataSettings, FitJobSettings, ModelSettings, TrainSettings, as_dict, build
 from ..train.distributed import barrier, with_process_group, world
@@ -115,6 +116,9 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
     rank, n_ranks = world()
     if rank != 0:
         log = (lambda m: None)  # noqa: E731 - rank 0 reports
+    if job.semi_supervised and not keys.labels_key:
+        raise CellvaeInputError("--semi-supervised needs --labels-key (the obs column of the labels to learn; cells "
+                                "without a label hold --unlabeled-category).")
     if job.backed and job.n_top_genes:  # before the output directory is touched
         raise CellvaeInputError("--n-top-genes needs the data in memory: select the genes first (e.g. with scanpy on "
                                 "a subsample) and write them to a new .h5ad, or drop --backed.")
@@ -142,8 +146,8 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
     res, embed, sub = _annotate(adata, vae, modelled, job, training.seed, log)
     metrics = _metrics(adata, res, vae, keys, embed, sub, train_seconds)
     markers = _markers(vae, keys, training.seed, out, log)
-    figures = _figures(res, vae.history, keys, embed, out / "figures")
-    hist_plan = vae.history["plan"]
+    figures = _figures(res, _count_history(vae), keys, embed, out / "figures")
+    hist_plan = _count_history(vae)["plan"]
     settings = {"data": str(path), **as_dict(keys), **as_dict(model_s), **hist_plan, **as_dict(job),
                 "library_size": "observed" if model_s.use_observed_lib_size else "latent",
                 "kl_warmup_epochs": TrainSettings(**hist_plan).warmup_epochs, "n_processes": n_ranks}
@@ -202,13 +206,26 @@ def _fit(adata_model: ad.AnnData, keys: DataSettings, model_s: ModelSettings, tr
         vae.save(out / "model", overwrite=True)
         raise CellvaeTrainingError(f"{e} The model with these weights was saved to {str(out / 'model')!r}.",
                                    e.history) from e
-    seconds = time.perf_counter() - t0
     hist = vae.history
     if hist.get("resumed_from_epoch"):
         log(f"resumed at epoch {hist['resumed_from_epoch']}")
-    log(f"trained {len(hist['epoch'])} epochs in {seconds:.1f} s ({hist['train_cells_per_second']:.0f} cells/s); "
-        f"best epoch {hist['best_epoch']}")
-    return vae, seconds
+    log(f"trained {len(hist['epoch'])} epochs in {time.perf_counter() - t0:.1f} s "
+        f"({hist['train_cells_per_second']:.0f} cells/s); best epoch {hist['best_epoch']}")
+    if job.semi_supervised:
+        vae = LabelTransferVAE.from_count_vae(vae, keys.labels_key, job.unlabeled_category)
+        vae.train(seed=training.seed, batch_size=training.batch_size, train_size=training.train_size,
+                  progress_bar=training.progress_bar, n_threads=training.n_threads,
+                  accelerator=training.accelerator)
+        cal = vae.calibration
+        log(f"label transfer: {len(vae.labels)} labels, {len(vae.history['epoch'])} epochs; held-out accuracy "
+            f"{cal['accuracy']:.3f}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} at temperature "
+            f"{cal['temperature']:.2f}")
+    return vae, time.perf_counter() - t0
+
+
+def _count_history(vae: CountVAE) -> dict:
+    """The training history of the count VAE (for a label-transfer model: of the CountVAE it started from)."""
+    return getattr(vae, "pretrain_history", None) or vae.history
 
 
 def _annotate(adata: ad.AnnData, vae: CountVAE, modelled: np.ndarray, job: FitJobSettings, seed: int,
@@ -234,6 +251,11 @@ def _annotate(adata: ad.AnnData, vae: CountVAE, modelled: np.ndarray, job: FitJo
         res.layers["cellvae_normalized"] = sp.csr_matrix((coo.data, (coo.row, cols[coo.col])),
                                                          shape=(adata.n_obs, adata.n_vars))
     res.var["cellvae_modelled"] = np.isin(res.var_names.astype(str), vae.spec.gene_names)
+    if isinstance(vae, LabelTransferVAE):
+        with torch_threads(None):
+            table = vae.predict_table()
+        res.obs["cellvae_predicted_label"] = table["predicted_label"].to_numpy()
+        res.obs["cellvae_label_confidence"] = table["label_confidence"].to_numpy()
     embed = not (job.backed and res.n_obs > BACKED_EMBED_MAX_CELLS)
     if embed:
         sc.pp.neighbors(res, use_rep="X_cellvae", random_state=seed)
@@ -252,7 +274,7 @@ def _annotate(adata: ad.AnnData, vae: CountVAE, modelled: np.ndarray, job: FitJo
 def _metrics(adata: ad.AnnData, res: ad.AnnData, vae: CountVAE, keys: DataSettings, embed: bool, sub: np.ndarray,
              train_seconds: float) -> dict:
     """Training summary, clustering agreement with the labels and batch mixing, as a dict."""
-    hist = vae.history
+    hist = _count_history(vae)
     val = hist.get("validation_elbo") or []
     best = hist.get("best_epoch", len(val))
     metrics: dict = {
@@ -268,6 +290,11 @@ def _metrics(adata: ad.AnnData, res: ad.AnnData, vae: CountVAE, keys: DataSettin
         "train_cells_per_second": round(float(hist["train_cells_per_second"]), 1),
         "n_leiden_clusters": int(res.obs["cellvae_leiden"].nunique()) if embed else None,
     }
+    if isinstance(vae, LabelTransferVAE):
+        cal = vae.calibration
+        metrics.update(label_heldout_accuracy=cal["accuracy"], label_ece_before=cal["ece_before"],
+                       label_ece_after=cal["ece_after"], label_temperature=cal["temperature"],
+                       label_epochs=len(vae.history["epoch"]))
     if len(sub) < res.n_obs:
         metrics["n_cells_metrics"] = int(len(sub))
     z_sub = res.obsm["X_cellvae"][sub]

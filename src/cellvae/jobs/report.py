@@ -9,7 +9,7 @@ import base64
 import html
 from pathlib import Path
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "html_table"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -26,6 +26,13 @@ def _table(rows: dict) -> str:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items()
     )
     return f"<table>{body}</table>"
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    """An HTML table with a header row (values formatted as in the report's tables, escaped)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(v) -> str:
@@ -51,6 +58,7 @@ def render_report(
     figures: list[tuple[Path, str]],
     notes: list[str] | None = None,
     markers: dict[str, list[str]] | None = None,
+    sections: list[tuple[str, str]] | None = None,
 ) -> str:
     """Return the report as an HTML string.
 
@@ -60,6 +68,7 @@ def render_report(
         figures: (PNG path, caption) pairs; the first is shown full width (training curves), the rest in a grid.
         notes: free-text lines shown at the end.
         markers: label -> top up-regulated genes (Bayes-factor DE, label vs the rest), shown as a table.
+        sections: further (heading, HTML) sections shown after the metrics (e.g. :func:`html_table` output).
     """
     figs = [_img(p, c) for p, c in figures if Path(p).exists()]
     first, rest = (figs[0], figs[1:]) if figs else ("", [])
@@ -79,6 +88,7 @@ def render_report(
 <h2>Settings</h2>{_table(settings)}
 <h2>Training</h2>{_table(training)}<div class=figs>{first}</div>
 <h2>Metrics</h2>{_table(metrics)}
+{''.join(f'<h2>{html.escape(h)}</h2>{body}' for h, body in (sections or []))}
 <h2>Latent space</h2><div class="figs grid">{''.join(rest)}</div>
 {marker_html}
 {f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes_html else ''}

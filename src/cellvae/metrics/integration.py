@@ -2,6 +2,9 @@
 
 - :func:`batch_classifier_accuracy`: how well a linear classifier predicts the batch from the latent space
   (balanced accuracy; lower is better mixed, ``1 / n_batches`` is chance);
+- :func:`ilisi`: the integration LISI (Korsunsky et al. 2019, Nat. Methods 16:1289), scaled to [0, 1] as scIB's
+  ``ilisi_knn`` (0: each cell's neighbourhood holds one batch; 1: every batch in equal shares), computed with
+  scikit-learn's neighbours;
 - :func:`batch_silhouette`: scIB's batch ASW (1 - |silhouette of the batch| per cell, averaged within labels;
   Luecken et al. 2022), computed with scikit-learn;
 - :func:`scib_benchmark`: the scib-metrics Benchmarker (below).
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["scib_available", "scib_benchmark", "SCIB_INSTALL_HINT", "batch_classifier_accuracy", "batch_silhouette"]
+__all__ = ["scib_available", "scib_benchmark", "SCIB_INSTALL_HINT", "batch_classifier_accuracy", "batch_silhouette",
+           "ilisi"]
 
 SCIB_INSTALL_HINT = 'pip install "cellvae[bench]" (or pip install scib-metrics)'
 
@@ -115,6 +119,65 @@ def batch_silhouette(latent: np.ndarray, batches, labels=None, sample_size: int 
         s = silhouette_samples(latent[sel], batches[sel])
         scores.append(float(np.mean(1.0 - np.abs(s))))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def _lisi_weights(dist: np.ndarray, perplexity: float, n_iter: int = 50) -> np.ndarray:
+    """(n_cells, k) Gaussian kernel weights over each cell's neighbours whose entropy is ``log(perplexity)`` (a
+    bisection on the precision per cell, as t-SNE and LISI)."""
+    d2 = dist.astype(np.float64) ** 2
+    d2 = d2 - d2[:, :1]  # shift by the nearest distance: the weights are unchanged, exp() cannot underflow
+    target = np.log(perplexity)
+    beta = np.ones(len(d2))
+    lo, hi = np.zeros(len(d2)), np.full(len(d2), np.inf)
+    for _ in range(n_iter):
+        w = np.exp(-d2 * beta[:, None])
+        sw = w.sum(1)
+        h = np.log(sw) + beta * (d2 * w).sum(1) / sw  # entropy of the normalised weights
+        too_flat = h > target  # entropy too high: sharpen (larger beta)
+        lo = np.where(too_flat, beta, lo)
+        hi = np.where(too_flat, hi, beta)
+        beta = np.where(np.isinf(hi), beta * 2.0, (lo + hi) / 2.0)
+    w = np.exp(-d2 * beta[:, None])
+    return w / w.sum(1, keepdims=True)
+
+
+def ilisi(latent: np.ndarray, batches, n_neighbors: int = 90, perplexity: float | None = None,
+          sample_size: int | None = None, seed: int = 0) -> float:
+    """Integration LISI (Korsunsky et al. 2019): per cell, the inverse Simpson index of the batches among its
+    ``n_neighbors`` nearest neighbours in ``latent`` weighted by a Gaussian kernel of perplexity
+    ``n_neighbors / 3`` (30 for 90), then ``(median - 1) / (n_batches - 1)``, the scaling of scIB's ``ilisi_knn``
+    (Luecken et al. 2022). Higher is better mixed.
+
+    Args:
+        latent: (n_cells, n_latent).
+        batches: (n_cells,) batch of each cell (or e.g. reference vs query).
+        n_neighbors: neighbours per cell (at most n_cells - 1).
+        perplexity: of the kernel (None: ``n_neighbors / 3``).
+        sample_size: score at most this many cells (a seeded sample; their neighbours come from all cells).
+        seed: of that sample.
+
+    Returns:
+        float in [0, 1].
+
+    Raises:
+        ValueError: mismatched shapes or fewer than 2 batches.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    latent, batches = _check(latent, batches, "batches")
+    cats, codes = np.unique(batches, return_inverse=True)
+    k = int(min(n_neighbors, len(latent) - 1))
+    perp = float(perplexity) if perplexity is not None else max(k / 3.0, 1.0)
+    idx = np.arange(len(latent))
+    if sample_size is not None and len(idx) > sample_size:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, sample_size, replace=False))
+    dist, ind = NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(latent[idx])
+    dist, ind = dist[:, 1:], ind[:, 1:]  # drop the cell itself
+    w = _lisi_weights(dist, min(perp, k))
+    share = np.zeros((len(idx), len(cats)))
+    np.add.at(share, (np.repeat(np.arange(len(idx)), k), codes[ind].ravel()), w.ravel())
+    lisi = 1.0 / (share**2).sum(1)
+    return float((np.median(lisi) - 1.0) / (len(cats) - 1))
 
 
 def scib_available() -> bool:

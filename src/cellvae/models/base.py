@@ -241,14 +241,35 @@ class BaseModel:
         return Path(dir_path)
 
     @classmethod
+    def _class_in(cls, d: Path) -> type:
+        """The class to load ``d`` with: the subclass of ``cls`` named by its config's ``model_class`` (so that
+        ``CountVAE.load`` loads a saved :class:`cellvae.LabelTransferVAE`), else ``cls`` (whose checks then report
+        what is wrong)."""
+        try:
+            if (d / CONFIG).stat().st_size > MAX_CONFIG_BYTES:
+                return cls
+            name = json.loads((d / CONFIG).read_text()).get("model_class")
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            return cls
+        todo = list(cls.__subclasses__())
+        while todo:
+            sub = todo.pop()
+            if sub.__name__ == name:
+                return sub
+            todo.extend(sub.__subclasses__())
+        return cls
+
+    @classmethod
     def load(cls, dir_path: str | os.PathLike, **kwargs):
-        """Load a model saved by :meth:`save` (and by older cellvae versions: their formats are migrated).
+        """Load a model saved by :meth:`save` (and by older cellvae versions: their formats are migrated). A
+        directory that holds a subclass of this class (by ``model_class``) loads as that subclass.
 
         Raises:
             CellvaeInputError: missing files, a newer format version, another model class, a damaged file (its
                 SHA-256 differs from the recorded one), weights that do not match the config.
         """
         d = Path(dir_path).expanduser()
+        cls = cls._class_in(d)
         cfg = read_config(d, cls.__name__, cls.FORMAT_VERSION, cls.MIGRATIONS)
         state = read_weights(d, cfg)
         try:

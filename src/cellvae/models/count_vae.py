@@ -150,6 +150,7 @@ class CountVAE(AnnDataModel):
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self._saved_split: dict | None = None
+        self.reference: dict | None = None
 
     # -------------------------------------------------------------------------------------------- set-up
     @property
@@ -172,6 +173,11 @@ class CountVAE(AnnDataModel):
             library_log_vars=lib_vars,
             settings=self.settings,
         )
+
+    @property
+    def _has_weights(self) -> bool:
+        """Whether the module holds weights to continue from (a trained model); else :meth:`train` starts afresh."""
+        return self.is_trained
 
     def _library_prior(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-batch mean and variance of log library size over cells with counts (scVI's l prior)."""
@@ -256,7 +262,7 @@ class CountVAE(AnnDataModel):
                 "cells.")
         if s.max_epochs is None:
             s = build(TrainSettings, s, {"max_epochs": default_max_epochs(len(cells))})
-        first_fit = not self.is_trained
+        first_fit = not self._has_weights
         if first_fit:  # initialise the weights from the seed, for reproducibility
             torch.manual_seed(s.seed)
             self.module = self._build_module(getattr(self.module, "library_log_means", None),
@@ -457,7 +463,10 @@ class CountVAE(AnnDataModel):
 
     # ----------------------------------------------------------------------------------- save / load
     def _config(self) -> dict:
-        return {"data_spec": self.spec.to_dict(), "labels_key": self.labels_key, "module_kwargs": self.module_kwargs}
+        cfg = {"data_spec": self.spec.to_dict(), "labels_key": self.labels_key, "module_kwargs": self.module_kwargs}
+        if getattr(self, "reference", None) is not None:
+            cfg["reference"] = self.reference
+        return cfg
 
     @classmethod
     def _from_config(cls, cfg: dict, state: dict, directory: Path, adata: ad.AnnData | None = None,
@@ -469,6 +478,7 @@ class CountVAE(AnnDataModel):
         if not isinstance(kwargs, dict):
             raise TypeError(f"module_kwargs is a {type(kwargs).__name__}, not an object")
         self.settings = build(ModelSettings, None, kwargs, "module_kwargs")
+        self.reference = cfg.get("reference")
         self.module = self._build_module(state.get("library_log_means"), state.get("library_log_vars"))
         return self
 
@@ -500,6 +510,57 @@ class CountVAE(AnnDataModel):
                 match the config, or ``adata`` without the model's genes.
         """
         return super().load(dir_path, adata=adata, out_of_core=out_of_core)
+
+    # ---------------------------------------------------------------------------- reference mapping
+    def map_query(self, query: ad.AnnData, batch_key: str | None = None, max_epochs: int | None = None,
+                  max_missing_genes: float = 0.2, seed: int = 0, progress_bar: bool = True, **train_settings):
+        """Place a query dataset in this (reference) model's latent space by architecture surgery (scArches;
+        Lotfollahi et al. 2022, Nat. Biotechnol. 40:121), without changing what the reference learned; the
+        counterpart of scvi-tools' ``load_query_data`` followed by ``train``. See :mod:`cellvae.models.query`.
+
+        Args:
+            query: AnnData (n_query_cells, genes) of raw counts; genes are matched to the reference's by name
+                (missing ones zero-filled with a warning). Not modified.
+            batch_key: obs column of the query's batches (None: the reference's batch key if the query has it,
+                else the query is one new batch). New batch categories, and new categories of every other
+                categorical covariate, get new embedding rows.
+            max_epochs: epochs of query training (None: ``min(100, default)``).
+            max_missing_genes: largest fraction of the reference's genes the query may lack (0.2).
+            seed, progress_bar, **train_settings: as :meth:`train`.
+
+        Returns:
+            A new model of this class attached to the query (its genes in the reference's order), trained;
+            ``model.reference`` records the reference's categories. Save and load it like any model.
+
+        Raises:
+            CellvaeInputError: an untrained reference, more than ``max_missing_genes`` missing, covariate
+                columns missing from the query, missing values in them.
+        """
+        from .query import map_query
+
+        return map_query(self, query, batch_key=batch_key, max_epochs=max_epochs,
+                         max_missing_genes=max_missing_genes, seed=seed, progress_bar=progress_bar, **train_settings)
+
+    def query_copy(self, spec: DataSpec, adata: ad.AnnData) -> "CountVAE":
+        """A new, untrained model of this class and settings for ``spec`` (the reference's, with the query's new
+        categories), attached to ``adata`` (the query, aligned to the reference's genes); its module has fresh
+        weights (:func:`cellvae.vae.surgery.extend_module` then copies the reference's)."""
+        new = type(self).__new__(type(self))
+        new.settings, new.spec, new.labels_key = self.settings, spec, self.labels_key
+        new.adata, new._data, new.out_of_core, new._summary = adata, None, False, None
+        new.history, new.is_trained, new._saved_split, new.reference = {}, False, None, None
+        new.train_indices = new.validation_indices = None
+        new._train_cells = None
+        new._copy_reference_state(self)
+        lib_means = lib_vars = None
+        if not self.settings.use_observed_lib_size and self.module.likelihood.models_counts:
+            new._train_cells = new.prepared_data().row_sums(absolute=True) > 0
+            lib_means, lib_vars = new._library_prior()
+        new.module = new._build_module(lib_means, lib_vars)
+        return new
+
+    def _copy_reference_state(self, reference: "CountVAE") -> None:
+        """What a query model keeps of its reference besides the weights (subclasses add to it)."""
 
     # ------------------------------------------------------------------------------------- analyses
     def differential_expression(self, adata: ad.AnnData | None = None, groupby: str | None = None,

@@ -201,6 +201,15 @@ class VAEModule(nn.Module):
         elif s.dispersion == "gene-batch":
             self.px_r = nn.Parameter(torch.randn(self.n_batch, n_input))
 
+    def train(self, mode: bool = True) -> "VAEModule":
+        """``nn.Module.train``, except that the normalisation layers listed in ``frozen_norms`` (set for reference
+        mapping, :func:`cellvae.vae.surgery.freeze_for_query`) stay in eval mode: their running statistics are the
+        reference's."""
+        super().train(mode)
+        for m in getattr(self, "frozen_norms", ()):
+            m.eval()
+        return self
+
     def dispersion_parameters(self) -> list[nn.Parameter]:
         """The inverse-dispersion parameter ``px_r`` (log theta, (n_genes,) or (n_batch, n_genes)) as a one-item list
         when the likelihood uses it (NB / ZINB with ``"gene"`` / ``"gene-batch"`` dispersion), else an empty list.
@@ -431,11 +440,16 @@ class VAEModule(nn.Module):
         if x.layout == torch.sparse_csr and not self.sparse_input:
             x = x.to_dense()
         inf = self.inference(x, cat, cont)
+        return self._total(self.reconstruction(x, inf, cat, cont), inf, kl_weight, cat)
+
+    def reconstruction(self, x: torch.Tensor, inf: dict, cat: torch.Tensor, cont: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """(n_cells,) ``-log p(x | z, l)`` in nats at the z sample and library of ``inf`` (:meth:`inference`): by the
+        fused training loss where the likelihood has one (:attr:`fused_loss`), else by the distribution classes."""
         if self.fast_likelihood:
-            recon = self._fast_reconstruction(x, inf["z"], inf["library"], cat, cont)
-            return self._total(recon, inf, kl_weight, cat)
+            return self._fast_reconstruction(x, inf["z"], inf["library"], cat, cont)
         gen = self.generative(inf["z"], inf["library"], cat, cont)
-        return self.loss(x, inf, gen, kl_weight, cat)
+        return -gen["px"].log_prob(x).sum(-1)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Choosing the defaults that shape cellvae's latent space (issue 20): each configuration against the current
+default, on one half of the labelled datasets (the choice) and then the other half (the confirmation).
+
+Protocol, per dataset and seed (the split of ``benchmarks/vs_scvi.py``): one seeded 90/10 split of the cells;
+``CountVAE(train_cells, **model_kw).train(**train_kw)`` with cellvae's defaults otherwise (its epoch heuristic, KL
+warm-up, early stopping on its own 10 % validation cells, one thread); then
+
+- held-out ELBO and IWAE log p(x) (``--n-samples`` importance samples) on the 10 % held-out cells, nats per cell;
+- on the latent means of all cells: KMeans ARI / NMI and Leiden ARI / NMI (k = number of labels), and the R² of log
+  library size on the latent, over all cells and within labels (``cellvae.metrics.evaluate_latent``, without scIB).
+
+Datasets with more than 5,000 genes are reduced to 2,000 seurat_v3 genes (``_common.load_dataset``). The report
+gives per dataset the mean over seeds of every metric and the paired difference to the reference configuration
+(the first) with its t-based 95 % confidence interval.
+
+    .venv/bin/python benchmarks/latent_defaults.py --half choose --seeds 0 1 2 --out benchmarks/results/latent_defaults_choose
+    .venv/bin/python benchmarks/latent_defaults.py --half confirm --configs default log1p_cp10k ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atomic_write_text, default_data_dir, limit_threads, load_dataset, loadavg, machine_description  # noqa: E402
+
+HALVES = {  # the datasets of each half (labels key); chosen before any run: small and large, PBMC and tissue in each
+    "choose": {"zeisel2015_cortex_subset_1464cells": "cell_type", "kang2018_ifnb_pbmc_muscat": "cell_type",
+               "pbmc4k_10x_top2000genes": "cell_type", "mouse_bladder_mca_2100cells": "cell_type",
+               "pbmc_10x_3tech_savercat_2000cells": "cell_type", "mesc_kolodziejczyk2015_300cells": "cell_type"},
+    "confirm": {"worm_neuron_cao2017": "cell_type", "human_kidney_top2000genes": "cell_type",
+                "cbmc_citeseq_stoeckius2017_8617cells": "cell_type", "pbmc10k_citeseq_10x_6434cells": "cell_type",
+                "pbmc_10x_3chemistries": "cell_type_marker", "cellline_mixology_tian2019_5batches": "cell_type"},
+}
+CONFIGS = {  # name -> (CountVAE keyword arguments, train keyword arguments); the first is the reference
+    "default": ({}, {}),
+    "log1p_cp10k": ({"encoder_input": "log1p_cp10k"}, {}),
+    "scvi_schedule": ({}, {"n_epochs_kl_warmup": 400, "early_stopping": False}),  # warm-up over the 400 epochs
+    "warmup50": ({}, {"n_epochs_kl_warmup": 50}),
+    "warmup100": ({}, {"n_epochs_kl_warmup": 100}),
+}
+METRICS = ("heldout_log_px", "heldout_elbo", "kmeans_ari", "kmeans_nmi", "leiden_ari", "leiden_nmi",
+           "depth_r2_within_labels", "depth_r2", "epochs", "best_epoch", "seconds")
+
+
+def split(n: int, seed: int):
+    import numpy as np
+
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = min(int(np.ceil(0.9 * n)), n - 1)
+    if n_train % 128 == 1:
+        n_train -= 1
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def run_one(adata, labels, config: str, seed: int, n_samples: int) -> dict:
+    import numpy as np
+    import torch
+
+    import cellvae
+    from cellvae.metrics import evaluate_latent
+
+    model_kw, train_kw = CONFIGS[config]
+    tr, ho = split(adata.n_obs, seed)
+    X = adata.X.tocsr()
+    detected = np.asarray((X[tr] > 0).sum(0)).ravel() > 0
+    full = adata[:, detected].copy()
+    train, held = full[tr].copy(), full[ho].copy()
+    held = held[np.asarray(held.X.sum(1)).ravel() > 0].copy()
+    t0 = time.perf_counter()
+    m = cellvae.CountVAE(train, **model_kw)
+    m.train(seed=seed, progress_bar=False, n_threads=1, **train_kw)
+    secs = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    elbo = float(m.get_elbo(held))
+    log_px = float(m.get_marginal_ll(held, n_samples=n_samples))
+    z = m.get_latent_representation(full)
+    lib = np.asarray(full.X.sum(1)).ravel()
+    ev = evaluate_latent(z, labels, library=np.maximum(lib, 1.0), seed=0, heldout_elbo=elbo, heldout_log_px=log_px,
+                         scib=False)
+    ev.update(epochs=len(m.history["epoch"]), best_epoch=m.history["best_epoch"], seconds=secs)
+    return {k: ev.get(k) for k in METRICS}
+
+
+def report(rows: list[dict], configs: list[str], title: str, header: dict) -> str:
+    import numpy as np
+    from scipy import stats
+
+    ref = configs[0]
+    lines = [f"# {title}", "", *[f"- {k}: {v}" for k, v in header.items()], ""]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for metric in ("heldout_log_px", "kmeans_ari", "leiden_ari", "depth_r2_within_labels", "kmeans_nmi",
+                   "leiden_nmi", "heldout_elbo", "epochs"):
+        lines += [f"## {metric}", "", "| dataset | " + " | ".join(configs) + " | "
+                  + " | ".join(f"{c} - {ref} (95 % CI)" for c in configs[1:]) + " |",
+                  "|---" * (1 + 2 * len(configs) - 1) + "|"]
+        means = {c: [] for c in configs[1:]}
+        for d in datasets:
+            cells = []
+            by = {c: {r["seed"]: r[metric] for r in rows if r["dataset"] == d and r["config"] == c
+                      and r.get(metric) is not None} for c in configs}
+            for c in configs:
+                v = list(by[c].values())
+                cells.append(f"{np.mean(v):.4g}" if v else "n/a")
+            for c in configs[1:]:
+                seeds = sorted(set(by[c]) & set(by[ref]))
+                diff = np.array([by[c][s] - by[ref][s] for s in seeds])
+                if len(diff) >= 2:
+                    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+                    cells.append(f"{diff.mean():+.4g} ({diff.mean() - half:+.3g}, {diff.mean() + half:+.3g})")
+                    means[c].append(diff.mean())
+                elif len(diff) == 1:
+                    cells.append(f"{diff[0]:+.4g}")
+                    means[c].append(diff[0])
+                else:
+                    cells.append("n/a")
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("| mean of the differences | " + " | ".join("" for _ in configs) + " | "
+                     + " | ".join(f"{np.mean(means[c]):+.4g}" if means[c] else "n/a" for c in configs[1:]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--half", choices=list(HALVES), default="choose")
+    p.add_argument("--datasets", nargs="*", default=None, help="NAME:LABEL_KEY (default: the datasets of --half)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-samples", type=int, default=100, help="importance samples of the held-out log p(x)")
+    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--out", required=True, help="path stem: writes STEM.md and STEM.json")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    limit_threads(1)
+    datasets = dict(d.split(":") for d in args.datasets) if args.datasets else HALVES[args.half]
+    out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
+    rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.exists() else []
+    done = {(r["dataset"], r["config"], r["seed"]) for r in rows}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    header = {"commit": commit, "date": _dt.date.today().isoformat(), "machine": machine_description(),
+              "half": args.half, "seeds": args.seeds, "held-out log p(x) samples": args.n_samples,
+              "configurations": {c: CONFIGS[c] for c in args.configs}}
+    for name, key in datasets.items():
+        adata, labels, info = load_dataset(Path(args.data_dir), name, key)
+        for seed in args.seeds:
+            for config in args.configs:
+                if (name, config, seed) in done:
+                    continue
+                la0 = loadavg()
+                r = run_one(adata, labels, config, seed, args.n_samples)
+                r.update(dataset=name, config=config, seed=seed, load_start=la0, load_end=loadavg())
+                rows.append(r)
+                print(f"{name} seed {seed} {config}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)), flush=True)
+                atomic_write_text(out_json, json.dumps({"header": header, "rows": rows}, indent=1))
+                atomic_write_text(out_md, report(rows, args.configs, "Latent defaults study (" + args.half + ")",
+                                                 header))
+
+
+if __name__ == "__main__":
+    main()
