@@ -46,6 +46,7 @@ def select_highly_variable_genes(
     if batch_key is not None:
         categories(adata, batch_key, "batch_key")  # missing values: the model's message, before scanpy trips
     X = get_counts(adata, layer)
+    _check_loess_points(X, adata.obs[batch_key].astype(str).to_numpy() if batch_key else None, n_top_genes)
     tmp = ad.AnnData(X=X, obs=adata.obs[[batch_key]] if batch_key else None)
     tmp.var_names = adata.var_names
     try:
@@ -72,6 +73,36 @@ def select_highly_variable_genes(
             raise
         mask[np.flatnonzero(detected)[sub]] = True
         return mask
+
+
+MIN_LOESS_GENES = 50  # seurat_v3 needs this many genes that vary (in every batch) for its loess fit
+
+
+def _check_loess_points(X, batches, n_top_genes: int) -> None:
+    """Refuse a seurat_v3 selection whose loess fit would have fewer than :data:`MIN_LOESS_GENES` points (genes
+    that are not constant over the cells of a batch): scikit-misc's loess then fails, and on a handful of points it
+    can corrupt memory and crash the interpreter (found by ``tests/fuzz_fit.py``: 3 cells x 15 genes).
+
+    Raises:
+        CellvaeInputError: too few varying genes or cells in a batch.
+    """
+    groups = [np.arange(X.shape[0])] if batches is None else [np.flatnonzero(batches == b) for b in np.unique(batches)]
+    for rows in groups:
+        sub = X[rows]
+        if sp.issparse(sub):
+            sub = sp.csr_matrix(sub, dtype=np.float64)
+            mean = np.asarray(sub.mean(0)).ravel()
+            var = np.asarray(sub.multiply(sub).mean(0)).ravel() - mean**2
+        else:
+            sub = np.asarray(sub, dtype=np.float64)
+            var = sub.var(0) if len(rows) else np.zeros(X.shape[1])
+        varying = int((var > 1e-12).sum())
+        if len(rows) < 2 or varying < MIN_LOESS_GENES:
+            where = "" if batches is None else f" in batch {batches[rows[0]]!r}"
+            raise CellvaeInputError(
+                f"Selecting {n_top_genes} highly variable genes (scanpy seurat_v3) needs at least {MIN_LOESS_GENES} "
+                f"genes that vary across cells{where} for its loess fit; there are {varying} ({len(rows)} cells). "
+                "Select no highly variable genes (drop --n-top-genes), or use more cells.")
 
 
 def log1p_cp10k(X):

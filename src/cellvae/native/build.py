@@ -46,9 +46,9 @@ import torch
 __all__ = ["available", "library", "reason_unavailable", "usable", "SLOWDOWN"]
 
 _SOURCE = Path(__file__).resolve().parent / "fastpath.c"
-_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                   "-fno-sanitize-recover=undefined", "-fopenmp-simd", "-fPIC", "-shared"]
+                   "-fno-sanitize-recover=undefined", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _ARCH_FLAGS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])  # tried in this order (x86 first)
 SLOWDOWN = 1.6  # training time with the PyTorch code relative to the kernels (pbmc4k, 1 thread, 3 runs each)
 _log = logging.getLogger("cellvae")
@@ -198,13 +198,13 @@ def _build() -> ctypes.CDLL:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.cv_nb_loglik.argtypes = [i64, i64, i64] + [p] * 16
+    lib.cv_nb_loglik.argtypes = [i64, i64, i64] + [p] * 16 + [i64]
     lib.cv_nb_loglik.restype = None
-    lib.cv_nb_work_size.argtypes = [i64, i64]
+    lib.cv_nb_work_size.argtypes = [i64, i64, i64]
     lib.cv_nb_work_size.restype = i64
-    lib.cv_csr_linear.argtypes = [i64, i64, p, p, p, p, p, p]
+    lib.cv_csr_linear.argtypes = [i64, i64, p, p, p, p, p, p, i64]
     lib.cv_csr_linear.restype = None
-    lib.cv_csr_linear_wgrad.argtypes = [i64, i64, i64, p, p, p, p, p]
+    lib.cv_csr_linear_wgrad.argtypes = [i64, i64, i64, p, p, p, p, p, i64]
     lib.cv_csr_linear_wgrad.restype = None
     lib.cv_all_finite.argtypes = [i64, p, p]
     lib.cv_all_finite.restype = ctypes.c_int32

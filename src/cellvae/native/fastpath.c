@@ -22,14 +22,64 @@
  *
  * Everything is float32 with float64 accumulation where sums run over genes; indices are int64. The loops over
  * genes are written branch-free (exp and log1p below are polynomial) so that the compiler vectorises them
- * (OpenMP SIMD pragmas, compiled with -fopenmp-simd; no OpenMP runtime is used and no thread is started).
+ * (OpenMP SIMD pragmas, compiled with -fopenmp-simd; no OpenMP runtime is used).
+ *
+ * Threads: cv_nb_loglik, cv_csr_linear and cv_csr_linear_wgrad take a thread count and split their independent
+ * units (cells, or genes for the weight gradient) into that many contiguous ranges, one per POSIX thread (the
+ * caller's thread takes the first; the others are started for the call and joined, so no thread waits or spins
+ * between calls). Every output element is computed by the same arithmetic in the same order whatever the thread
+ * count, so results are bit-identical for any number of threads. Small calls run on the caller's thread only.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define RESTRICT __restrict__
+
+#define MAX_THREADS 64
+
+/* fn(ctx, i0, i1, t) over [0, n) split into up to n_threads contiguous ranges of at least min_per_thread units;
+ * range t runs on thread t (0: the caller). A thread that cannot be started has its range run by the caller. */
+typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1, int t);
+typedef struct { range_fn fn; void *ctx; int64_t i0, i1; int t; } range_job;
+
+static void *range_job_main(void *p) {
+    range_job *j = (range_job *)p;
+    j->fn(j->ctx, j->i0, j->i1, j->t);
+    return NULL;
+}
+
+static void parallel_range(int64_t n_threads, int64_t n, int64_t min_per_thread, range_fn fn, void *ctx) {
+    int64_t T = n_threads < 1 ? 1 : (n_threads > MAX_THREADS ? MAX_THREADS : n_threads);
+    if (min_per_thread < 1) min_per_thread = 1;
+    if (T > n / min_per_thread) T = n / min_per_thread;
+    if (T <= 1) {
+        if (n > 0) fn(ctx, 0, n, 0);
+        return;
+    }
+    pthread_t th[MAX_THREADS];
+    range_job jobs[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t t = 0; t < T; ++t) {
+        jobs[t].fn = fn; jobs[t].ctx = ctx; jobs[t].t = (int)t;
+        jobs[t].i0 = n * t / T; jobs[t].i1 = n * (t + 1) / T;
+    }
+    for (int64_t t = 1; t < T; ++t) started[t] = pthread_create(&th[t], NULL, range_job_main, &jobs[t]) == 0;
+    range_job_main(&jobs[0]);
+    for (int64_t t = 1; t < T; ++t) {
+        if (started[t]) pthread_join(th[t], NULL);
+        else range_job_main(&jobs[t]);
+    }
+}
+
+/* Threads for a call with `work` units of about `unit_cost` simple operations each: one per ~2^17 operations
+ * (a thread start costs ~10-50 us), at most n_threads. */
+static int64_t threads_for(int64_t n_threads, double work) {
+    const int64_t by_work = (int64_t)(work / 131072.0);
+    return by_work < 1 ? 1 : (by_work < n_threads ? by_work : n_threads);
+}
 
 static inline float bits_to_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
 static inline int32_t float_to_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
@@ -251,52 +301,57 @@ static inline __attribute__((always_inline)) void nb_row(
     *ll_out = ll;
 }
 
-/* Floats of scratch cv_nb_loglik needs for G genes and R theta rows (its `work` argument). */
-int64_t cv_nb_work_size(int64_t G, int64_t R) {
-    return G * (2 + (R <= TABLE_MAX_ROWS ? 2 * R * (TABLE_COUNT + 1) : 0));
+/* Floats of scratch cv_nb_loglik needs for G genes, R theta rows and up to n_threads threads (its `work`). */
+int64_t cv_nb_work_size(int64_t G, int64_t R, int64_t n_threads) {
+    const int64_t T = n_threads < 1 ? 1 : (n_threads > MAX_THREADS ? MAX_THREADS : n_threads);
+    return G * (2 * T + (R <= TABLE_MAX_ROWS ? 2 * R * (TABLE_COUNT + 1) : 0));
 }
 
-void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *loglib, const float *theta,
-                  const float *log_theta, const int64_t *theta_rows, const float *zi, const int64_t *crow,
-                  const int64_t *col, const float *xv, const float *xdense, float *ll, float *ga, float *gth,
-                  float *gzi, float *glib, float *work) {
-    const int grad = ga != NULL;
-    float *xrow = work, *gmu = work + G;
-    const int use_table = R <= TABLE_MAX_ROWS;
-    float *tab = work + 2 * G, *dtab = tab + R * (TABLE_COUNT + 1) * G;
-    if (use_table) build_count_table(R, G, theta, tab, dtab);
-    if (!log_factorial_ready) { /* idempotent: concurrent first calls write the same values */
-        for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
-        log_factorial_ready = 1;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = theta_rows ? theta_rows[i] : 0;
+typedef struct {
+    int64_t G;
+    const float *a, *loglib, *theta, *log_theta, *zi, *xv, *xdense, *tab, *dtab;
+    const int64_t *theta_rows, *crow, *col;
+    float *ll, *ga, *gth, *gzi, *glib, *scratch;
+    int use_table;
+} nb_ctx;
+
+static void nb_rows(void *p, int64_t i0, int64_t i1, int t) {
+    const nb_ctx *c = (const nb_ctx *)p;
+    const int64_t G = c->G;
+    const int grad = c->ga != NULL;
+    float *xrow = c->scratch + 2 * G * t, *gmu = xrow + G;
+    const float *theta = c->theta, *log_theta = c->log_theta, *a = c->a, *zi = c->zi, *xdense = c->xdense;
+    const int64_t *crow = c->crow, *col = c->col;
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = c->theta_rows ? c->theta_rows[i] : 0;
         const float *th = theta + r * G, *lt = log_theta + r * G;
         const float *x;
         if (xdense) {
             x = xdense + i * G;
         } else {
             memset(xrow, 0, G * sizeof(float));
-            for (int64_t k = crow[i]; k < crow[i + 1]; ++k) xrow[col[k]] = xv[k];
+            for (int64_t k = crow[i]; k < crow[i + 1]; ++k) xrow[col[k]] = c->xv[k];
             x = xrow;
         }
         const int64_t o = i * G;
         double lli = 0.0, glibi = 0.0;
         const float *zr = zi ? zi + o : NULL;
-        float *gar = grad ? ga + o : NULL, *gthr = grad ? gth + o : NULL, *gzr = (grad && zi) ? gzi + o : NULL;
-        if (zi && grad) nb_row(G, a + o, loglib[i], th, lt, zr, x, &lli, gar, gthr, gzr, &glibi, gmu, 1, 1);
-        else if (zi) nb_row(G, a + o, loglib[i], th, lt, zr, x, &lli, NULL, NULL, NULL, &glibi, gmu, 1, 0);
-        else if (grad) nb_row(G, a + o, loglib[i], th, lt, NULL, x, &lli, gar, gthr, NULL, &glibi, gmu, 0, 1);
-        else nb_row(G, a + o, loglib[i], th, lt, NULL, x, &lli, NULL, NULL, NULL, &glibi, gmu, 0, 0);
+        float *gar = grad ? c->ga + o : NULL, *gthr = grad ? c->gth + o : NULL;
+        float *gzr = (grad && zi) ? c->gzi + o : NULL;
+        const float loglib = c->loglib[i];
+        if (zi && grad) nb_row(G, a + o, loglib, th, lt, zr, x, &lli, gar, gthr, gzr, &glibi, gmu, 1, 1);
+        else if (zi) nb_row(G, a + o, loglib, th, lt, zr, x, &lli, NULL, NULL, NULL, &glibi, gmu, 1, 0);
+        else if (grad) nb_row(G, a + o, loglib, th, lt, NULL, x, &lli, gar, gthr, NULL, &glibi, gmu, 0, 1);
+        else nb_row(G, a + o, loglib, th, lt, NULL, x, &lli, NULL, NULL, NULL, &glibi, gmu, 0, 0);
         /* the lgamma terms of the non-zero counts */
-        const float *tabr = tab + r * (TABLE_COUNT + 1) * G, *dtabr = dtab + r * (TABLE_COUNT + 1) * G;
+        const float *tabr = c->tab + r * (TABLE_COUNT + 1) * G, *dtabr = c->dtab + r * (TABLE_COUNT + 1) * G;
         const int64_t k0 = xdense ? 0 : crow[i], k1 = xdense ? G : crow[i + 1];
         for (int64_t k = k0; k < k1; ++k) {
             const int64_t g = xdense ? k : col[k];
-            const float xg = xdense ? x[g] : xv[k];
+            const float xg = xdense ? x[g] : c->xv[k];
             if (xg == 0.0f) continue;
             double T, dT;
-            if (use_table && xg <= TABLE_COUNT) {
+            if (c->use_table && xg <= TABLE_COUNT) {
                 const int64_t at = (int64_t)xg * G + g;
                 T = tabr[at];
                 dT = dtabr[at];
@@ -306,9 +361,26 @@ void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *
             lli += T;
             if (grad) gthr[g] += (float)dT;
         }
-        ll[i] = (float)lli;
-        if (grad) glib[i] = (float)glibi;
+        c->ll[i] = (float)lli;
+        if (grad) c->glib[i] = (float)glibi;
     }
+}
+
+void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *loglib, const float *theta,
+                  const float *log_theta, const int64_t *theta_rows, const float *zi, const int64_t *crow,
+                  const int64_t *col, const float *xv, const float *xdense, float *ll, float *ga, float *gth,
+                  float *gzi, float *glib, float *work, int64_t n_threads) {
+    const int64_t T = n_threads < 1 ? 1 : (n_threads > MAX_THREADS ? MAX_THREADS : n_threads);
+    const int use_table = R <= TABLE_MAX_ROWS;
+    float *tab = work + 2 * G * T, *dtab = tab + R * (TABLE_COUNT + 1) * G;
+    if (use_table) build_count_table(R, G, theta, tab, dtab);
+    if (!log_factorial_ready) {
+        for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
+        log_factorial_ready = 1;
+    }
+    nb_ctx c = {G, a, loglib, theta, log_theta, zi, xv, xdense, tab, dtab, theta_rows, crow, col,
+                ll, ga, gth, gzi, glib, work, use_table};
+    parallel_range(threads_for(T, (double)n * G * (ga ? 24.0 : 12.0)), n, 1, nb_rows, &c);
 }
 
 /* 16 floats as one vector (GCC / clang vector extension; the compiler maps it to the widest registers the target
@@ -346,16 +418,44 @@ static inline void axpy_tail(int64_t k0, int64_t k1, const int64_t *idx, const f
     }
 }
 
+typedef struct {
+    int64_t n_out, nb;
+    const int64_t *crow, *col, *rows;
+    const float *val, *wt, *b, *gr;
+    float *y;
+} lin_ctx;
+
+static void csr_linear_rows(void *p, int64_t i0, int64_t i1, int t) {
+    const lin_ctx *c = (const lin_ctx *)p;
+    (void)t;
+    for (int64_t i = i0; i < i1; ++i) {
+        float *yi = c->y + i * c->n_out;
+        for (int64_t o0 = 0; o0 < c->nb; o0 += 64)
+            axpy_block64(c->crow[i], c->crow[i + 1], c->col, c->val, c->wt + o0, c->n_out, c->b ? c->b + o0 : NULL,
+                         yi + o0);
+        if (c->nb < c->n_out) axpy_tail(c->crow[i], c->crow[i + 1], c->col, c->val, c->wt, c->n_out, c->b, c->nb,
+                                        c->n_out, yi);
+    }
+}
+
 /* y (n, n_out) = X W^T + b for CSR X (n, n_in); wt = W^T, (n_in, n_out) row-major; b (n_out,) or NULL.
- * Row by row, 64 outputs at a time held in registers. */
+ * Row by row, 64 outputs at a time held in registers; rows split over n_threads threads. */
 void cv_csr_linear(int64_t n, int64_t n_out, const int64_t *crow, const int64_t *col, const float *val,
-                   const float *wt, const float *b, float *y) {
-    const int64_t nb = n_out - n_out % 64;
-    for (int64_t i = 0; i < n; ++i) {
-        float *yi = y + i * n_out;
-        for (int64_t o0 = 0; o0 < nb; o0 += 64)
-            axpy_block64(crow[i], crow[i + 1], col, val, wt + o0, n_out, b ? b + o0 : NULL, yi + o0);
-        if (nb < n_out) axpy_tail(crow[i], crow[i + 1], col, val, wt, n_out, b, nb, n_out, yi);
+                   const float *wt, const float *b, float *y, int64_t n_threads) {
+    lin_ctx c = {n_out, n_out - n_out % 64, crow, col, NULL, val, wt, b, NULL, y};
+    parallel_range(threads_for(n_threads, (double)crow[n] * n_out), n, 1, csr_linear_rows, &c);
+}
+
+/* Rows j0..j1 of dwt from the CSC form: cptr (ends of columns), rows, cval in c->crow, c->rows, c->val. */
+static void csr_wgrad_cols(void *p, int64_t j0, int64_t j1, int t) {
+    const lin_ctx *c = (const lin_ctx *)p;
+    (void)t;
+    for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k0 = j ? c->crow[j - 1] : 0, k1 = c->crow[j];
+        float *d = c->y + j * c->n_out;
+        for (int64_t o0 = 0; o0 < c->nb; o0 += 64) axpy_block64(k0, k1, c->rows, c->val, c->gr + o0, c->n_out, NULL,
+                                                                d + o0);
+        if (c->nb < c->n_out) axpy_tail(k0, k1, c->rows, c->val, c->gr, c->n_out, NULL, c->nb, c->n_out, d);
     }
 }
 
@@ -364,7 +464,7 @@ void cv_csr_linear(int64_t n, int64_t n_out, const int64_t *crow, const int64_t 
  * is a sum over the cells of its column, made in registers and written once. Rows of genes without a non-zero in
  * X are 0. Falls back to accumulating row by row when the scratch cannot be allocated. */
 void cv_csr_linear_wgrad(int64_t n, int64_t n_in, int64_t n_out, const int64_t *crow, const int64_t *col,
-                         const float *val, const float *gr, float *dwt) {
+                         const float *val, const float *gr, float *dwt, int64_t n_threads) {
     const int64_t nnz = crow[n];
     int64_t *cptr = (int64_t *)malloc((n_in + 1) * sizeof(int64_t));
     int64_t *rows = (int64_t *)malloc((nnz > 0 ? nnz : 1) * sizeof(int64_t));
@@ -391,14 +491,9 @@ void cv_csr_linear_wgrad(int64_t n, int64_t n_in, int64_t n_out, const int64_t *
             rows[at] = i;
             cval[at] = val[k];
         }
-    /* cptr[j] now holds the end of column j: its start is cptr[j - 1] (0 for j = 0) */
-    const int64_t nb = n_out - n_out % 64;
-    for (int64_t j = 0; j < n_in; ++j) {
-        const int64_t k0 = j ? cptr[j - 1] : 0, k1 = cptr[j];
-        float *d = dwt + j * n_out;
-        for (int64_t o0 = 0; o0 < nb; o0 += 64) axpy_block64(k0, k1, rows, cval, gr + o0, n_out, NULL, d + o0);
-        if (nb < n_out) axpy_tail(k0, k1, rows, cval, gr, n_out, NULL, nb, n_out, d);
-    }
+    /* cptr[j] now holds the end of column j: its start is cptr[j - 1] (0 for j = 0); genes split over threads */
+    lin_ctx c = {n_out, n_out - n_out % 64, cptr, NULL, rows, cval, NULL, NULL, gr, dwt};
+    parallel_range(threads_for(n_threads, (double)nnz * n_out), n_in, 1, csr_wgrad_cols, &c);
     free(cptr); free(rows); free(cval);
 }
 

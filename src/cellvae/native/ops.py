@@ -83,6 +83,13 @@ def check_csr(crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int, n
                                 "x.to_sparse_coo().coalesce().to_sparse_csr()).")
 
 
+def n_threads() -> int:
+    """Threads of the native kernels: torch's intra-op thread count (``torch.set_num_threads``; the training loop
+    sets it from ``n_threads``). The kernels split cells (or genes) into that many ranges; results are bit-identical
+    for any count (``fastpath.c``)."""
+    return max(1, int(torch.get_num_threads()))
+
+
 # ---------------------------------------------------------------------------------------- likelihood
 def nb_loglik(logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor,
               zi_logits: torch.Tensor | None, theta_rows: torch.Tensor | None, crow: torch.Tensor | None,
@@ -136,11 +143,12 @@ def nb_loglik(logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.
     gth = torch.empty_like(logits) if grad else None
     gzi = torch.empty_like(logits) if grad and zi_logits is not None else None
     glib = logits.new_empty(n) if grad else None
-    work = logits.new_empty(lib.cv_nb_work_size(G, R))
+    T = n_threads()
+    work = logits.new_empty(lib.cv_nb_work_size(G, R, T))
     lib.cv_nb_loglik(n, G, R, _ptr(logits), _ptr(loglib), _ptr(theta), _ptr(lt), _ptr(theta_rows), _ptr(zi_logits),
                      _ptr(crow if xdense is None else None), _ptr(col if xdense is None else None),
                      _ptr(xv if xdense is None else None), _ptr(xdense), _ptr(ll), _ptr(ga), _ptr(gth), _ptr(gzi),
-                     _ptr(glib), _ptr(work))
+                     _ptr(glib), _ptr(work), T)
     return ll, ga, gth, gzi, glib
 
 
@@ -160,7 +168,8 @@ def csr_linear(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, wt: tor
     _need("x.values", val, torch.float32, (col.numel(),))
     _need("bias", bias, torch.float32, (n_out,), optional=True)
     out = wt.new_empty(n, n_out)
-    library().cv_csr_linear(n, n_out, _ptr(crow), _ptr(col), _ptr(val), _ptr(wt), _ptr(bias), _ptr(out))
+    library().cv_csr_linear(n, n_out, _ptr(crow), _ptr(col), _ptr(val), _ptr(wt), _ptr(bias), _ptr(out),
+                            n_threads())
     return out
 
 
@@ -177,7 +186,8 @@ def csr_linear_wgrad(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, g
     check_csr(crow, col, n, n_in)
     _need("x.values", val, torch.float32, (col.numel(),))
     dwt = grad.new_empty(n_in, grad.shape[1])
-    library().cv_csr_linear_wgrad(n, n_in, grad.shape[1], _ptr(crow), _ptr(col), _ptr(val), _ptr(grad), _ptr(dwt))
+    library().cv_csr_linear_wgrad(n, n_in, grad.shape[1], _ptr(crow), _ptr(col), _ptr(val), _ptr(grad), _ptr(dwt),
+                                  n_threads())
     return dwt
 
 
