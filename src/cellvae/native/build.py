@@ -46,10 +46,12 @@ import torch
 __all__ = ["available", "library", "reason_unavailable", "usable", "SLOWDOWN"]
 
 _SOURCE = Path(__file__).resolve().parent / "fastpath.c"
-_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
 _SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                   "-fno-sanitize-recover=undefined", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+                   "-fno-sanitize-recover=undefined", "-fopenmp-simd", "-fPIC", "-shared"]
 _ARCH_FLAGS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])  # tried in this order (x86 first)
+# OpenMP threads (the runtime torch loaded, libgomp.so.1; see fastpath.c), else one thread per kernel call
+_OPENMP_FLAGS = (["-fopenmp"], [])
 SLOWDOWN = 1.6  # training time with the PyTorch code relative to the kernels (pbmc4k, 1 thread, 3 runs each)
 _log = logging.getLogger("cellvae")
 _state: dict = {}
@@ -174,8 +176,9 @@ def _build() -> ctypes.CDLL:
     known_cpu = signature.rsplit("|", 1)[-1] != ""  # without the CPU's flags, a -march=native build is not keyed
     sanitize = os.environ.get("CELLVAE_NATIVE_SANITIZE", "0").strip().lower() in ("1", "true", "yes", "on")
     d = _usable_dir()
-    for arch in (_ARCH_FLAGS if known_cpu else ([],)):
-        flags = [*arch, *(_SANITIZE_FLAGS if sanitize else _FLAGS)]
+    variants = [(arch, omp) for arch in (_ARCH_FLAGS if known_cpu else ([],)) for omp in _OPENMP_FLAGS]
+    for arch, omp in variants:
+        flags = [*arch, *omp, *(_SANITIZE_FLAGS if sanitize else _FLAGS)]
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
                                          signature.encode()])).hexdigest()[:16]
         for attempt in range(2):  # a library that fails to load is deleted and built once more

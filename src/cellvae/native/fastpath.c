@@ -22,16 +22,17 @@
  *
  * Everything is float32 with float64 accumulation where sums run over genes; indices are int64. The loops over
  * genes are written branch-free (exp and log1p below are polynomial) so that the compiler vectorises them
- * (OpenMP SIMD pragmas, compiled with -fopenmp-simd; no OpenMP runtime is used).
+ * (OpenMP SIMD pragmas).
  *
  * Threads: cv_nb_loglik, cv_csr_linear and cv_csr_linear_wgrad take a thread count and split their independent
- * units (cells, or genes for the weight gradient) into that many contiguous ranges, one per POSIX thread (the
- * caller's thread takes the first; the others are started for the call and joined, so no thread waits or spins
- * between calls). Every output element is computed by the same arithmetic in the same order whatever the thread
+ * units (cells, or genes for the weight gradient) into that many contiguous ranges, one per OpenMP thread (see
+ * parallel_range). Every output element is computed by the same arithmetic in the same order whatever the thread
  * count, so results are bit-identical for any number of threads. Small calls run on the caller's thread only.
  */
 #include <math.h>
-#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,38 +41,27 @@
 
 #define MAX_THREADS 64
 
-/* fn(ctx, i0, i1, t) over [0, n) split into up to n_threads contiguous ranges of at least min_per_thread units;
- * range t runs on thread t (0: the caller). A thread that cannot be started has its range run by the caller. */
+/* fn(ctx, i0, i1, t) over [0, n) split into up to n_threads contiguous ranges of at least min_per_thread units,
+ * range t on OpenMP thread t (0: the caller). Built with -fopenmp, this library uses the OpenMP runtime PyTorch has
+ * loaded (the same libgomp.so.1), so the kernels run on torch's own intra-op threads, which are awake right after
+ * torch's matrix products; without OpenMP everything runs on the caller's thread. */
 typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1, int t);
-typedef struct { range_fn fn; void *ctx; int64_t i0, i1; int t; } range_job;
-
-static void *range_job_main(void *p) {
-    range_job *j = (range_job *)p;
-    j->fn(j->ctx, j->i0, j->i1, j->t);
-    return NULL;
-}
 
 static void parallel_range(int64_t n_threads, int64_t n, int64_t min_per_thread, range_fn fn, void *ctx) {
     int64_t T = n_threads < 1 ? 1 : (n_threads > MAX_THREADS ? MAX_THREADS : n_threads);
     if (min_per_thread < 1) min_per_thread = 1;
     if (T > n / min_per_thread) T = n / min_per_thread;
-    if (T <= 1) {
-        if (n > 0) fn(ctx, 0, n, 0);
+#ifdef _OPENMP
+    if (T > 1) {
+#pragma omp parallel num_threads((int)T)
+        {
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+            fn(ctx, n * t / nt, n * (t + 1) / nt, (int)t);
+        }
         return;
     }
-    pthread_t th[MAX_THREADS];
-    range_job jobs[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int64_t t = 0; t < T; ++t) {
-        jobs[t].fn = fn; jobs[t].ctx = ctx; jobs[t].t = (int)t;
-        jobs[t].i0 = n * t / T; jobs[t].i1 = n * (t + 1) / T;
-    }
-    for (int64_t t = 1; t < T; ++t) started[t] = pthread_create(&th[t], NULL, range_job_main, &jobs[t]) == 0;
-    range_job_main(&jobs[0]);
-    for (int64_t t = 1; t < T; ++t) {
-        if (started[t]) pthread_join(th[t], NULL);
-        else range_job_main(&jobs[t]);
-    }
+#endif
+    if (n > 0) fn(ctx, 0, n, 0);
 }
 
 /* Threads for a call with `work` units of about `unit_cost` simple operations each: one per ~2^17 operations

@@ -89,7 +89,8 @@ def train_module(
         step), ``train_loss`` (weighted, the optimised quantity), ``train_elbo``, ``validation_elbo``,
         ``validation_reconstruction_loss``, ``validation_kl_local`` (nats per cell), ``skipped_steps``, ``seconds``;
         plus ``best_epoch``, ``stopped_early``, ``n_skipped_steps``, ``train_cells_per_second``,
-        ``resumed_from_epoch`` (0 for a fresh run) and ``plan`` (the settings, ``max_epochs`` resolved).
+        ``resumed_from_epoch`` (0 for a fresh run), ``n_threads`` (the threads used) and ``plan`` (the settings,
+        ``max_epochs`` resolved).
 
     Raises:
         ValueError: if there are fewer training cells than 2 (batch normalisation needs 2).
@@ -106,7 +107,9 @@ def train_module(
     try:
         with torch_threads(plan.n_threads):
             run = _Run(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta, device)
-            return run.fit()
+            history = run.fit()
+            history["n_threads"] = torch.get_num_threads()
+            return history
     finally:
         module.cpu()
 
