@@ -58,7 +58,8 @@ from ..data.tensors import CellData
 from ..vae.module import evaluation
 
 
-__all__ = ["anomaly_score", "calibrate_threshold", "annotate_anomalies", "METHODS", "LIBRARY_NORMALIZATIONS"]
+__all__ = ["anomaly_score", "calibrate_threshold", "annotate_anomalies", "gene_nll_reference_stats", "gene_surprise",
+           "METHODS", "LIBRARY_NORMALIZATIONS"]
 
 METHODS = ("latent_knn", "gene_surprise", "latent_knn_gene", "elbo", "marginal_ll")
 LIBRARY_NORMALIZATIONS = ("none", "per_count", "regress")
@@ -111,8 +112,14 @@ def _gene_nll_batches(module, data: CellData, batch_size: int):
             yield -px.log_prob(x).double()
 
 
-def _gene_reference_stats(module, data: CellData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-gene mean and standard deviation (floored at 0.01 nats) of the per-gene NLL over ``data``'s cells."""
+def gene_nll_reference_stats(module, data: CellData, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-gene mean and standard deviation (floored at 0.01 nats) of the per-gene negative log-likelihood
+    ``-log p(x_g | z = E_q[z|x], l)`` over ``data``'s cells: two (n_genes,) float64 tensors (nats), the reference
+    of :func:`gene_surprise`.
+
+    Args:
+        module: a trained :class:`cellvae.vae.module.VAEModule`; data: prepared cells (:class:`CellData`).
+    """
     s1 = s2 = 0.0
     for nll in _gene_nll_batches(module, data, batch_size):
         s1 = s1 + nll.sum(0)
@@ -122,8 +129,10 @@ def _gene_reference_stats(module, data: CellData, batch_size: int) -> tuple[torc
     return mean, sd
 
 
-def _gene_surprise(module, data: CellData, stats, n_top: int, batch_size: int) -> np.ndarray:
-    """(n_cells,) mean of the ``n_top`` largest per-gene NLL z-scores (see the module docstring)."""
+def gene_surprise(module, data: CellData, stats, n_top: int = 20, batch_size: int = 256) -> np.ndarray:
+    """(n_cells,) float32 mean of the ``n_top`` largest per-gene NLL z-scores against ``stats``
+    (:func:`gene_nll_reference_stats` of reference cells): the ``"gene_surprise"`` score of the module docstring.
+    Unitless; higher = the cell's worst-explained genes are worse explained than in reference cells."""
     mean, sd = stats
     k = min(int(n_top), data.n_genes)
     out = [torch.topk((nll - mean) / sd, k, dim=1).values.mean(1)
@@ -310,11 +319,11 @@ def _gene_methods(model, adata_, data, method, reference, n_neighbors, n_top_gen
     if len(sub_idx) > _MAX_GENE_REFERENCE:
         sub_idx = np.sort(np.random.default_rng(seed).choice(sub_idx, _MAX_GENE_REFERENCE, replace=False))
     ref_data = model.prepared_data(_subset_in_memory(ref_adata, sub_idx))
-    stats = _gene_reference_stats(model.module, ref_data, batch_size)
-    gene = _gene_surprise(model.module, data, stats, n_top_genes, batch_size)
+    stats = gene_nll_reference_stats(model.module, ref_data, batch_size)
+    gene = gene_surprise(model.module, data, stats, n_top_genes, batch_size)
     if method == "gene_surprise":
         return gene
-    ref_gene = _gene_surprise(model.module, ref_data, stats, n_top_genes, batch_size)
+    ref_gene = gene_surprise(model.module, ref_data, stats, n_top_genes, batch_size)
     knn_kw = dict(method="latent_knn", reference=reference, n_neighbors=n_neighbors, batch_size=batch_size, seed=seed)
     knn = anomaly_score(model, adata_, **knn_kw)
     # the reference cells' own kNN scores (scoring the reference AnnData itself excludes each cell from its

@@ -150,8 +150,9 @@ def map_job(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str 
                 "Label confidence: the classifier's probability after temperature scaling fitted on held-out "
                 f"reference cells (temperature {ref.temperature:.3g}; ECE there {ref.calibration.get('ece_before', float('nan')):.3g}"
                 f" before, {ref.calibration.get('ece_after', float('nan')):.3g} after).",
-                "Unknown: the larger of the latent kNN distance to reference cells and 1 - confidence, each over its "
-                "99th percentile among held-out reference cells, above 1.",
+                "Unknown: the sum of the normal scores of three signals ranked against held-out reference cells (latent "
+                "kNN distance to reference cells, 1 - confidence, gene surprise), above the 99th percentile of the "
+                "held-out cells' own sums (about 1 % of reference-like cells are flagged).",
                 "Mixing score: iLISI of reference vs query cells on the joint latent (0: separate, 1: fully mixed; "
                 "scaled as scIB).",
             ]
