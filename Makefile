@@ -29,7 +29,7 @@ SANITIZE_ENV = CELLVAE_NATIVE_SANITIZE=1 CELLVAE_CACHE_DIR=$(abspath .cache/sani
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 CC_SAN ?= gcc
 test-native-sanitize: install
-	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_malformed_csr.py \
+	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_malformed_csr.py tests/test_threads.py \
 		tests/test_sparse_path.py tests/test_fast_path.py
 
 # Peer benchmark (scvi-tools 1.5.1, which needs Python >= 3.12) in a separate environment so the
