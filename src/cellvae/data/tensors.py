@@ -17,8 +17,8 @@ import torch
 from .sparse import csr_tensor
 from ..errors import CellvaeInputError
 
-__all__ = ['DENSE_MAX_ELEMENTS', 'SPARSE_MAX_DENSITY', 'CellData', 'TensorData', 'minibatch_slices', 'split_indices',
-           'as_indices']
+__all__ = ['DENSE_MAX_ELEMENTS', 'SPARSE_MAX_DENSITY', 'CellData', 'TensorData', 'minibatch_slices', 'pass_order',
+           'split_indices', 'as_indices']
 
 
 DENSE_MAX_ELEMENTS = 300_000_000  # ~1.2 GB float32: above this, minibatches are densified from CSR per batch
@@ -185,7 +185,7 @@ class TensorData(CellData):
         generator: torch.Generator | None = None,
     ) -> Iterator[tuple]:
         """Yield ``(x, cat, cont)`` minibatches over ``indices``; see :func:`minibatch_slices`."""
-        indices = _pass_order(indices, shuffle, generator)
+        indices = pass_order(indices, shuffle, generator)
         for a, b in minibatch_slices(len(indices), batch_size):
             yield self.batch(indices[a:b])
 
@@ -208,7 +208,7 @@ class TensorData(CellData):
         if counts is None:
             raise ValueError(f"iterate_sparse needs data with at most {SPARSE_MAX_DENSITY:.0%} non-zero entries; "
                              "use iterate().")
-        indices = _pass_order(indices, shuffle, generator)
+        indices = pass_order(indices, shuffle, generator)
         m = counts[indices.numpy()]  # stored values are the non-zero counts, as the likelihood needs
         crow, col, val = (torch.from_numpy(a) for a in (m.indptr, m.indices, m.data))
         for a, b in minibatch_slices(len(indices), batch_size):
@@ -218,7 +218,7 @@ class TensorData(CellData):
             yield x, self.cat.index_select(0, idx), self.cont.index_select(0, idx) if self.cont is not None else None
 
 
-def _pass_order(indices: torch.Tensor, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
+def pass_order(indices: torch.Tensor, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
     """The cells of one pass in minibatch order: ``indices`` permuted with ``generator`` when ``shuffle``."""
     return indices[torch.randperm(len(indices), generator=generator)] if shuffle else indices
 

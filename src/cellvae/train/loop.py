@@ -36,6 +36,7 @@ from .checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .distributed import (allreduce_grads, average_buffers, broadcast_module, is_main, per_rank_batch_size,
                           resolve_device, shard_indices, to_device, world)
 from .evaluate import evaluate_elbo, sparse_minibatches
+from .device import DeviceData, skip_nonfinite_step
 from .optim import _regroup_old_state, _transpose_old_states, grads_finite, make_optimizer, set_lr
 from .schedule import lr_at
 from .threads import torch_threads
@@ -47,6 +48,7 @@ _RESUME_FIXED = ("batch_size", "seed", "train_size")
 # Settings that may change on resume without notice.
 _RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
                 "accelerator", "fused_optimizer", "decoder_bias_init", "dispersion_init")
+_FORCE_SYNC_FREE = False  # tests: the accelerator's synchronisation-free step on the CPU (tests/test_device.py)
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
 
@@ -175,6 +177,14 @@ class _Run:
         if not sparse:  # dense steps select rows of one dense copy, not CSR per batch
             data.densify()
         self.minibatches = data.iterate_sparse if sparse else data.iterate
+        on_device = None if sparse else DeviceData.maybe(data, device)  # accelerators: the data copied once
+        if on_device is not None:
+            self.minibatches = on_device.iterate
+        # accelerators: the finiteness check and the skip of a bad step stay on the device (cellvae.train.device)
+        self.sync_free = (plan.check_finite and bool(self.optimizer.defaults.get("fused"))
+                          and (device.type != "cpu" or _FORCE_SYNC_FREE))
+        zero = torch.zeros((), device=device)
+        self.dev_ok, self.dev_skipped, self.dev_consecutive = zero.clone(), zero.clone(), zero.clone()
 
     def _resume(self, ck: dict) -> None:
         """Restore the state of a checkpoint (refused for another model, data or split)."""
@@ -262,6 +272,15 @@ class _Run:
             n = self.step(to_device(batch, self.device), kl_w, sums, epoch)
             n_ok += n
             skipped += n == 0
+        if self.sync_free:  # the device-side counts, read once per epoch
+            n_ok, skipped = int(self.dev_ok.item()), int(self.dev_skipped.item())
+            self.dev_ok.zero_()
+            self.dev_skipped.zero_()
+            self.n_skipped += skipped
+            self.consecutive_bad = int(self.dev_consecutive.item())
+            if self.consecutive_bad >= self.plan.max_bad_steps:
+                self.bar.close()
+                self._fail(epoch, "loss or gradients")
         return t0, kl_w, sums[0], sums[1], n_ok, skipped
 
     def step(self, batch: tuple, kl_w: float, sums: list, epoch: int) -> int:
@@ -279,6 +298,8 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         mean_loss = allreduce_grads(self.params, out.loss)  # over ranks: every rank skips the same steps
+        if self.sync_free:
+            return self._step_on_device(out, mean_loss, x.shape[0], sums)
         bad = None
         if plan.check_finite:  # the loss, then one read of the gradients (cellvae.train.optim.grads_finite)
             loss_ok = bool(torch.isfinite(mean_loss))
@@ -302,6 +323,21 @@ class _Run:
         if self.consecutive_bad >= plan.max_bad_steps:
             self.bar.close()
             self._fail(epoch, bad)
+        return 0
+
+    def _step_on_device(self, out, mean_loss: torch.Tensor, n: int, sums: list) -> int:
+        """:meth:`step`'s check and update without a host synchronisation (:func:`cellvae.train.device.
+        skip_nonfinite_step`); the cells trained on and the skipped steps are counted on the device and read by
+        :meth:`epoch`. Returns 0 (the count is the device's)."""
+        flag = skip_nonfinite_step(self.optimizer, self.params, mean_loss, self.buffers, self.buffer_backup)
+        self.step_count += 1
+        with torch.no_grad():
+            skip = flag.bool()
+            sums[0] += torch.where(skip, torch.zeros_like(flag), out.loss.detach() * n)
+            sums[1] += torch.where(skip, torch.zeros_like(flag), out.elbo.detach().sum())
+            self.dev_ok += (1.0 - flag) * n
+            self.dev_skipped += flag
+            self.dev_consecutive.copy_((self.dev_consecutive + flag) * flag)
         return 0
 
     def end_of_epoch(self, epoch: int, t0: float, kl_w: float, loss_sum, elbo_sum, n_ok: int, skipped: int) -> bool:
