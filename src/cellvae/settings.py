@@ -34,7 +34,7 @@ __all__ = ["GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "NORM_CHOICES
            "FitJobSettings", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
            "as_dict", "from_dict", "build", "with_signature"]
 
-GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal")
+GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal", "zip")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 NORM_CHOICES = ("both", "encoder", "decoder", "none")
@@ -152,8 +152,8 @@ class ModelSettings:
     """Architecture and likelihood of the scVI module (Lopez et al. 2018; defaults as scvi-tools' ``SCVI``).
 
     Attributes:
-        gene_likelihood: ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"`` (a Gaussian VAE on log1p-normalized
-            data); see :mod:`cellvae.vae.likelihoods`.
+        gene_likelihood: ``"zinb"``, ``"nb"``, ``"poisson"``, ``"zip"`` (zero-inflated Poisson) or ``"normal"`` (a
+            Gaussian VAE on log1p-normalized data); see :mod:`cellvae.vae.likelihoods`.
         dispersion: inverse dispersion theta per ``"gene"``, ``"gene-batch"`` or ``"gene-cell"``.
         n_hidden, n_latent, n_layers, dropout_rate: network sizes (128, 10, 1, 0.1).
         use_observed_lib_size: library size = the cell's total counts (True) or a latent log-normal (False).
@@ -188,7 +188,9 @@ class ModelSettings:
     use_batch_norm: str = field(default="both", metadata={"choices": NORM_CHOICES})
     use_layer_norm: str = field(default="none", metadata={"choices": NORM_CHOICES})
     encoder_input: str = field(default="log1p", metadata={"choices": ENCODER_INPUTS})
-    beta: float = field(default=1.0, metadata={"min": 0.0})
+    beta: float = field(default=1.0, metadata=_opt(
+        "--beta", "KL weight of z after the KL warm-up (beta-VAE, Higgins et al. 2017): 1 is the ELBO; > 1 favours "
+        "a smoother, more disentangled latent space, < 1 better reconstruction.", min=0.0))
     adversarial_batch_weight: float = field(default=0.0, metadata=_opt(
         "--adversarial-batch-weight",
         "With --batch-key: weight of an adversarial batch classifier on the latent space (domain confusion; 0 = "

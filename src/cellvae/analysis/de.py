@@ -64,7 +64,7 @@ _TINY = 1e-30  # rho is clamped here so that log2 stays finite with a zero pseud
 def _check_count_model(model: TrainedModel) -> None:
     if not model.module.likelihood.models_counts:
         raise CellvaeInputError(
-            "Differential expression needs a count likelihood (zinb, nb or poisson): with gene_likelihood='normal' "
+            "Differential expression needs a count likelihood (zinb, nb, poisson or zip): with gene_likelihood='normal' "
             "the decoder output is not a normalized expression that sums to 1."
         )
     model.check_trained()

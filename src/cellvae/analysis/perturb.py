@@ -27,6 +27,15 @@ In both cases ``X`` of the result holds the decoded normalized expression ``rho`
 genes) times each control cell's observed library size (its total counts over the model's genes): expected
 counts, float. ``layers["counts"]`` holds integer counts sampled from the fitted likelihood ``p(x | z, l)``
 (ZINB / NB / Poisson) at the same library size, so the predictions can be analysed like observed counts.
+
+Uncertainty (``n_samples = K > 1``): each control cell's latent code is drawn K times from ``q(z | x)`` (each draw
+shifted by ``delta``, or decoded with the perturbed code). Every draw is also decoded unperturbed (no shift, the
+cell's own control code), so the predicted change of gene g is a paired posterior quantity per draw k:
+``lfc_gk = log2(mean_cells rho_pert + c) - log2(mean_cells rho_ctrl + c)`` (pseudocount ``c`` of
+:func:`cellvae.analysis.de.default_pseudocount`, 0.1 counts in a control cell of median size), as the paired
+fold change of scVI's differential expression (Lopez et al. 2018; Boyeau et al. 2019). ``delta`` itself is a
+point estimate: the spread says how certain the model is about each gene's response given the cells, not how
+well the shift was estimated from the training cell types.
 """
 
 from __future__ import annotations
@@ -38,13 +47,15 @@ import pandas as pd
 import torch
 
 from ..errors import CellvaeInputError
+from .de import default_pseudocount
 from .protocol import TrainedModel
 from ..vae.module import evaluation
 
 
-__all__ = ["predict_perturbation", "latent_delta", "condition_covariate", "METHODS"]
+__all__ = ["predict_perturbation", "latent_delta", "condition_covariate", "METHODS", "MAX_SAMPLE_VALUES"]
 
 METHODS = ("latent_arithmetic", "decoder_swap")
+MAX_SAMPLE_VALUES = 200_000_000  # cells x samples x genes of return_samples=True (0.8 GB of float32)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -184,11 +195,12 @@ def predict_perturbation(
     n_samples: int = 1,
     seed: int = 0,
     batch_size: int = 1024,
+    return_samples: bool = False,
 ) -> ad.AnnData:
     """Predict how control cells would look under the perturbed condition.
 
     Args:
-        model: a trained :class:`cellvae.CountVAE` with a count likelihood (zinb, nb, poisson) whose training
+        model: a trained :class:`cellvae.CountVAE` with a count likelihood (zinb, nb, poisson, zip) whose training
             AnnData (``model.adata``) holds ``condition_key`` (and ``cell_type_key``) in obs.
         adata_ctrl: cells to perturb, raw counts as for the model (same ``layer``; genes matched by name). The
             cells used are those with ``obs[condition_key] == control`` (all cells when the column is absent) and,
@@ -201,11 +213,14 @@ def predict_perturbation(
             leave-one-cell-type-out setting). Needs ``cell_type_key``.
         method: ``"latent_arithmetic"`` (scGen) or ``"decoder_swap"`` (decode with the perturbed condition code;
             needs the condition as a categorical covariate of the model). See the module docstring.
-        n_samples: 1 decodes the posterior mean of z (scGen); > 1 averages ``X`` over that many draws
-            ``z ~ q(z | x)`` (each shifted by ``delta`` for latent arithmetic); ``layers["counts"]`` is sampled at
-            the first draw.
+        n_samples: 1 decodes the posterior mean of z (scGen); K > 1 averages ``X`` over K draws
+            ``z ~ q(z | x)`` (each shifted by ``delta`` for latent arithmetic; ``layers["counts"]`` is sampled at
+            the first draw) and adds the posterior samples of the population response (``varm``, ``var``; see
+            Returns and the module docstring).
         seed: seeds the z draws and the sampled counts (torch's global generator is restored afterwards).
         batch_size: cells per forward pass.
+        return_samples: with K > 1, also return every cell's K draws of expected counts in
+            ``obsm["cellvae_samples"]`` (n_cells, K, n_genes); refused above :data:`MAX_SAMPLE_VALUES` values.
 
     Returns:
         AnnData (n_cells, n_genes) with the model's genes in model order (``var_names == model.spec.gene_names``):
@@ -214,22 +229,32 @@ def predict_perturbation(
         likelihood; ``obs`` copied from the selected control cells with ``obs[condition_key]`` set to
         ``perturbed`` and ``obs["cellvae_source_condition"]`` the original condition; ``obsm["X_cellvae"]`` the
         (shifted) latent codes (n_cells, n_latent); ``uns["cellvae_perturbation"]`` the settings (and ``delta``).
+        With ``n_samples = K > 1`` also: ``varm["cellvae_perturbed_samples"]`` and
+        ``varm["cellvae_control_samples"]`` (n_genes, K) float32, the mean over the predicted cells of the
+        normalized expression ``rho`` (fraction of a cell's counts) of each draw, perturbed and decoded unperturbed
+        from the same draw; ``var`` columns ``cellvae_lfc_mean``, ``cellvae_lfc_sd``, ``cellvae_lfc_q05``,
+        ``cellvae_lfc_q95`` (log2 fold change perturbed / control over the K draws, pseudocount in
+        ``uns["cellvae_perturbation"]["pseudocount"]``); with ``return_samples`` ``obsm["cellvae_samples"]``.
 
     Raises:
         CellvaeInputError: unknown method, a Gaussian (``"normal"``) likelihood, no attached training AnnData
             (latent arithmetic), missing obs columns, ``control``/``perturbed``/``cell_type`` not among the
             categories, no control cells to perturb, the condition not a covariate of the model (decoder swap),
-            no training cells of both conditions in other cell types (latent arithmetic), ``n_samples < 1``.
+            no training cells of both conditions in other cell types (latent arithmetic), ``n_samples < 1``,
+            ``return_samples`` with ``n_samples < 2`` or above :data:`MAX_SAMPLE_VALUES` values.
     """
     if method not in METHODS:
         raise CellvaeInputError(f"method must be one of {METHODS}, got {method!r}.")
     if not model.module.likelihood.models_counts:
         raise CellvaeInputError(
-            "Perturbation prediction needs a count likelihood (zinb, nb or poisson); gene_likelihood='normal' "
+            "Perturbation prediction needs a count likelihood (zinb, nb, poisson or zip); gene_likelihood='normal' "
             "has no normalized expression or count distribution to sample from."
         )
     if int(n_samples) < 1:
         raise CellvaeInputError(f"n_samples must be >= 1, got {n_samples}.")
+    if return_samples and int(n_samples) < 2:
+        raise CellvaeInputError(
+            f"return_samples=True needs n_samples >= 2 posterior draws, got n_samples={n_samples}.")
     if str(control) == str(perturbed):
         raise CellvaeInputError(f"control and perturbed are the same category {control!r}.")
     if cell_type is not None and cell_type_key is None:
@@ -283,6 +308,13 @@ def predict_perturbation(
     if not has_cond:
         cells.obs[condition_key] = control
     data = model.spec.prepare(cells)  # genes in model order; covariate codes; checks values
+    n_genes = len(model.spec.gene_names)
+    if return_samples and data.n_cells * int(n_samples) * n_genes > MAX_SAMPLE_VALUES:
+        raise CellvaeInputError(
+            f"return_samples=True with {data.n_cells} cells x {n_samples} samples x {n_genes} genes holds more than "
+            f"{MAX_SAMPLE_VALUES:.0e} values: use n_samples <= {max(MAX_SAMPLE_VALUES // (data.n_cells * n_genes), 1)}"
+            ", fewer cells, or return_samples=False (the per-gene summaries in varm/var need no per-cell samples)."
+        )
 
     # Perturbation in latent space or in the decoder's condition code.
     delta_info: dict = {}
@@ -298,16 +330,19 @@ def predict_perturbation(
         pert_code = cats.index(perturbed)
 
     n_samples = int(n_samples)
-    xs, counts, zs = [], [], []
+    xs, counts, zs, per_cell, libs = [], [], [], [], []
+    rho_pert = rho_ctrl = None  # (K, n_genes) sums over cells of rho per draw
     with evaluation(model.module, seed):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
             inf = model.module.inference(x, cat, cont, n_samples=n_samples)
-            z = inf["qz_m"] if n_samples == 1 else inf["z"]
+            z0 = inf["qz_m"] if n_samples == 1 else inf["z"]
             lib = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))  # observed library of the control cell
+            libs.append(lib.squeeze(-1))
             gcat = cat
             if method == "latent_arithmetic":
-                z = z + delta_t
+                z = z0 + delta_t
             else:
+                z = z0
                 gcat = cat.clone()
                 gcat[:, col] = pert_code
             if n_samples > 1:
@@ -316,6 +351,13 @@ def predict_perturbation(
             mean = gen["rho"] * torch.exp(lib)
             sample = gen["px"].sample()
             if n_samples > 1:
+                # the same draws decoded unperturbed (no random numbers used): paired control for the fold change
+                rho0 = model.module.generative(z0, lib, cat, cont)["rho"]
+                sp, sc = gen["rho"].sum(1).double(), rho0.sum(1).double()
+                rho_pert = sp if rho_pert is None else rho_pert + sp
+                rho_ctrl = sc if rho_ctrl is None else rho_ctrl + sc
+                if return_samples:
+                    per_cell.append(mean.transpose(0, 1).to(torch.float32))  # (cells, K, genes)
                 mean, sample, z = mean.mean(0), sample[0], z[0]
             xs.append(mean)
             counts.append(sample)
@@ -332,12 +374,29 @@ def predict_perturbation(
     out = ad.AnnData(X=X, obs=obs, var=var)
     out.layers["counts"] = C
     out.obsm["X_cellvae"] = torch.cat(zs).numpy().astype(np.float32)
+    pseudocount = None
+    if n_samples > 1:
+        pert_s = (rho_pert / data.n_cells).numpy().T  # (n_genes, K)
+        ctrl_s = (rho_ctrl / data.n_cells).numpy().T
+        pseudocount = default_pseudocount(np.exp(torch.cat(libs).numpy()))
+        lfc = np.log2(pert_s + pseudocount) - np.log2(ctrl_s + pseudocount)
+        out.varm["cellvae_perturbed_samples"] = pert_s.astype(np.float32)
+        out.varm["cellvae_control_samples"] = ctrl_s.astype(np.float32)
+        out.var["cellvae_lfc_mean"] = lfc.mean(1).astype(np.float32)
+        out.var["cellvae_lfc_sd"] = lfc.std(1, ddof=1).astype(np.float32)
+        out.var["cellvae_lfc_q05"] = np.quantile(lfc, 0.05, axis=1).astype(np.float32)
+        out.var["cellvae_lfc_q95"] = np.quantile(lfc, 0.95, axis=1).astype(np.float32)
+        if return_samples:
+            out.obsm["cellvae_samples"] = torch.cat(per_cell).numpy()
     uns = {
         "method": method, "condition_key": condition_key, "control": control, "perturbed": perturbed,
         "cell_type_key": cell_type_key, "cell_type": None if cell_type is None else str(cell_type),
         "n_samples": n_samples, "seed": int(seed), "X": "rho * observed library size (expected counts)",
         "layers_counts": "sampled from the model likelihood",
     }
+    if pseudocount is not None:
+        uns["pseudocount"] = float(pseudocount)
+        uns["lfc"] = "log2(mean rho perturbed + pseudocount) - log2(mean rho control + pseudocount) per draw"
     if delta is not None:
         uns["delta"] = delta.astype(np.float32)
         uns["delta_balance"] = delta_info.get("balance")

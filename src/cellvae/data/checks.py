@@ -144,7 +144,7 @@ def check_values(X, count_likelihood: bool, where: str = "X") -> None:
 
     Args:
         X: (n_cells, n_genes) dense or sparse.
-        count_likelihood: True for zinb/nb/poisson: values must be non-negative integers.
+        count_likelihood: True for zinb/nb/poisson/zip: values must be non-negative integers.
         where: name of the matrix, for messages.
 
     Raises:

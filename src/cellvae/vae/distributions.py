@@ -14,6 +14,8 @@ Parameterisations follow scVI (Lopez et al. 2018, Nat. Methods 15:1053, Methods 
 - Zero-inflated NB ZINB(mu, theta, zi_logits): with probability ``sigmoid(zi_logits)`` a structural zero,
   otherwise NB(mu, theta).
 - Poisson(mu).
+- Zero-inflated Poisson ZIP(mu, zi_logits): with probability ``sigmoid(zi_logits)`` a structural zero, otherwise
+  Poisson(mu) (Lambert 1992, Technometrics 34:1; scvi-tools' ``ZeroInflatedPoisson`` parameterisation).
 - Normal(loc, scale): for log1p-normalized expression (not counts).
 """
 
@@ -24,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['lgamma_ratio', 'log_nb_positive', 'log_zinb_positive', 'Normal', 'Poisson', 'NegativeBinomial', 'ZeroInflatedNegativeBinomial']
+__all__ = ['lgamma_ratio', 'log_nb_positive', 'log_zinb_positive', 'log_zip_positive', 'Normal', 'Poisson',
+           'NegativeBinomial', 'ZeroInflatedNegativeBinomial', 'ZeroInflatedPoisson']
 
 
 
@@ -139,6 +142,20 @@ def log_zinb_positive(
     log_nb = log_nb_positive(x, mu, theta)
     zero = torch.logaddexp(zi_logits, log_nb)
     return torch.where(x == 0, zero, log_nb) - F.softplus(zi_logits)
+
+
+def log_zip_positive(x: torch.Tensor, mu: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
+    """Element-wise log ZIP(x; mu, zi_logits) in nats.
+
+    With ``pi = sigmoid(zi_logits)``: ``p(0) = pi + (1 - pi) exp(-mu)`` and ``p(x>0) = (1 - pi) Poisson(x; mu)``,
+    computed as ``logaddexp(zi_logits, -mu) - softplus(zi_logits)`` and ``log Poisson(x; mu) - softplus(zi_logits)``
+    (the ZINB form of :func:`log_zinb_positive` with the Poisson in place of the NB). ``mu = 0`` gives
+    ``log p(0) = 0`` and a very negative value for ``x > 0``; float16 / bfloat16 inputs are computed in float32.
+    """
+    x, mu, zi_logits = _upcast(x, mu, zi_logits)
+    log_po = x * torch.log(_positive(mu)) - mu - torch.lgamma(x + 1.0)
+    zero = torch.logaddexp(zi_logits, log_po)
+    return torch.where(x == 0, zero, log_po) - F.softplus(zi_logits)
 
 
 class _Distribution:
@@ -293,3 +310,53 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
             return nb * keep
 
 
+
+
+class ZeroInflatedPoisson(_Distribution):
+    """Zero-inflated Poisson ZIP(mu, zi_logits) on counts: a structural zero with probability
+    ``pi = sigmoid(zi_logits)``, otherwise a draw of :class:`Poisson` ``(mu)`` (Lambert 1992, Technometrics 34:1).
+
+    It wraps a :class:`Poisson` (``self.poisson``, the count component) rather than inheriting from it: a ZIP is
+    not a Poisson (its mean and variance differ), it has one.
+
+    Args:
+        mu: Poisson rate of the count component (expected counts when not a structural zero), shape
+            (..., n_genes), non-negative.
+        zi_logits: logits of the structural-zero probability ``pi``, broadcastable with ``mu``.
+
+    Mean ``(1 - pi) mu``; variance ``(1 - pi) mu (1 + pi mu)``.
+    """
+
+    def __init__(self, mu: torch.Tensor, zi_logits: torch.Tensor):
+        self.mu = mu
+        self.zi_logits = zi_logits
+
+    @property
+    def poisson(self) -> Poisson:
+        """The count component ``Poisson(mu)``."""
+        return Poisson(self.mu)
+
+    @property
+    def zi_probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.zi_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (1.0 - self.zi_probs) * self.mu
+
+    @property
+    def variance(self) -> torch.Tensor:
+        pi = self.zi_probs
+        return (1.0 - pi) * self.mu * (1.0 + pi * self.mu)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise log pmf (nats), see :func:`log_zip_positive`."""
+        self._check(x)
+        return log_zip_positive(x, self.mu, self.zi_logits)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """A Poisson draw, set to zero with probability ``pi``."""
+        counts = self.poisson.sample(sample_shape)
+        with torch.no_grad():
+            keep = torch.rand_like(counts) >= self.zi_probs.expand(counts.shape)
+            return counts * keep

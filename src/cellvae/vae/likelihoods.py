@@ -7,6 +7,7 @@ The names are the vocabulary of :data:`cellvae.settings.GENE_LIKELIHOODS` (``gen
 - ``"zinb"``: zero-inflated negative binomial, ``ZINB(mu, theta, pi)``;
 - ``"nb"``: negative binomial ``NB(mu, theta)``;
 - ``"poisson"``: ``Poisson(mu)``;
+- ``"zip"``: zero-inflated Poisson, ``ZIP(mu, pi)`` (no fused training loss: the distribution classes compute it);
 - ``"normal"``: ``N(mu, sigma^2)`` on log1p-normalized expression (not counts).
 
 For counts, ``mu = l * rho`` with ``rho = softmax(decoder)`` (Lopez et al. 2018, Nat. Methods 15:1053, Methods).
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import CellvaeInputError
 from ..settings import GENE_LIKELIHOODS
-from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial
+from .distributions import NegativeBinomial, Normal, Poisson, ZeroInflatedNegativeBinomial, ZeroInflatedPoisson
 
 __all__ = ["GeneLikelihood", "LIKELIHOODS", "get_likelihood", "FUSED_NB", "FUSED_POISSON"]
 
@@ -41,12 +42,15 @@ class GeneLikelihood:
             library).
         has_theta: it has an inverse dispersion theta (NB, ZINB; and the Normal's variance, stored the same way).
         zero_inflated: it has zero-inflation logits (a decoder head).
+        has_fused_loss: a fused training loss of :mod:`cellvae.vae.losses` computes it (:meth:`fused_loss`); False
+            for a likelihood that only the distribution classes compute (``"zip"``).
     """
 
     name: str
     models_counts: bool
     has_theta: bool
     zero_inflated: bool
+    has_fused_loss: bool = True
 
     def has_gene_theta(self, dispersion: str) -> bool:
         """Whether theta is the module parameter ``px_r`` (log theta per gene, or per gene and batch) of an NB /
@@ -56,9 +60,9 @@ class GeneLikelihood:
     def fused_loss(self, dispersion: str) -> str | None:
         """The fused training loss of this likelihood with this dispersion: :data:`FUSED_NB` (log-softmax + NB /
         ZINB log-likelihood with all derivatives in one pass, the decoder's output layers folded in),
-        :data:`FUSED_POISSON`, or None when the distribution classes compute the loss (Normal; a decoder head per
-        cell, ``"gene-cell"``)."""
-        if not self.models_counts or dispersion == "gene-cell":
+        :data:`FUSED_POISSON`, or None when the distribution classes compute the loss (Normal; ZIP; a decoder head
+        per cell, ``"gene-cell"``)."""
+        if not self.models_counts or not self.has_fused_loss or dispersion == "gene-cell":
             return None
         return FUSED_NB if self.has_theta else FUSED_POISSON
 
@@ -74,7 +78,7 @@ class GeneLikelihood:
             return Normal(rho, torch.exp(0.5 * log_theta))
         mu = torch.exp(library) * rho
         if not self.has_theta:
-            return Poisson(mu)
+            return ZeroInflatedPoisson(mu, zi_logits) if self.zero_inflated else Poisson(mu)
         theta = torch.exp(log_theta)
         if self.zero_inflated:
             return ZeroInflatedNegativeBinomial(mu, theta, zi_logits)
@@ -86,6 +90,7 @@ LIKELIHOODS = {
     "nb": GeneLikelihood("nb", models_counts=True, has_theta=True, zero_inflated=False),
     "poisson": GeneLikelihood("poisson", models_counts=True, has_theta=False, zero_inflated=False),
     "normal": GeneLikelihood("normal", models_counts=False, has_theta=True, zero_inflated=False),
+    "zip": GeneLikelihood("zip", models_counts=True, has_theta=False, zero_inflated=True, has_fused_loss=False),
 }
 assert tuple(LIKELIHOODS) == GENE_LIKELIHOODS  # the vocabulary of cellvae.settings, in its order
 

@@ -97,7 +97,7 @@ class VAEModule(nn.Module):
         settings: a :class:`cellvae.settings.ModelSettings` (None: the defaults), updated by ``**kwargs``.
         n_hidden, n_latent, n_layers, dropout_rate: network sizes (scVI defaults 128, 10, 1, 0.1).
         dispersion: ``"gene"``, ``"gene-batch"`` or ``"gene-cell"`` (inverse dispersion theta).
-        gene_likelihood: ``"zinb"``, ``"nb"``, ``"poisson"`` or ``"normal"``.
+        gene_likelihood: ``"zinb"``, ``"nb"``, ``"poisson"``, ``"zip"`` or ``"normal"``.
         use_observed_lib_size: observed library size (default) or latent log-normal library size.
         encode_covariates: inject covariates into the encoder too.
         deeply_inject_covariates: inject covariates into every hidden layer, not only the first.
