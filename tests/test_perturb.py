@@ -148,3 +148,51 @@ def test_normal_likelihood_refused(kang_pert):
         m = CountVAE(train, gene_likelihood="normal", n_hidden=16, n_latent=3)
     with pytest.raises(CellvaeInputError, match="count likelihood"):
         predict_perturbation(m, sub, "condition", "ctrl", "stim")
+
+
+@pytest.mark.parametrize("method", ["latent_arithmetic", "decoder_swap"])
+def test_posterior_samples(kang_pert, method):
+    sub, _, la, ds = kang_pert
+    model = la if method == "latent_arithmetic" else ds
+    kw = dict(cell_type_key="cell_type", cell_type=HELD, method=method, seed=5)
+    base = predict_perturbation(model, sub, "condition", "ctrl", "stim", n_samples=6, **kw)
+    res = predict_perturbation(model, sub, "condition", "ctrl", "stim", n_samples=6, return_samples=True, **kw)
+    n, g = res.shape
+    # return_samples only adds the per-cell draws: X and counts are those of the same call without it
+    np.testing.assert_array_equal(res.X, base.X)
+    np.testing.assert_array_equal(res.layers["counts"], base.layers["counts"])
+    s = res.obsm["cellvae_samples"]
+    assert s.shape == (n, 6, g) and s.dtype == np.float32 and np.isfinite(s).all()
+    # X is the mean of the draws; the draws differ from each other (posterior spread)
+    np.testing.assert_allclose(s.mean(1), res.X, rtol=1e-4, atol=1e-5)
+    assert s.std(1).mean() > 0
+    # per-gene population draws: rows of rho average to 1 over genes; perturbed = mean over cells of s / library
+    pert, ctrl = res.varm["cellvae_perturbed_samples"], res.varm["cellvae_control_samples"]
+    assert pert.shape == ctrl.shape == (g, 6)
+    np.testing.assert_allclose(pert.sum(0), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(ctrl.sum(0), 1.0, rtol=1e-4)
+    lib = np.asarray(sub[res.obs_names].X.sum(1)).ravel()
+    np.testing.assert_allclose(pert, (s / lib[:, None, None]).mean(0).T, rtol=1e-3, atol=1e-7)
+    c = res.uns["cellvae_perturbation"]["pseudocount"]
+    lfc = np.log2(pert + c) - np.log2(ctrl + c)
+    np.testing.assert_allclose(res.var["cellvae_lfc_mean"], lfc.mean(1), rtol=1e-4, atol=1e-5)
+    assert (res.var["cellvae_lfc_sd"] > 0).all()
+    assert (res.var["cellvae_lfc_q05"] <= res.var["cellvae_lfc_q95"]).all()
+
+
+def test_default_call_has_no_samples(kang_pert):
+    sub, _, la, _ = kang_pert
+    res = predict_perturbation(la, sub, "condition", "ctrl", "stim", "cell_type", HELD)
+    assert "cellvae_samples" not in res.obsm and "cellvae_perturbed_samples" not in res.varm
+    assert "cellvae_lfc_mean" not in res.var.columns
+    with pytest.raises(CellvaeInputError, match="needs n_samples >= 2"):
+        predict_perturbation(la, sub, "condition", "ctrl", "stim", "cell_type", HELD, return_samples=True)
+    import cellvae.analysis.perturb as pmod
+    old = pmod.MAX_SAMPLE_VALUES
+    pmod.MAX_SAMPLE_VALUES = 1000
+    try:
+        with pytest.raises(CellvaeInputError, match="use n_samples <= 1"):
+            predict_perturbation(la, sub, "condition", "ctrl", "stim", "cell_type", HELD, n_samples=3,
+                                 return_samples=True)
+    finally:
+        pmod.MAX_SAMPLE_VALUES = old

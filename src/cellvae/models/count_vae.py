@@ -623,7 +623,10 @@ class CountVAE(AnnDataModel):
                              method: str = "latent_arithmetic", **kwargs) -> ad.AnnData:
         """Predict how control cells would look under ``perturbed`` (scGen-style latent arithmetic, Lotfollahi et
         al. 2019, or the conditional decoder swap). Returns an AnnData (n_cells, n_genes) with ``X`` = expected
-        counts at each cell's library size and ``layers['counts']`` sampled from the likelihood. See
+        counts at each cell's library size and ``layers['counts']`` sampled from the likelihood; with
+        ``n_samples=K > 1`` (keyword) also K posterior draws of each gene's population response
+        (``varm['cellvae_perturbed_samples']``, ``varm['cellvae_control_samples']``, ``var['cellvae_lfc_*']``), and
+        with ``return_samples=True`` every cell's draws (``obsm['cellvae_samples']``, (n_cells, K, n_genes)). See
         :func:`cellvae.perturb.predict_perturbation`.
 
         Raises:
