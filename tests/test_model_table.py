@@ -57,3 +57,65 @@ def test_zip_count_vae_trains_and_uses_the_distribution_classes(kang_small):
     assert sample.shape == (10, kang_small.n_vars) and (sample >= 0).all()
     de = m.differential_expression(groupby="condition", n_samples=200, seed=0)
     assert np.isfinite(de["lfc_mean"]).all()
+
+
+# ------------------------------------------------------------------------------------------------- LDVAE
+def test_linear_count_vae_loadings_are_the_decoder_jacobian(kang_small, tmp_path):
+    from cellvae import CellvaeInputError, LinearCountVAE
+
+    m = LinearCountVAE(kang_small, n_latent=3, batch_key="donor")
+    assert m.settings.gene_likelihood == "nb" and m.settings.decoder == "linear"
+    assert m.module.fused_loss is None  # NB: the reference path (no hidden layer for the fused loss)
+    m.train(max_epochs=3, batch_size=64, progress_bar=False, seed=0)
+    load = m.get_loadings()
+    assert load.shape == (kang_small.n_vars, 3) and list(load.columns) == ["Z_0", "Z_1", "Z_2"]
+    assert list(load.index) == list(kang_small.var_names) and np.isfinite(load.to_numpy()).all()
+    # d logits / d z in eval mode (batch norm with running statistics) is the loading matrix, for any cell
+    m.module.eval()
+    cat = torch.zeros(1, 1, dtype=torch.long)
+    z = torch.randn(1, 3)
+    jac = torch.autograd.functional.jacobian(lambda zz: m.module.decoder.forward_logits(zz, cat)[0][0], z)[:, 0, :]
+    np.testing.assert_allclose(jac.numpy(), load.to_numpy(), rtol=1e-5, atol=1e-6)
+    # saved and loaded (by CountVAE.load too) with the same loadings
+    m.save(tmp_path / "ld")
+    m2 = CountVAE.load(tmp_path / "ld", adata=kang_small)
+    assert type(m2).__name__ == "LinearCountVAE"
+    np.testing.assert_allclose(m2.get_loadings().to_numpy(), load.to_numpy())
+    with pytest.raises(CellvaeInputError, match="linear decoder"):
+        CountVAE(kang_small, n_latent=3).train(max_epochs=1, progress_bar=False).get_loadings()
+    with pytest.raises(CellvaeInputError, match="per-cell dispersion"):
+        LinearCountVAE(kang_small, dispersion="gene-cell")
+    with pytest.raises(CellvaeInputError, match="nonlinear"):
+        LinearCountVAE(kang_small, decoder="nonlinear")
+
+
+def test_linear_decoder_poisson_fused_loss_equals_reference(kang_small):
+    torch.manual_seed(0)
+    fast = CountVAE(kang_small, gene_likelihood="poisson", decoder="linear", n_latent=3)
+    slow = CountVAE(kang_small, gene_likelihood="poisson", decoder="linear", n_latent=3, use_fast_likelihood=False)
+    slow.module.load_state_dict(fast.module.state_dict())
+    assert fast.module.fused_loss is not None and slow.module.fused_loss is None
+    data = fast.prepared_data()
+    x, cat, cont = next(iter(data.iterate(torch.arange(32), 32)))
+    for mod in (fast.module, slow.module):
+        mod.eval()
+    torch.manual_seed(1)
+    a = fast.module(x, cat, cont).reconstruction_loss
+    torch.manual_seed(1)
+    b = slow.module(x.to_dense() if x.layout != torch.strided else x, cat, cont).reconstruction_loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_fit_linear_decoder_reports_top_genes(tmp_path, small_h5ad):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["fit", str(small_h5ad), "--out", str(out), "--max-epochs", "2", "--quiet",
+                                  "--decoder", "linear", "--n-latent", "3", "--gene-likelihood", "nb"])
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    load = pd.read_csv(out / "loadings.csv", index_col="gene")
+    assert load.shape == (150, 3)
+    html = (out / "report.html").read_text()
+    assert "Gene loadings per latent dimension" in html
+    top = load["Z_1"].sort_values(ascending=False).index[0]
+    assert top in html

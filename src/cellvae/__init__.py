@@ -3,7 +3,8 @@
 Main entry points:
 
 - :class:`cellvae.CountVAE`: scVI-style count VAE on an AnnData (train, latent representation, normalized
-  expression, analyses, save/load).
+  expression, analyses, save/load); :class:`cellvae.LinearCountVAE`: its linearly decoded form (LDVAE), with gene
+  loadings.
 - :class:`cellvae.ImageVAE`: convolutional VAE for single-cell images.
 - :class:`cellvae.CVAE`, :class:`cellvae.CVAE_NB`, :class:`cellvae.CVAE_ZINB`: conditional VAEs as plain torch
   modules.
@@ -25,9 +26,10 @@ from .models.autoencoder import Autoencoder
 from .models.count_vae import CountVAE
 from .models.image_vae import ImageVAE
 from .models.label_transfer import LabelTransferVAE
+from .models.linear_vae import LinearCountVAE
 from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 
 _install_aliases()
 
-__all__ = ["CountVAE", "LabelTransferVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
+__all__ = ["CountVAE", "LinearCountVAE", "LabelTransferVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
            "CellvaeOutputError", "CellvaeTrainingError", "read_data", "__version__"]

@@ -30,7 +30,7 @@ from numpy import bool_ as np_bool
 from .errors import CellvaeInputError
 
 __all__ = ["GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "NORM_CHOICES", "ENCODER_INPUTS",
-           "LR_SCHEDULES", "DECODER_BIAS_INITS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
+           "LR_SCHEDULES", "DECODER_BIAS_INITS", "DECODERS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
            "FitJobSettings", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
            "as_dict", "from_dict", "build", "with_signature"]
 
@@ -42,6 +42,7 @@ ENCODER_INPUTS = ("log1p", "log1p_cp10k")
 LR_SCHEDULES = ("constant", "cosine")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
+DECODERS = ("nonlinear", "linear")
 
 
 def _opt(flag: str | None = None, help: str = "", **extra) -> dict:
@@ -168,6 +169,10 @@ class ModelSettings:
             (see :class:`cellvae.vae.module.VAEModule`).
         use_fast_likelihood, use_sparse_counts: use the fused training likelihood and sparse (CSR) minibatches
             where they apply (same values to float rounding; off only for tests and comparisons).
+        decoder: ``"nonlinear"`` (scVI's: hidden layers, ReLU) or ``"linear"``: LDVAE (Svensson et al. 2020,
+            Bioinformatics 36:3418; scvi-tools' ``LinearSCVI``): the logits of rho are a linear map of z (with batch
+            norm), so each latent dimension has interpretable gene loadings (:meth:`cellvae.CountVAE.get_loadings`,
+            :class:`cellvae.LinearCountVAE`); the encoder keeps ``n_layers``. Not with ``dispersion="gene-cell"``.
         classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
             classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
             Kingma et al. 2014, Eq. 9).
@@ -199,12 +204,19 @@ class ModelSettings:
     adversarial_mode: str = field(default="confusion", metadata={"choices": ADVERSARIAL_MODES})
     use_fast_likelihood: bool = True
     use_sparse_counts: bool = True
+    decoder: str = field(default="nonlinear", metadata=_opt(
+        "--decoder", "nonlinear: scVI's decoder; linear: LDVAE (Svensson et al. 2020), a linear map from the latent "
+        "space to the genes' log expression, whose loadings the report lists (top genes per latent dimension).",
+        choices=DECODERS))
     classification_ratio: float = field(default=50.0, metadata={"min": 0.0})
 
     def __post_init__(self):
         _check_fields(self)
         if self.dropout_rate >= 1.0:
             raise CellvaeInputError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        if self.decoder == "linear" and self.dispersion == "gene-cell":
+            raise CellvaeInputError("decoder='linear' (LDVAE) has no per-cell dispersion head: use dispersion='gene' "
+                                    "or 'gene-batch' (--dispersion), or decoder='nonlinear'.")
 
 
 def default_max_epochs(n_cells: int) -> int:

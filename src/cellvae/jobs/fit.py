@@ -7,7 +7,9 @@ Outputs in ``out_dir``:
   ``obsm['X_umap']``, ``obs['cellvae_leiden']``, ``layers['cellvae_normalized']`` (normalized expression, counts
   per 10,000 per cell, of the modelled genes; zero for genes not modelled), ``var['cellvae_modelled']`` and
   ``uns['cellvae']`` (settings and metrics);
-- ``figures/*.png``, ``report.html`` (figures embedded), ``metrics.json``.
+- ``figures/*.png``, ``report.html`` (figures embedded), ``metrics.json``;
+- with ``--decoder linear`` (LDVAE): ``loadings.csv``, the gene loadings (n_genes, n_latent), whose top genes per
+  latent dimension the report lists.
 
 While the job runs, ``checkpoints/checkpoint.pt`` holds the last training checkpoint (every ``checkpoint_every``
 epochs and at the end of training); ``resume=True`` (``cellvae fit --resume``) continues an interrupted job from it
@@ -45,7 +47,7 @@ from ..settings import DataSettings, FitJobSettings, ModelSettings, TrainSetting
 from ..train.distributed import barrier, with_process_group, world
 from ..train.threads import torch_threads
 from .outdir import OutputDir
-from .report import render_report
+from .report import html_table, render_report
 
 __all__ = ["fit_job", "FIT_OUTPUTS", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
 
@@ -55,7 +57,9 @@ NORMALIZED_LIBRARY_SIZE = 1e4
 BACKED_EMBED_MAX_CELLS = 200_000  # out of core, above this many cells no UMAP / Leiden (kNN graph of all cells)
 METRIC_MAX_CELLS = 50_000  # out of core, clustering and batch metrics on a seeded subsample of this many cells
 CHECKPOINT_DIR = "checkpoints"
-FIT_OUTPUTS = ("model", "cellvae.h5ad", "figures", "report.html", "metrics.json", "markers.csv", CHECKPOINT_DIR)
+N_TOP_LOADINGS = 10  # genes per latent dimension and sign in the report of a linearly decoded model
+FIT_OUTPUTS = ("model", "cellvae.h5ad", "figures", "report.html", "metrics.json", "markers.csv", "loadings.csv",
+               CHECKPOINT_DIR)
 
 
 _SETTINGS = (DataSettings, ModelSettings, TrainSettings, FitJobSettings)
@@ -146,12 +150,13 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
     res, embed, sub = _annotate(adata, vae, modelled, job, training.seed, log)
     metrics = _metrics(adata, res, vae, keys, embed, sub, train_seconds)
     markers = _markers(vae, keys, training.seed, out, log)
+    sections = _loadings(vae, out, log)
     figures = _figures(res, _count_history(vae), keys, embed, out / "figures")
     hist_plan = _count_history(vae)["plan"]
     settings = {"data": str(path), **as_dict(keys), **as_dict(model_s), **hist_plan, **as_dict(job),
                 "library_size": "observed" if model_s.use_observed_lib_size else "latent",
                 "kl_warmup_epochs": TrainSettings(**hist_plan).warmup_epochs, "n_processes": n_ranks}
-    _write(out, path, adata, res, vae, keys, settings, metrics, markers, figures, t_start)
+    _write(out, path, adata, res, vae, keys, settings, metrics, markers, figures, t_start, sections)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # every output is written: the checkpoint is not needed
     log(f"wrote {out / 'report.html'}")
     return metrics
@@ -334,6 +339,29 @@ def _markers(vae: CountVAE, keys: DataSettings, seed: int, out: Path, log) -> di
     return markers
 
 
+def _loadings(vae: CountVAE, out: Path, log) -> list[tuple[str, str]]:
+    """With a linear decoder (LDVAE): the gene loadings written to ``loadings.csv`` and a report section with the
+    top genes of each latent dimension (both signs); else nothing."""
+    if not getattr(vae.module, "linear_decoder", False):
+        return []
+    from ..analysis.loadings import top_loadings
+
+    load = vae.get_loadings()
+    write_atomic(out / "loadings.csv", lambda p: load.to_csv(p, index_label="gene"))
+    top = top_loadings(load, N_TOP_LOADINGS)
+    rows = []
+    for dim in load.columns:
+        pos = top[(top["dimension"] == dim) & (top["sign"] == "+")]["gene"].tolist()
+        neg = top[(top["dimension"] == dim) & (top["sign"] == "-")]["gene"].tolist()
+        rows.append([dim, ", ".join(pos), ", ".join(neg)])
+    log(f"gene loadings of {load.shape[1]} latent dimensions (loadings.csv)")
+    intro = ("<p class=muted>Linear decoder (LDVAE, Svensson et al. 2020): each latent dimension moves the log "
+             "expression of every gene by its loading (loadings.csv, the batch norm's scale folded in). Genes with "
+             f"the {N_TOP_LOADINGS} largest positive and negative loadings per dimension.</p>")
+    return [("Gene loadings per latent dimension", intro + html_table(
+        ["dimension", f"top {N_TOP_LOADINGS} genes (+)", f"top {N_TOP_LOADINGS} genes (-)"], rows))]
+
+
 def _figures(res: ad.AnnData, hist: dict, keys: DataSettings, embed: bool, fig_dir: Path) -> list:
     """Training curves and UMAPs (by Leiden cluster, labels and batch) as (path, caption) pairs."""
     figures = [(save_figure(plot_training_curves(hist), fig_dir / "training_curves.png"),
@@ -349,7 +377,8 @@ def _figures(res: ad.AnnData, hist: dict, keys: DataSettings, embed: bool, fig_d
 
 
 def _write(out: Path, path: Path, adata: ad.AnnData, res: ad.AnnData, vae: CountVAE, keys: DataSettings,
-           settings: dict, metrics: dict, markers: dict, figures: list, t_start: float) -> None:
+           settings: dict, metrics: dict, markers: dict, figures: list, t_start: float,
+           sections: list[tuple[str, str]] | None = None) -> None:
     """Write the model, ``cellvae.h5ad`` (with ``uns['cellvae']``), ``metrics.json`` and ``report.html``."""
     res.uns["cellvae"] = plain({"settings": settings, "metrics": metrics,
                                 "normalized_library_size": NORMALIZED_LIBRARY_SIZE}, for_h5ad=True)
@@ -384,7 +413,7 @@ def _write(out: Path, path: Path, adata: ad.AnnData, res: ad.AnnData, vae: Count
                      "batch_classifier_chance); batch_asw is scIB's batch silhouette (1 = fully mixed within "
                      "each label).")
     write_text_atomic(out / "report.html", render_report(path.name, data_summary, settings, training, shown, figures,
-                                                         notes, markers=markers))
+                                                         notes, markers=markers, sections=sections))
 
 
 def demo_data_path() -> Path:

@@ -714,12 +714,29 @@ class CountVAE(AnnDataModel):
         return latent_traversal(self, dims=dims, n_steps=n_steps, limit=limit, covariates=covariates,
                                 library_size=library_size)
 
+    def get_loadings(self) -> pd.DataFrame:
+        """Gene loadings of a linearly decoded model (LDVAE, ``decoder="linear"``; Svensson et al. 2020), as
+        scvi-tools' ``LinearSCVI.get_loadings``.
+
+        Returns:
+            DataFrame (n_genes, n_latent) indexed by gene name, columns ``Z_0 ... Z_{n_latent-1}``: the change of
+            each gene's log normalized expression (nats, before the softmax's shift common to all genes) per unit
+            of each latent dimension. :func:`cellvae.analysis.loadings.top_loadings` lists the strongest genes.
+
+        Raises:
+            CellvaeInputError: the model's decoder is not linear.
+        """
+        from ..analysis.loadings import get_loadings
+
+        return get_loadings(self)
+
     def __repr__(self) -> str:
         k = self.settings
         return (
-            f"CountVAE({len(self.spec.gene_names)} genes, n_latent={k.n_latent}, n_hidden={k.n_hidden}, "
+            f"{type(self).__name__}({len(self.spec.gene_names)} genes, n_latent={k.n_latent}, n_hidden={k.n_hidden}, "
             f"n_layers={k.n_layers}, gene_likelihood={k.gene_likelihood!r}, dispersion={k.dispersion!r}, "
-            f"n_batch={self.spec.n_batch}{f', beta={self.beta:g}' if self.beta != 1.0 else ''}, "
+            f"n_batch={self.spec.n_batch}{f', beta={self.beta:g}' if self.beta != 1.0 else ''}"
+            f"{', decoder=' + repr(k.decoder) if k.decoder != 'nonlinear' else ''}, "
             f"trained={self.is_trained})"
         )
 

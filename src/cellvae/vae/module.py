@@ -28,7 +28,7 @@ from torch import nn
 from .losses import count_log_prob_sum, linear_softmax_count_log_prob_sum
 from ..data.sparse import csr_rows, csr_tensor
 from .likelihoods import FUSED_POISSON, get_likelihood
-from .nn import DecoderSCVI, Encoder
+from .nn import DecoderSCVI, Encoder, LinearDecoderSCVI
 from ..errors import CellvaeInputError
 from ..settings import ModelSettings, build
 
@@ -121,6 +121,9 @@ class VAEModule(nn.Module):
             as scvi-tools' totalVI adversary does with uniform over the other batches) or ``"gradient_reversal"``
             (the encoder ascends the classifier's cross-entropy, Ganin & Lempitsky 2015). See
             :meth:`_adversarial_loss`.
+        decoder: ``"nonlinear"`` (scVI's :class:`cellvae.vae.nn.DecoderSCVI`) or ``"linear"`` (LDVAE, Svensson et al.
+            2020, Bioinformatics 36:3418: :class:`cellvae.vae.nn.LinearDecoderSCVI`, ``rho = softmax(BN(W z + s))``,
+            whose ``loadings()`` are (n_genes, n_latent)).
         use_fast_likelihood: compute the training loss with :func:`cellvae.distributions.count_log_prob_sum`
             where it applies (:attr:`fast_likelihood`); False uses the distribution classes (same values, slower;
             for tests and comparisons).
@@ -180,10 +183,15 @@ class VAEModule(nn.Module):
             self.l_encoder = Encoder(n_input, 1, enc_cats, enc_cont, 1, s.n_hidden, s.dropout_rate, bn_enc, ln_enc, deep)
             self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32).view(-1))
             self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32).view(-1))
-        self.decoder = DecoderSCVI(
-            s.n_latent, n_input, n_cats, n_continuous_cov, s.n_layers, s.n_hidden, bn_dec, ln_dec, deep,
-            gene_cell_dispersion=s.dispersion == "gene-cell", softmax=self.likelihood.models_counts,
-        )
+        self.linear_decoder = s.decoder == "linear"
+        if self.linear_decoder:  # LDVAE (Svensson et al. 2020)
+            self.decoder = LinearDecoderSCVI(s.n_latent, n_input, n_cats, n_continuous_cov, bn_dec, ln_dec,
+                                             softmax=self.likelihood.models_counts)
+        else:
+            self.decoder = DecoderSCVI(
+                s.n_latent, n_input, n_cats, n_continuous_cov, s.n_layers, s.n_hidden, bn_dec, ln_dec, deep,
+                gene_cell_dispersion=s.dispersion == "gene-cell", softmax=self.likelihood.models_counts,
+            )
         self.use_fast_likelihood = s.use_fast_likelihood
         self.use_sparse_counts = s.use_sparse_counts
         self.adversarial_batch_weight = s.adversarial_batch_weight
@@ -252,7 +260,7 @@ class VAEModule(nn.Module):
         if not self.likelihood.models_counts:
             return False
         s = np.asarray(gene_totals, dtype=np.float64).ravel()
-        bias = self.decoder.scale_decoder.bias
+        bias = self.decoder.logits_bias
         if s.shape != tuple(bias.shape) or not np.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"gene_totals must be {bias.shape[0]} finite non-negative totals, got shape {s.shape}.")
         share = s / s.sum() if s.sum() > 0 else np.full_like(s, 1.0 / max(len(s), 1))
@@ -383,8 +391,13 @@ class VAEModule(nn.Module):
     @property
     def fused_loss(self) -> str | None:
         """The fused training loss :meth:`forward` uses (:meth:`cellvae.vae.likelihoods.GeneLikelihood.fused_loss`;
-        equal to the distribution classes' ``log_prob`` to float rounding), or None: the reference path."""
-        return self.likelihood.fused_loss(self.dispersion) if self.use_fast_likelihood else None
+        equal to the distribution classes' ``log_prob`` to float rounding), or None: the reference path. The linear
+        decoder (LDVAE) has no hidden layer for the fused NB / ZINB loss to start from: it uses the reference path
+        (the Poisson's fused loss takes any decoder's logits)."""
+        fused = self.likelihood.fused_loss(self.dispersion) if self.use_fast_likelihood else None
+        if self.linear_decoder and fused != FUSED_POISSON:
+            return None
+        return fused
 
     @property
     def fast_likelihood(self) -> bool:

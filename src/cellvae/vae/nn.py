@@ -17,8 +17,8 @@ from torch import nn
 from ..data.sparse import check_csr_tensor, csr_parts
 from ..native import ops
 
-__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "sparse_linear", "bn_relu_dropout",
-           "dropout_keep"]
+__all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "LinearDecoderSCVI", "sparse_linear",
+           "bn_relu_dropout", "dropout_keep"]
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -429,3 +429,74 @@ class DecoderSCVI(nn.Module):
         log_theta = self.dispersion_decoder(h) if self.dispersion_decoder is not None else None
         zi_logits = self.dropout_decoder(h) if zero_inflation else None
         return self.scale_decoder(h), log_theta, zi_logits
+
+    @property
+    def logits_bias(self) -> nn.Parameter:
+        """(n_genes,) the bias added to every cell's logits (``scale_decoder.bias``), which
+        :meth:`cellvae.vae.module.VAEModule.init_decoder_bias` sets."""
+        return self.scale_decoder.bias
+
+
+class LinearDecoderSCVI(nn.Module):
+    """The linear decoder of LDVAE (Svensson et al. 2020, Bioinformatics 36:3418, "Interpretable factor models of
+    single-cell RNA-seq via variational autoencoders"; scvi-tools' ``LinearDecoderSCVI``):
+    ``rho = softmax(BN(W z + sum_k E_k[c_k] + V u))``, so each latent dimension k moves the log expression of
+    gene g by ``W[g, k]`` (times the batch norm's scale): the loadings of a factor model. The zero-inflation logits
+    are a second linear map of z of the same form. There is no hidden layer and no activation.
+
+    Args:
+        n_in: latent dimension.
+        n_out: genes.
+        n_cats, n_cont: covariates (as :class:`CovariateLinear`), added to the linear map.
+        use_batch_norm: batch normalisation (momentum 0.01, eps 1e-3) of the logits, as scvi-tools' LDVAE default;
+            its affine bias is then the genes' intercept and the linear maps have no bias of their own.
+        use_layer_norm: layer normalisation (no affine part) of the logits instead.
+        softmax: if False, the first output is the linear map itself (a Gaussian mean on log1p data).
+
+    ``forward`` returns ``(rho, None, zi_logits)``, each (n_cells, n_genes): no per-cell dispersion head.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cats: Sequence[int] = (), n_cont: int = 0,
+                 use_batch_norm: bool = True, use_layer_norm: bool = False, softmax: bool = True):
+        super().__init__()
+        self.softmax = softmax
+        bias = not use_batch_norm
+
+        def norm():
+            if use_batch_norm:
+                return nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3)
+            return nn.LayerNorm(n_out, elementwise_affine=False) if use_layer_norm else nn.Identity()
+
+        self.factor_regressor = CovariateLinear(n_in, n_out, n_cats, n_cont, bias=bias)
+        self.factor_norm = norm()
+        self.dropout_regressor = CovariateLinear(n_in, n_out, n_cats, n_cont, bias=bias)
+        self.dropout_norm = norm()
+
+    def forward(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
+        logits, _, zi_logits = self.forward_logits(z, cat, cont)
+        rho = torch.softmax(logits, dim=-1) if self.softmax else logits
+        return rho, None, zi_logits
+
+    def forward_logits(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None,
+                       zero_inflation: bool = True):
+        """``(logits, None, zi_logits or None)``: the decoder before the softmax."""
+        logits = self.factor_norm(self.factor_regressor(z, cat, cont))
+        zi_logits = self.dropout_norm(self.dropout_regressor(z, cat, cont)) if zero_inflation else None
+        return logits, None, zi_logits
+
+    @property
+    def logits_bias(self) -> nn.Parameter:
+        """(n_genes,) the genes' intercept on the logits: the batch norm's affine bias, else the linear map's."""
+        bn = self.factor_norm
+        return bn.bias if isinstance(bn, nn.BatchNorm1d) else self.factor_regressor.linear.bias
+
+    @torch.no_grad()
+    def loadings(self) -> torch.Tensor:
+        """(n_genes, n_latent) the change of each gene's logit (log normalized expression, up to the softmax's
+        common shift) per unit of each latent dimension: ``W``, times the batch norm's scale
+        ``gamma / sqrt(running_var + eps)`` when there is one (scvi-tools' ``LinearSCVI.get_loadings``)."""
+        w = self.factor_regressor.linear.weight.detach().clone()
+        bn = self.factor_norm
+        if isinstance(bn, nn.BatchNorm1d):
+            w = w * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().unsqueeze(-1)
+        return w
