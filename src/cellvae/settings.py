@@ -31,7 +31,7 @@ from .errors import CellvaeInputError
 
 __all__ = ["GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "NORM_CHOICES", "ENCODER_INPUTS",
            "LR_SCHEDULES", "DECODER_BIAS_INITS", "DECODERS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
-           "FitJobSettings", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
+           "FitJobSettings", "RNAProteinSettings", "PROTEIN_DISPERSIONS", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
            "as_dict", "from_dict", "build", "with_signature"]
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal", "zip")
@@ -42,6 +42,7 @@ ENCODER_INPUTS = ("log1p", "log1p_cp10k")
 LR_SCHEDULES = ("constant", "cosine")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
+PROTEIN_DISPERSIONS = ("protein", "protein-batch")
 DECODERS = ("nonlinear", "linear")
 
 
@@ -131,6 +132,8 @@ class DataSettings:
         labels_key: obs column of known cell types (reports and metrics; not used in training).
         categorical_covariate_keys: further categorical obs columns injected into the decoder.
         continuous_covariate_keys: numeric obs columns injected into the decoder.
+        protein_key: obsm key of the surface-protein counts of a joint RNA + protein model
+            (:class:`cellvae.RNAProteinVAE`; None: RNA only).
     """
 
     layer: str | None = field(default=None, metadata=_opt("--layer", "Layer with raw counts (default: X)."))
@@ -139,6 +142,9 @@ class DataSettings:
         "--labels-key", "obs column of known cell types (metrics, figures, marker genes)."))
     categorical_covariate_keys: tuple[str, ...] = ()
     continuous_covariate_keys: tuple[str, ...] = ()
+    protein_key: str | None = field(default=None, metadata=_opt(
+        "--protein-key", "obsm key of surface-protein (ADT) counts (e.g. protein_expression): fit the joint RNA + "
+        "protein model (totalVI class). A .h5mu file uses its 'prot' modality without it."))
 
     def __post_init__(self):
         for name in ("categorical_covariate_keys", "continuous_covariate_keys"):
@@ -326,6 +332,21 @@ class TrainSettings:
         if self.max_epochs is None:
             raise ValueError("warmup_epochs needs max_epochs (None: resolved from the number of cells).")
         return max(1, min(400, self.max_epochs // 2))
+
+
+@dataclass(frozen=True)
+class RNAProteinSettings(ModelSettings):
+    """:class:`ModelSettings` of the joint RNA + protein model (:class:`cellvae.RNAProteinVAE`, totalVI class:
+    Gayoso et al. 2021). The fields and defaults are the scVI module's, except:
+
+    Attributes:
+        gene_likelihood: ``"nb"`` (as scvi-tools' TOTALVI; ``"zinb"`` and ``"poisson"`` too).
+        protein_dispersion: inverse dispersion phi of the protein NB mixture per ``"protein"`` or per
+            ``"protein-batch"``.
+    """
+
+    gene_likelihood: str = field(default="nb", metadata=_opt("--gene-likelihood", choices=GENE_LIKELIHOODS))
+    protein_dispersion: str = field(default="protein", metadata={"choices": PROTEIN_DISPERSIONS})
 
 
 TrainingPlan = TrainSettings  # the name of cellvae <= 0.1 (same fields)
