@@ -196,7 +196,10 @@ def _pair_chunks(module, data, cells1, cells2, n_samples, batch_size, seed, batc
 
 
 def _raw_stats(data: CellData, cells1: np.ndarray, cells2: np.ndarray, chunk: int = 4096) -> dict:
-    """Per-gene raw-count summaries of two groups (scvi-tools' ``scrna_raw_counts_properties``)."""
+    """Per-gene raw-count summaries of two groups (scvi-tools' ``scrna_raw_counts_properties``); counts are
+    normalized by the cells' library sizes (``data.row_sums()``: the totals of the rows, or of the RNA block of a
+    joint RNA + protein model)."""
+    library = data.row_sums()
 
     def stats(cells):
         g = data.n_genes
@@ -205,7 +208,7 @@ def _raw_stats(data: CellData, cells1: np.ndarray, cells2: np.ndarray, chunk: in
         for a in range(0, len(cells), chunk):
             idx = cells[a:a + chunk]
             x = data.rows(idx).toarray().astype(np.float64)
-            tot = x.sum(1, keepdims=True)
+            tot = np.asarray(library, dtype=np.float64)[idx].reshape(-1, 1)
             libs.append(tot.ravel())
             s += x.sum(0)
             nz += (x != 0).sum(0)
