@@ -69,9 +69,7 @@ bench: bench-install
 
 # Wall time to reach scvi-tools' final held-out ELBO.
 bench-time-to-quality: bench-install
-	.venv-bench/bin/python benchmarks/vs_scvi.py --time-to-quality --data-dir $(CELLVAE_DATA_DIR) \
-		--out benchmarks/results/vs_scvi_time_to_quality.md \
-		--json benchmarks/results/vs_scvi_time_to_quality.json $(BENCH_ARGS)
+	.venv-bench/bin/python benchmarks/throughput.py --mode ttq --data-dir $(CELLVAE_DATA_DIR) $(BENCH_ARGS)
 
 # Likelihood metrics against scvi-tools' own with scvi-tools' weights copied into a CountVAE (about 2 min).
 bench-crosscheck: bench-install
@@ -101,8 +99,8 @@ $(LARGE): | $(VENV)/.installed
 bench-large: $(LARGE)
 
 # Training throughput, time to scvi quality and peak RSS vs scvi-tools (about 20 min).
-bench-throughput: bench-install bench-large
-	.venv-bench/bin/python benchmarks/throughput.py --large-path $(LARGE) $(BENCH_ARGS)
+bench-throughput: bench-install
+	.venv-bench/bin/python benchmarks/throughput.py --data-dir $(CELLVAE_DATA_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-bench demo_out

@@ -1,208 +1,298 @@
-"""Training throughput: cellvae vs scvi-tools 1.4.2 in one run (issue 6).
+#!/usr/bin/env python
+"""Training speed as a user meets it: cellvae ``CountVAE`` vs scvi-tools ``SCVI`` on every labelled dataset, at 1
+thread each, 2 threads each and each tool's default threads, and the time to scvi-tools' default-trained quality
+(issue 22).
 
-For each dataset this runs ``vs_scvi.py`` twice, so the measurement rules are that script's (same genes, the same
-90/10 split of the cells, the same architecture: n_hidden 128, n_latent 10, 1 layer, ZINB, gene dispersion; batch
-size 128; the same epochs; the same KL warm-up, ``--warmup-fraction`` of the epochs for both; no early stopping;
-each training in a fresh child process; tool order alternating per seed; otherwise each tool's own defaults, for
-cellvae the decoder bias initialised to the log gene frequencies of the training cells and log theta learning at
-``dispersion_lr_multiplier`` (30) times the learning rate, for scvi-tools PyTorch's initialisation and one learning
-rate):
+Data and split: the datasets of ``vs_scvi.py`` (``DATASETS``; > 5000 genes reduced to 2000 seurat_v3 HVGs by
+``_common.load_dataset``), seed 0's split of ``vs_scvi.make_split`` (90 % training cells, 10 % held out; genes
+without counts in the training cells dropped).
 
-1. main mode: training cells/s (training cells x epochs / seconds of ``train()``), peak RSS of the child, and the
-   held-out ELBO (nats per cell) of both after the same epochs;
-2. ``--time-to-quality`` mode: the wall time each tool needs to reach scvi-tools' final held-out ELBO (cellvae may
-   train up to ``--ttq-extra-fraction`` (0.5) more epochs to reach it; its first epochs are those of an
-   equal-epochs run, see ``vs_scvi.py --ttq-cellvae-extra-epochs``).
+``--mode speed`` (default). Equal settings for both tools: ZINB, gene dispersion, 128 hidden units, 10 latent
+dimensions, 1 layer, batch 128, ``E = clamp(round(100000 / n_train), 5, 50)`` epochs, KL warm-up over all E epochs,
+no early stopping, each tool's internal 90/10 split (cellvae evaluates its validation cells every epoch, scvi-tools
+by default does not). Thread settings (``--threads``): ``1`` (both 1), ``2`` (both 2), ``default`` (cellvae
+``n_threads=None``: the idle cores, ``cellvae.train.threads.default_n_threads``; scvi-tools torch's default). Per
+dataset and setting, ``--rounds`` (3) pairs alternate the order of the tools; each training runs in a fresh child
+process (``.venv-bench``, both tools importable) and reports the wall seconds of ``train()``, cells/s (training cells
+x epochs / seconds) and the held-out ELBO (nats per cell, one z sample). The 1-minute load average is read before
+and after each pair; pairs with load > ``--quiet-load`` (1.0) at either end are marked and left out of the medians
+(when a dataset has no quiet pair, the median of all pairs is shown in brackets).
 
-Datasets: ``pbmc4k_10x_top2000genes`` (4,340 cells), ``cbmc_citeseq_rna_top2000genes`` (8,617 cells) and a
-generated 100,000-cell set (``benchmarks/make_large.py --n-cells 100000``: counts sampled from a CountVAE fitted on
-pbmc4k). Threads: ``--threads`` for both tools (torch, BLAS and OpenMP), 1 by default: on this shared 2-core
-machine a second thread makes steps slower when the other core is busy (see ``cellvae.train.default_n_threads``).
+``--mode ttq``: time to scvi-tools' default-trained held-out ELBO. scvi-tools trains at its defaults (epoch heuristic
+``min(400, round(20000 / n * 400))``, 400-epoch KL warm-up, no early stopping) and its held-out ELBO is the target;
+in the same run cellvae trains at its defaults with ``max_epochs`` = 12.5 %, 25 %, 50 % and 100 % of its own
+default epochs (each a full run from scratch with that budget; the KL warm-up is half of it), in that order, until
+its held-out ELBO reaches the target. Time to quality = the wall seconds of that run (an upper bound of the time at
+which cellvae first reaches the target). Reported separately: the per-step speed-up (cells/s ratio) and the epoch
+ratio. Threads: each tool's default.
 
-    .venv-bench/bin/python benchmarks/make_large.py --n-cells 100000 --out benchmarks/data/large_100000.h5ad
-    .venv-bench/bin/python benchmarks/throughput.py [--threads 1] [--datasets pbmc4k,cbmc,large100k] [--seeds 0,1,2]
+    .venv-bench/bin/python benchmarks/throughput.py [--threads 1 2 default] [--rounds 3] [--datasets ...]
+    .venv-bench/bin/python benchmarks/throughput.py --mode ttq [--datasets ...]
+    .venv-bench/bin/python benchmarks/throughput.py --report-only
 
-Several ``--seeds`` give one pair of trainings per seed and dataset, and a table of the per-dataset medians. The
-committed results: ``--datasets large100k --seeds 0``, then ``--datasets pbmc4k,cbmc --seeds 0,1,2,3,4``, then
-``--report-only`` (the default ``--datasets``) to write the table of all three.
-
-Results: ``benchmarks/results/throughput.{md,json}`` (the two ``vs_scvi`` reports of each dataset are kept beside
-them as ``throughput_<dataset>_{main,ttq}.{md,json}``).
+Results: ``benchmarks/results/throughput.{md,json}`` (rows merged by key; the Markdown is rebuilt from all rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import math
+import multiprocessing as mp
 import os
 import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, default_data_dir, machine_description, package_version, write_json_and_md  # noqa: E402
+from _common import REPO_ROOT, atomic_write_text, default_data_dir, git_commit, load_dataset, machine_description  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-DATASETS = {  # short name -> (file stem, label key, epochs)
-    "pbmc4k": ("pbmc4k_10x_top2000genes", "cell_type", 40),
-    "cbmc": ("cbmc_citeseq_rna_top2000genes", "cell_type", 20),
-    "large100k": ("large_100000", "cell_type", 4),
-}
+ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb", "dispersion": "gene"}
+BATCH = 128
+TTQ_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--epochs", default=None, help="override, e.g. pbmc4k=40,cbmc=20,large100k=4")
-    p.add_argument("--warmup-fraction", type=float, default=0.5, help="KL warm-up epochs / epochs, both tools")
-    p.add_argument("--data-dir", default=default_data_dir())
-    p.add_argument("--large-path", default=str(REPO_ROOT / "benchmarks" / "data" / "large_100000.h5ad"))
-    p.add_argument("--skip-ttq", action="store_true", help="main mode only")
-    p.add_argument("--ttq-extra-fraction", type=float, default=0.5,
-                   help="time-to-quality mode: cellvae may train this fraction of the epochs beyond them to reach "
-                        "the target (vs_scvi.py --ttq-cellvae-extra-epochs); its first epochs are unchanged")
-    p.add_argument("--report-only", action="store_true", help="rebuild throughput.md from the kept reports")
-    p.add_argument("--out", default=str(RESULTS / "throughput.md"))
-    return p.parse_args(argv)
+def _loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
-def _run_vs_scvi(args_list: list[str]) -> None:
+def speed_epochs(n_train: int) -> int:
+    return int(min(50, max(5, round(100_000 / n_train))))
+
+
+def _prepare(data_dir: str, name: str, label_key: str):
+    """(train AnnData, held-out AnnData) of seed 0's split (as vs_scvi.py)."""
+    import numpy as np
     import vs_scvi
 
-    rc = vs_scvi.main(args_list)
-    if rc:
-        raise SystemExit(f"vs_scvi.py failed with {rc}")
+    adata, _, _ = load_dataset(Path(data_dir), name, label_key)
+    X = adata.X.tocsr() if hasattr(adata.X, "tocsr") else adata.X
+    tr, ho, _ = vs_scvi.make_split(adata.n_obs, 0)
+    genes = np.asarray((X[tr] > 0).sum(0)).ravel() > 0
+    held = adata[ho][:, genes].copy()
+    held = held[np.asarray(held.X.sum(1)).ravel() > 0].copy()
+    return adata[tr][:, genes].copy(), held
 
 
-def run(args) -> None:
-    epochs = {k: v[2] for k, v in DATASETS.items()}
-    if args.epochs:
-        for item in args.epochs.split(","):
-            k, v = item.split("=")
-            epochs[k] = int(v)
-    for short in args.datasets.split(","):
-        stem, label, _ = DATASETS[short]
-        e = epochs[short]
-        warm = max(1, round(args.warmup_fraction * e))
-        with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
-            data_dir = args.data_dir
-            if short == "large100k":
-                src = Path(args.large_path)
-                if not src.exists():
-                    raise SystemExit(f"{src} not found: run benchmarks/make_large.py --n-cells 100000 --out {src}")
-                os.symlink(src.resolve(), Path(tmp) / f"{stem}.h5ad")
-                data_dir = tmp
-            common = ["--datasets", f"{stem}:{label}", "--seeds", *args.seeds.split(","), "--max-epochs", str(e),
-                      "--threads", str(args.threads), "--data-dir", data_dir, "--scvi-kl-warmup", str(warm),
-                      "--cellvae-kl-warmup", str(warm)]
-            base = RESULTS / f"throughput_{short}"
-            _run_vs_scvi([*common, "--n-mc-samples", "1", "--out", f"{base}_main.md", "--json", f"{base}_main.json"])
-            if not args.skip_ttq:
-                extra = str(round(args.ttq_extra_fraction * e))
-                _run_vs_scvi([*common, "--time-to-quality", "--ttq-cellvae-extra-epochs", extra,
-                              "--out", f"{base}_ttq.md", "--json", f"{base}_ttq.json"])
+def _child(task: dict) -> dict:
+    threads = task["threads"]
+    if threads != "default":
+        for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[v] = str(threads)
+    import warnings
+
+    import numpy as np
+    import torch
+
+    warnings.filterwarnings("ignore")
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # the one-off torch._dynamo import, charged to neither
+    train, held = _prepare(task["data_dir"], task["dataset"], task["label_key"])
+    n = train.n_obs
+    out = {"n_train": n, "n_genes": int(train.n_vars)}
+    if task["tool"] == "scvi":
+        import logging
+
+        import scvi
+
+        scvi.settings.seed = 0
+        scvi.settings.verbosity = logging.WARNING
+        for lg in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
+            logging.getLogger(lg).setLevel(logging.ERROR)
+        scvi.model.SCVI.setup_anndata(train)
+        m = scvi.model.SCVI(train, **ARCH)
+        kw = {} if task["epochs"] is None else {"max_epochs": task["epochs"],
+                                                 "plan_kwargs": {"n_epochs_kl_warmup": task["epochs"]}}
+        t0 = time.perf_counter()
+        m.train(accelerator="cpu", enable_progress_bar=False, batch_size=BATCH, **kw)
+        sec = time.perf_counter() - t0
+        epochs = len(m.history["elbo_train"])
+        torch.manual_seed(0)
+        elbo = float(torch.as_tensor(m.get_elbo(held, batch_size=BATCH, return_mean=False)).double().mean())
+        out.update(version=scvi.__version__, threads_used=torch.get_num_threads(), n_internal=len(m.train_indices))
+    else:
+        import cellvae
+
+        m = cellvae.CountVAE(train, **ARCH)
+        kw = {"seed": 0, "progress_bar": False, "batch_size": BATCH,
+              "n_threads": None if threads == "default" else int(threads)}
+        if task["epochs"] is not None:
+            kw.update(max_epochs=task["epochs"])
+            if task["mode"] == "speed":
+                kw.update(n_epochs_kl_warmup=task["epochs"], early_stopping=False)
+        t0 = time.perf_counter()
+        m.train(**kw)
+        sec = time.perf_counter() - t0
+        epochs = len(m.history["epoch"])
+        elbo = float(np.mean(m.get_elbo(held, return_mean=False, seed=0)))
+        out.update(version=cellvae.__version__, threads_used=m.history.get("n_threads"),
+                   n_internal=len(m.train_indices), default_max_epochs=cellvae.settings.default_max_epochs(n))
+    n_int = out["n_internal"]
+    out.update(seconds=sec, epochs=epochs, cells_per_second=n_int * epochs / sec, heldout_elbo=elbo)
+    return out
 
 
-def _rows(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.exists() else []
+def _run(task: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child, (task,))
 
 
-def summarise(args) -> dict:
-    import vs_scvi
+def _key(r: dict) -> tuple:
+    return (r["mode"], r["dataset"], str(r.get("threads")), r.get("round"), r["tool"], r.get("budget"))
 
-    out = []
-    for short in args.datasets.split(","):
-        base = RESULTS / f"throughput_{short}"
-        main = [r for r in _rows(Path(f"{base}_main.json")) if r.get("error") is None]
-        ttq = [r for r in _rows(Path(f"{base}_ttq.json")) if r.get("error") is None]
-        for seed in sorted({r["seed"] for r in main}):
-            by = {r["tool"]: r for r in main if r["seed"] == seed}
-            if set(by) != {"scvi", "cellvae"}:
+
+def _save(path: Path, rows: list[dict], meta: dict) -> None:
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    merged = {_key(r): r for r in old}
+    merged.update({_key(r): r for r in rows})
+    payload = {"meta": meta, "rows": list(merged.values())}
+    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path.with_suffix(".md"), report(payload, meta.get("quiet_load", 1.0)))
+
+
+def report(payload: dict, quiet_load: float) -> str:
+    rows = payload["rows"]
+    commits = sorted({r.get("commit", "?") for r in rows})
+    dates = sorted({r.get("date", "?")[:10] for r in rows})
+    lines = ["# Training speed: cellvae vs scvi-tools (issue 22)", "",
+             f"- commits: {', '.join(commits)}; dates: {', '.join(dates)}; {payload['meta'].get('machine')}",
+             "- protocol: the docstring of `benchmarks/throughput.py`; a pair is quiet when the 1-minute load average "
+             f"is <= {quiet_load} before and after it; medians over quiet pairs (brackets: no quiet pair, median of "
+             "all pairs)", ""]
+    sp = [r for r in rows if r["mode"] == "speed" and not r.get("error")]
+    if sp:
+        lines += ["## Cells per second at equal settings", "",
+                  "| dataset | threads | epochs | cellvae cells/s | scvi-tools cells/s | ratio | quiet pairs | "
+                  "held-out ELBO cellvae | scvi-tools | diff % | loads (start→end) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        ratios: dict[str, list[float]] = {}
+        for ds in sorted({r["dataset"] for r in sp}):
+            for th in ("1", "2", "default"):
+                pairs = {}
+                for r in sp:
+                    if r["dataset"] == ds and str(r["threads"]) == th:
+                        pairs.setdefault(r["round"], {})[r["tool"]] = r
+                pairs = [p for p in pairs.values() if "cellvae" in p and "scvi" in p]
+                if not pairs:
+                    continue
+                quiet = [p for p in pairs if max(p["cellvae"]["load_start"], p["cellvae"]["load_end"],
+                                                 p["scvi"]["load_start"], p["scvi"]["load_end"]) <= quiet_load]
+                use = quiet or pairs
+                c = statistics.median(p["cellvae"]["cells_per_second"] for p in use)
+                s = statistics.median(p["scvi"]["cells_per_second"] for p in use)
+                ec = statistics.median(p["cellvae"]["heldout_elbo"] for p in use)
+                es = statistics.median(p["scvi"]["heldout_elbo"] for p in use)
+                ratio = c / s
+                if quiet:
+                    ratios.setdefault(th, []).append(ratio)
+                loads = "; ".join(f"{min(p['cellvae']['load_start'], p['scvi']['load_start']):.2f}→"
+                                  f"{max(p['cellvae']['load_end'], p['scvi']['load_end']):.2f}" for p in pairs)
+                fmt = (lambda v: f"{v}") if quiet else (lambda v: f"[{v}]")
+                lines.append(f"| {ds} | {th} (used: cellvae {pairs[0]['cellvae'].get('threads_used')}, scvi "
+                             f"{pairs[0]['scvi'].get('threads_used')}) | {pairs[0]['cellvae']['epochs']} | "
+                             f"{fmt(f'{c:,.0f}')} | {fmt(f'{s:,.0f}')} | {fmt(f'{ratio:.2f}x')} | "
+                             f"{len(quiet)}/{len(pairs)} | {ec:.1f} | {es:.1f} | {100 * (ec - es) / abs(es):+.2f} | "
+                             f"{loads} |")
+        lines.append("")
+        for th, rs in ratios.items():
+            lines.append(f"- threads {th}: ratio over datasets with quiet pairs: min {min(rs):.2f}x, median "
+                         f"{statistics.median(rs):.2f}x, geometric mean "
+                         f"{math.exp(sum(math.log(x) for x in rs) / len(rs)):.2f}x ({len(rs)} datasets)")
+        lines.append("")
+    tq = [r for r in rows if r["mode"] == "ttq" and not r.get("error")]
+    if tq:
+        lines += ["## Time to scvi-tools' default-trained held-out ELBO (each tool's default threads)", "",
+                  "| dataset | scvi-tools: epochs, s, held-out ELBO | cellvae: budget epochs (run), s, held-out ELBO | "
+                  "time ratio | per-step (cells/s) ratio | epoch ratio | loads |", "|---|---|---|---|---|---|---|"]
+        for ds in sorted({r["dataset"] for r in tq}):
+            s = next((r for r in tq if r["dataset"] == ds and r["tool"] == "scvi"), None)
+            cs = sorted((r for r in tq if r["dataset"] == ds and r["tool"] == "cellvae"), key=lambda r: r["budget"])
+            if s is None or not cs:
                 continue
-            s, c = by["scvi"], by["cellvae"]
-            row = {"dataset": short, "seed": seed, "n_cells": s.get("n_cells"), "n_genes": s.get("n_genes_model"),
-                   "epochs": s["epochs"], "threads": s.get("threads"),
-                   "scvi_cells_per_s": s["cells_per_s"], "cellvae_cells_per_s": c["cells_per_s"],
-                   "speedup": c["cells_per_s"] / s["cells_per_s"],
-                   "scvi_heldout_elbo": s["heldout_elbo"], "cellvae_heldout_elbo": c["heldout_elbo"],
-                   "elbo_rel_diff": (c["heldout_elbo"] - s["heldout_elbo"]) / abs(s["heldout_elbo"]),
-                   "scvi_rss_mb": s["rss_peak_train_mb"], "cellvae_rss_mb": c["rss_peak_train_mb"]}
-            for item in vs_scvi.ttq_results([r for r in ttq if r["seed"] == seed]):
-                sr, cr = item.get("scvi", {}).get("reached"), item.get("cellvae", {}).get("reached")
-                row["ttq_target"] = item["target"]
-                row["scvi_ttq_s"] = sr[1] if sr else None
-                row["cellvae_ttq_s"] = cr[1] if cr else None
-                row["cellvae_ttq_epoch"] = cr[0] if cr else None
-                row["ttq_speedup"] = sr[1] / cr[1] if sr and cr else None
-            out.append(row)
-    return {"meta": {"ttq_extra_fraction": args.ttq_extra_fraction, "machine": machine_description(),
-                     "cellvae": package_version("cellvae"), "scvi-tools": package_version("scvi-tools"), "torch": package_version("torch"),
-                     "loadavg": os.getloadavg()}, "rows": out}
-
-
-def render(payload: dict) -> str:
-    import vs_scvi
-
-    m = payload["meta"]
-    lines = ["# Training throughput: cellvae vs scvi-tools (same run, alternating)", "",
-             f"Machine: {m['machine']}; cellvae {m['cellvae']}, scvi-tools {m['scvi-tools']}, torch {m['torch']}; "
-             f"load average when summarised {tuple(round(x, 2) for x in m['loadavg'])} (a shared machine: timings "
-             "are approximate, ratios within one run are what to compare).", "",
-             "Same genes, split, architecture (ZINB, n_hidden 128, n_latent 10), batch 128, epochs and KL warm-up "
-             "for both; cells/s = training cells x epochs / seconds of `train()`; held-out ELBO in nats per cell "
-             "after the same epochs; time to scvi quality = wall time until the held-out ELBO reaches scvi-tools' "
-             f"final held-out ELBO (per-epoch times incl. the held-out evaluation; cellvae may run up to "
-             f"{100 * m.get('ttq_extra_fraction', 0):.0f} % more epochs to reach it). Optimizer of both: Adam, lr 1e-3 "
-             "constant, eps 0.01, weight decay 1e-6 (their defaults; cellvae's log theta learns at "
-             f"{vs_scvi._cellvae_default('dispersion_lr_multiplier'):g} x lr, its default "
-             "`dispersion_lr_multiplier`). Details: `benchmarks/vs_scvi.py`; "
-             "per-dataset reports `throughput_<dataset>_{main,ttq}.md`.", "",
-             "| dataset | seed | cells x genes | epochs | threads | scvi cells/s | cellvae cells/s | speed-up | "
-             "held-out ELBO scvi / cellvae (diff) | time to scvi quality scvi / cellvae (speed-up) | "
-             "peak RSS MiB scvi / cellvae |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in payload["rows"]:
-        ttq = "-"
-        if r.get("scvi_ttq_s") is not None:
-            ttq = (f"{r['scvi_ttq_s']:.1f} s / " + (f"{r['cellvae_ttq_s']:.1f} s ({r['ttq_speedup']:.2f}x)"
-                                                    if r.get("cellvae_ttq_s") else "not reached"))
-        lines.append(
-            f"| {r['dataset']} | {r['seed']} | {r['n_cells']} x {r['n_genes']} | {r['epochs']} | {r['threads']} | "
-            f"{r['scvi_cells_per_s']:,.0f} | {r['cellvae_cells_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
-            f"{r['scvi_heldout_elbo']:.1f} / {r['cellvae_heldout_elbo']:.1f} ({100 * r['elbo_rel_diff']:+.2f} %) | "
-            f"{ttq} | {r['scvi_rss_mb']:.0f} / {r['cellvae_rss_mb']:.0f} |")
-    by_dataset: dict = {}
-    for r in payload["rows"]:
-        by_dataset.setdefault(r["dataset"], []).append(r)
-    if any(len(rs) > 1 for rs in by_dataset.values()):
-        lines += ["", "Per dataset over the seeds (each seed: one scvi-tools and one cellvae training in alternating "
-                  "order, on that seed's 90/10 split; the machine's speed drifts by 10-20 % over minutes, so the "
-                  "median of several pairs is steadier than one pair):", "",
-                  "| dataset | seeds | speed-up per seed | median speed-up | held-out ELBO diff per seed | "
-                  "time-to-quality speed-up per seed | median |", "|---|---|---|---|---|---|---|"]
-        for name, rs in by_dataset.items():
-            sp = [r["speedup"] for r in rs]
-            tq = [r["ttq_speedup"] for r in rs if r.get("ttq_speedup") is not None]
-            seeds = ", ".join(str(r["seed"]) for r in rs)
-            sp_each = " / ".join(f"{v:.2f}x" for v in sp)
-            elbo_each = " / ".join(f"{100 * r['elbo_rel_diff']:+.2f} %" for r in rs)
-            tq_each = " / ".join(f"{v:.2f}x" for v in tq) or "-"
-            tq_med = f"**{statistics.median(tq):.2f}x**" if tq else "-"
-            lines.append(f"| {name} | {seeds} | {sp_each} | **{statistics.median(sp):.2f}x** | {elbo_each} | "
-                         f"{tq_each} | {tq_med} |")
+            hit = next((r for r in cs if r["heldout_elbo"] >= s["heldout_elbo"]), None)
+            if hit is None:
+                lines.append(f"| {ds} | {s['epochs']}, {s['seconds']:.0f}, {s['heldout_elbo']:.1f} | not reached "
+                             f"(best {max(r['heldout_elbo'] for r in cs):.1f}) | - | - | - | |")
+                continue
+            lines.append(f"| {ds} | {s['epochs']}, {s['seconds']:.0f}, {s['heldout_elbo']:.1f} | {hit['budget']} "
+                         f"({hit['epochs']}), {hit['seconds']:.1f}, {hit['heldout_elbo']:.1f} | "
+                         f"{s['seconds'] / hit['seconds']:.2f}x | "
+                         f"{hit['cells_per_second'] / s['cells_per_second']:.2f}x | "
+                         f"{s['epochs'] / hit['epochs']:.2f}x | {s['load_start']:.2f}, {hit['load_start']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if not args.report_only:
-        run(args)
-    payload = summarise(args)
-    write_json_and_md(Path(args.out), payload, render(payload))
+def main(argv=None) -> int:
+    import vs_scvi
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("speed", "ttq"), default="speed")
+    p.add_argument("--datasets", nargs="+", default=list(vs_scvi.DATASETS))
+    p.add_argument("--threads", nargs="+", default=["1", "2", "default"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quiet-load", type=float, default=1.0)
+    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--json", default=str(RESULTS / "throughput.json"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    path = Path(args.json)
+    meta = {"machine": machine_description(), "quiet_load": args.quiet_load}
+    if args.report_only:
+        _save(path, [], json.loads(path.read_text())["meta"] if path.exists() else meta)
+        print(path.with_suffix(".md").read_text())
+        return 0
+    base = {"mode": args.mode, "data_dir": args.data_dir, **git_commit("src")}
+
+    def run(task: dict) -> dict:
+        row = {**task, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "load_start": _loadavg()}
+        try:
+            row.update(_run(task))
+        except Exception as e:  # noqa: BLE001 - recorded
+            row["error"] = repr(e)
+        row["load_end"] = _loadavg()
+        print(json.dumps({k: row.get(k) for k in ("dataset", "tool", "threads", "round", "budget", "epochs",
+                                                  "seconds", "cells_per_second", "heldout_elbo", "load_start",
+                                                  "load_end", "error")}), flush=True)
+        return row
+
+    for ds in args.datasets:
+        lk = vs_scvi.DATASETS[ds]
+        if args.mode == "speed":
+            import anndata as ad
+
+            n = ad.read_h5ad(Path(args.data_dir) / f"{ds}.h5ad", backed="r").n_obs
+            epochs = speed_epochs(int(0.9 * n))
+            for th in args.threads:
+                for r in range(args.rounds):
+                    order = ("cellvae", "scvi") if r % 2 == 0 else ("scvi", "cellvae")
+                    rows = [run({**base, "dataset": ds, "label_key": lk, "tool": t, "threads": th, "round": r,
+                                 "epochs": epochs}) for t in order]
+                    for row in rows:  # the pair's loads: the first tool's start and the second's end
+                        row["pair_load_start"], row["pair_load_end"] = rows[0]["load_start"], rows[-1]["load_end"]
+                    _save(path, rows, meta)
+        else:
+            s = run({**base, "dataset": ds, "label_key": lk, "tool": "scvi", "threads": "default", "epochs": None,
+                     "budget": None})
+            _save(path, [s], meta)
+            from cellvae.settings import default_max_epochs
+
+            full = default_max_epochs(_prepare(args.data_dir, ds, lk)[0].n_obs)
+            for f in TTQ_FRACTIONS:
+                e = max(2, int(round(f * full)))
+                c = run({**base, "dataset": ds, "label_key": lk, "tool": "cellvae", "threads": "default",
+                         "epochs": e, "budget": e})
+                _save(path, [c], meta)
+                if not s.get("error") and not c.get("error") and c["heldout_elbo"] >= s["heldout_elbo"]:
+                    break
+    print(path.with_suffix(".md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
