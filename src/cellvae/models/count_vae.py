@@ -511,6 +511,34 @@ class CountVAE(AnnDataModel):
         """
         return super().load(dir_path, adata=adata, out_of_core=out_of_core)
 
+    @classmethod
+    def from_scvi(cls, path: str | os.PathLike, adata: ad.AnnData | None = None,
+                  prefix: str | None = None) -> "CountVAE":
+        """A trained model with the weights of an scvi-tools ``SCVI`` saved by ``model.save(path)`` (scvi-tools
+        1.x), read without scvi-tools: ``model.pt`` is loaded with ``torch.load(weights_only=True)`` (nothing in it
+        is executed) and its weights are mapped onto cellvae's module, which has the same architecture (scVI, Lopez
+        et al. 2018). The latent representation, normalized expression, ELBO and every analysis then match what
+        scvi-tools computes for that model (``tests/test_from_scvi.py``). See :mod:`cellvae.models.scvi_import`.
+
+        Args:
+            path: the directory scvi-tools wrote (or its ``model.pt``).
+            adata: data to attach (genes matched by name; counts in the layer the scvi-tools model was set up
+                with, the same batch and covariate columns). None: pass ``adata`` to each method.
+            prefix: the ``prefix`` given to scvi-tools' ``save`` (the file is ``{prefix}model.pt``).
+
+        Returns:
+            A trained :class:`CountVAE` (``history["imported_from"]`` names the source); save it with :meth:`save`.
+
+        Raises:
+            CellvaeInputError: a missing or unreadable file; a model other than SCVI, or a setting cellvae does not
+                reproduce (named: ``gene_likelihood="normal"``, ``dispersion="gene-label"``, ``latent_distribution=
+                "ln"``, batch embeddings, a size-factor key, a custom variance activation, MuData, ...); weights that
+                do not match; ``adata`` without the model's genes.
+        """
+        from .scvi_import import count_vae_from_scvi
+
+        return count_vae_from_scvi(cls, path, adata, prefix)
+
     # ---------------------------------------------------------------------------- reference mapping
     def map_query(self, query: ad.AnnData, batch_key: str | None = None, max_epochs: int | None = None,
                   max_missing_genes: float = 0.2, seed: int = 0, progress_bar: bool = True, **train_settings):
