@@ -304,7 +304,9 @@ class TrainSettings:
         "benchmarks/results/dispersion_lr.md).", min=0.0, min_open=True))
     seed: int = field(default=0, metadata=_opt("--seed", "Seeds initialisation, split, minibatches and sampling."))
     progress_bar: bool = True
-    n_threads: int | None = field(default=None, metadata={"min": 1})
+    n_threads: int | None = field(default=None, metadata=_opt(
+        "--n-threads", "CPU threads for training (default: the cores idle at the start; fix it for bit-identical "
+        "reruns).", min=1, max=1024))
     checkpoint_every: int = field(default=10, metadata=_opt(
         "--checkpoint-every", "Epochs between training checkpoints in --out/checkpoints (a crash loses at most this "
         "many).", min=1))
