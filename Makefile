@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export CELLVAE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-native-sanitize bench-install bench bench-time-to-quality bench-clustering bench-integration \
+.PHONY: install demo test docs docs-serve docs-install test-native-sanitize bench-install bench bench-time-to-quality bench-clustering bench-integration \
 	bench-imputation bench-large bench-throughput clean
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,23 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs-material + mkdocstrings; docs/build.py executes the tutorials of docs/tutorials/
+# into docs/generated/ first, and renders benchmarks/results/*.md and the CLI help). Strict: a broken link, nav
+# entry or API reference fails the build. DOCS_ARGS=--force re-executes unchanged tutorials.
+$(VENV)/.docs-installed: pyproject.toml | $(VENV)/.installed
+	$(PIP) install -e '.[docs]'
+	touch $@
+
+docs-install: $(VENV)/.docs-installed
+
+docs: install docs-install
+	$(PY) docs/build.py $(DOCS_ARGS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: install docs-install
+	$(PY) docs/build.py $(DOCS_ARGS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # The native kernels built with -fsanitize=address,undefined (their own cache), and the tests that exercise them,
 # malformed CSR input included, in a process that preloads the sanitizer runtimes. Any finding aborts the run.
@@ -103,4 +120,4 @@ bench-throughput: bench-install
 	.venv-bench/bin/python benchmarks/throughput.py --data-dir $(CELLVAE_DATA_DIR) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-bench demo_out
+	rm -rf $(VENV) .venv-bench demo_out site docs/generated

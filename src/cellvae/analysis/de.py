@@ -64,7 +64,7 @@ _TINY = 1e-30  # rho is clamped here so that log2 stays finite with a zero pseud
 def _check_count_model(model: TrainedModel) -> None:
     if not model.module.likelihood.models_counts:
         raise CellvaeInputError(
-            "Differential expression needs a count likelihood (zinb, nb, poisson or zip): with gene_likelihood='normal' "
+            "Differential expression needs a count likelihood (zinb, nb, poisson, zip): with gene_likelihood='normal' "
             "the decoder output is not a normalized expression that sums to 1."
         )
     model.check_trained()
@@ -344,13 +344,13 @@ def differential_expression(
         - ``scale1``, ``scale2``: mean sampled normalized expression per group (fraction of counts);
         - ``pseudocounts`` (``c`` of the change test), ``delta``;
         - ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``: the posterior distribution of
-          the log2 fold change ``log2(rho1 + c') - log2(rho2 + c')``, ``c' = 1e-3 c``, over the pairs (the median
-          from at most ``2**24 / n_genes`` pairs);
+            the log2 fold change ``log2(rho1 + c') - log2(rho2 + c')``, ``c' = 1e-3 c``, over the pairs (the median
+            from at most ``2**24 / n_genes`` pairs);
         - ``is_de_fdr_<fdr_target>``: DE call at posterior expected FDR ``fdr_target`` (:func:`fdr_de_prediction`;
-          in ``vanilla`` mode this calls genes higher in group 1);
+            in ``vanilla`` mode this calls genes higher in group 1);
         - with ``all_stats``: ``raw_mean1``, ``raw_mean2`` (mean counts per cell), ``non_zeros_proportion1``,
-          ``non_zeros_proportion2``, ``raw_normalized_mean1``, ``raw_normalized_mean2`` (mean counts per 10,000
-          of the cell's counts over the model's genes);
+            ``non_zeros_proportion2``, ``raw_normalized_mean1``, ``raw_normalized_mean2`` (mean counts per 10,000
+            of the cell's counts over the model's genes);
         - ``comparison`` (``"<group1> vs <group2>"``), ``group1``, ``group2``.
 
         Several comparisons (a list or None as ``group1``) are concatenated, each sorted.

@@ -72,8 +72,9 @@ class LabelTransferVAE(CountVAE):
         labels_key: obs column of the cell labels; cells whose value is ``unlabeled_category`` or missing have no
             label and are learned from without one.
         unlabeled_category: the value of ``labels_key`` that marks a cell without a label ("Unknown").
-        layer, batch_key, categorical_covariate_keys, continuous_covariate_keys, out_of_core, settings,
-            **model_settings: as :class:`CountVAE` (``classification_ratio``, the weight of the classifier's
+        layer, batch_key, categorical_covariate_keys, continuous_covariate_keys, out_of_core, settings: as
+            :class:`CountVAE`.
+        **model_settings: as :class:`CountVAE` (``classification_ratio``, the weight of the classifier's
             cross-entropy on labelled cells, defaults to 50 as scvi-tools').
 
     Attributes:
@@ -124,10 +125,15 @@ class LabelTransferVAE(CountVAE):
             key, labels, unlabeled = pending
             self.spec = dataclasses.replace(self.spec, labels_key=key, label_categories=labels,
                                             unlabeled_category=unlabeled)
+        counts = None
+        if getattr(self, "adata", None) is not None:  # labelled cells per label, for the balanced cross-entropy
+            codes = self.spec.label_codes(self.adata)
+            counts = np.bincount(codes[codes < len(self.spec.label_categories)],
+                                 minlength=len(self.spec.label_categories))
         return LabelTransferModule(
             n_input=len(self.spec.gene_names), n_labels=len(self.spec.label_categories), n_batch=self.spec.n_batch,
             n_cats_per_cov=self.spec.n_cats_per_cov, n_continuous_cov=len(self.spec.continuous_covariate_keys),
-            library_log_means=lib_means, library_log_vars=lib_vars, settings=self.settings,
+            library_log_means=lib_means, library_log_vars=lib_vars, settings=self.settings, label_counts=counts,
         )
 
     @property
@@ -165,7 +171,8 @@ class LabelTransferVAE(CountVAE):
             raise CellvaeInputError("adata has other batch or covariate categories than the CountVAE was trained on; "
                                     "pass the model's own AnnData.")
         missing, unexpected = new.module.load_state_dict(model.module.state_dict(), strict=False)
-        if unexpected or any(not k.startswith(("classifier.", "z2_encoder.", "z1_decoder.", "log_label_prior"))
+        if unexpected or any(not k.startswith(("classifier.", "z2_encoder.", "z1_decoder.", "log_label_prior",
+                                                "class_weight"))
                              for k in missing):
             raise CellvaeInputError(f"The CountVAE's weights do not fit the label-transfer model ({unexpected or missing}).")
         new._pretrained = True

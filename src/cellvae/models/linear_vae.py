@@ -26,8 +26,9 @@ class LinearCountVAE(CountVAE):
     of each dimension.
 
     Args:
-        adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys, out_of_core,
-            settings: as :class:`CountVAE`.
+        adata, layer, batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys: as
+            :class:`CountVAE`.
+        out_of_core, settings: as :class:`CountVAE`.
         **model_settings: fields of :class:`cellvae.settings.ModelSettings`; ``gene_likelihood`` defaults to
             ``"nb"`` here, ``decoder`` is ``"linear"``.
 
