@@ -152,3 +152,182 @@ def test_module_refuses_unsupported_settings():
         RNAProteinModule(10, 3, use_observed_lib_size=False)
     with pytest.raises(CellvaeInputError, match="shape"):
         RNAProteinModule(10, 3, n_batch=2, protein_batch_mask=np.ones((1, 3)))
+
+
+# ----------------------------------------------------------------------------------------------------- model
+import anndata as ad  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import cellvae  # noqa: E402
+from cellvae.data.protein import isotype_controls, mudata_to_anndata  # noqa: E402
+from cellvae.errors import CellvaeInputError  # noqa: E402
+
+from conftest import DATA_DIR, _read, _subset  # noqa: E402
+
+FAST = dict(n_hidden=32, n_latent=6)  # small networks: these tests check behaviour, not fit quality
+TRAIN = dict(max_epochs=3, batch_size=64, progress_bar=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def citeseq() -> ad.AnnData:
+    """400 PBMCs of two 10x runs, 250 genes, 14 ADTs (obsm['protein_expression'])."""
+    return _subset(_read("pbmc_citeseq_10x_400cells.h5ad"), 400, 250)
+
+
+@pytest.fixture(scope="module")
+def trained(citeseq):
+    return cellvae.RNAProteinVAE(citeseq.copy(), batch_key="batch", **FAST).train(**TRAIN)
+
+
+def _mudata(a: ad.AnnData, shuffle_prot: bool = False):
+    import mudata
+
+    prot = ad.AnnData(X=a.obsm["protein_expression"].to_numpy(np.float32),
+                      obs=pd.DataFrame(index=a.obs_names.copy()),
+                      var=pd.DataFrame(index=a.obsm["protein_expression"].columns.astype(str)))
+    if shuffle_prot:
+        prot = prot[np.random.default_rng(0).permutation(prot.n_obs)].copy()
+    rna = ad.AnnData(X=a.X.copy(), obs=a.obs.copy(), var=a.var.copy())
+    return mudata.MuData({"rna": rna, "prot": prot})
+
+
+def test_model_shapes_and_outputs(trained, citeseq):
+    m = trained
+    n, g, p = citeseq.n_obs, citeseq.n_vars, citeseq.obsm["protein_expression"].shape[1]
+    assert m.history["n_skipped_steps"] == 0
+    assert m.get_latent_representation().shape == (n, 6)
+    rna, prot = m.get_normalized_expression(library_size=1e4)
+    assert rna.shape == (n, g) and prot.shape == (n, p) and list(prot.columns) == m.protein_names
+    np.testing.assert_allclose(rna.sum(1), 1e4, rtol=1e-4)
+    assert (prot.to_numpy() >= 0).all()
+    r2, p2 = m.get_normalized_expression(gene_list=list(citeseq.var_names[:3]), protein_list=m.protein_names[:2],
+                                         n_samples=3, return_numpy=True)
+    assert r2.shape == (n, 3) and p2.shape == (n, 2)
+    _, with_bg = m.get_normalized_expression(include_protein_background=True, return_numpy=True)
+    assert (with_bg >= prot.to_numpy() - 1e-4).all()
+    fg = m.get_protein_foreground_probability()
+    assert fg.shape == (n, p) and ((fg >= 0) & (fg <= 1)).all().all()
+    elbo = m.get_elbo(indices=m.validation_indices, modality="all", seed=0)
+    assert set(elbo) == {"joint", "rna", "protein"} and all(np.isfinite(v) for v in elbo.values())
+    assert elbo["joint"] < min(elbo["rna"], elbo["protein"])  # a joint log-probability is below each marginal
+    ll = m.get_marginal_ll(indices=m.validation_indices, n_samples=20, modality="all", seed=0, return_mean=False)
+    assert ll["protein"].shape == (len(m.validation_indices),)
+    assert ll["joint"].mean() > elbo["joint"] - 1.0
+    pp = m.posterior_predictive_sample(indices=np.arange(10), n_samples=2)
+    assert pp["rna"].shape == (2, 10, g) and pp["protein"].shape == (2, 10, p)
+    s = m.sample(7, covariates={"batch": "pbmc_5k_protein_v3"})
+    assert s.shape == (7, g) and s.obsm["protein_expression"].shape == (7, p)
+    assert (s.obs["batch"] == "pbmc_5k_protein_v3").all()
+
+
+def test_differential_expression_genes_and_proteins(trained):
+    de = trained.differential_expression(groupby="batch", group1="pbmc_10k_protein_v3", n_samples=200)
+    prot = [p + "_protein" for p in trained.protein_names]
+    assert set(prot) <= set(de.index) and len(de) == len(trained.spec.gene_names) + len(prot)
+    for col in ("proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "lfc_mean", "lfc_median",
+                "lfc_std", "raw_mean1", "raw_mean2", "non_zeros_proportion1", "raw_normalized_mean1",
+                "is_de_fdr_0.05", "comparison", "group1", "group2"):
+        assert col in de.columns
+    assert de.loc[prot, "raw_normalized_mean1"].isna().all()
+    genes = de.index[~de.index.isin(prot)]
+    assert de.loc[genes, "raw_normalized_mean1"].notna().all()
+    assert (de.loc[prot, "scale1"] >= 0.1).all()  # foreground intensity + protein_prior_count
+
+
+def test_missing_protein_panels_are_masked(citeseq):
+    a = citeseq.copy()
+    df = a.obsm["protein_expression"].copy()
+    in5k = (a.obs["batch"] == "pbmc_5k_protein_v3").to_numpy()
+    df.loc[in5k, df.columns[2]] = 0.0  # a protein the 5k panel lacks (all zero)
+    df.loc[in5k, df.columns[5]] = np.nan  # and one stored as missing
+    a.obsm["protein_expression"] = df
+    with pytest.warns(UserWarning, match="treated as not measured"):
+        m = cellvae.RNAProteinVAE(a, batch_key="batch", **FAST)
+    mask = m.protein_batch_mask
+    assert not mask.loc["pbmc_5k_protein_v3", df.columns[2]] and not mask.loc["pbmc_5k_protein_v3", df.columns[5]]
+    assert mask.loc["pbmc_10k_protein_v3"].all() and mask.to_numpy().sum() == mask.size - 2
+    assert m.protein_info["masked"] == {"pbmc_5k_protein_v3": [df.columns[2], df.columns[5]]}
+    m.train(**TRAIN)
+    assert m.history["n_skipped_steps"] == 0 and np.isfinite(m.history["validation_elbo"]).all()
+    assert np.isfinite(m.get_protein_foreground_probability().to_numpy()).all()  # masked proteins are imputed
+    # zeros that are real: kept as measured
+    m2 = cellvae.RNAProteinVAE(a, batch_key="batch", override_missing_proteins=True, **FAST)
+    assert m2.protein_batch_mask.to_numpy().sum() == mask.size - 1  # the NaN one stays missing
+    # NaN for part of a batch only: refused
+    df.loc[df.index[0], df.columns[0]] = np.nan
+    a.obsm["protein_expression"] = df
+    with pytest.raises(CellvaeInputError, match="missing only for a whole batch"):
+        cellvae.RNAProteinVAE(a, batch_key="batch")
+
+
+def test_save_load_roundtrip(trained, citeseq, tmp_path):
+    trained.save(tmp_path / "m")
+    loaded = cellvae.CountVAE.load(tmp_path / "m", adata=citeseq)
+    assert type(loaded) is cellvae.RNAProteinVAE and loaded.protein_names == trained.protein_names
+    np.testing.assert_allclose(loaded.get_latent_representation(), trained.get_latent_representation(), atol=1e-6)
+    np.testing.assert_allclose(loaded.get_protein_foreground_probability().to_numpy(),
+                               trained.get_protein_foreground_probability().to_numpy(), atol=1e-6)
+    pd.testing.assert_frame_equal(loaded.protein_batch_mask, trained.protein_batch_mask)
+    assert loaded.validation_indices is not None and loaded.protein_info == trained.protein_info
+    # a panel without one of the model's proteins is refused
+    b = citeseq.copy()
+    b.obsm["protein_expression"] = b.obsm["protein_expression"].iloc[:, 1:]
+    with pytest.raises(CellvaeInputError, match="proteins are missing"):
+        cellvae.RNAProteinVAE.load(tmp_path / "m", adata=b)
+
+
+def test_mudata_input_equals_anndata(citeseq, tmp_path):
+    a = citeseq.copy()
+    ref = cellvae.RNAProteinVAE(a, batch_key="batch", **FAST).train(max_epochs=1, batch_size=64, progress_bar=False)
+    md = _mudata(a, shuffle_prot=True)  # the protein modality in another cell order: joined by name
+    m = cellvae.RNAProteinVAE(md, batch_key="batch", **FAST).train(max_epochs=1, batch_size=64, progress_bar=False)
+    assert m.protein_names == ref.protein_names
+    np.testing.assert_allclose(m.get_latent_representation(), ref.get_latent_representation(), atol=1e-5)
+    np.testing.assert_allclose(m.get_latent_representation(md), ref.get_latent_representation(), atol=1e-5)
+    m.save(tmp_path / "m")
+    loaded = cellvae.RNAProteinVAE.load(tmp_path / "m", adata=md)
+    np.testing.assert_allclose(loaded.get_latent_representation(), ref.get_latent_representation(), atol=1e-5)
+
+
+def test_refusals(citeseq):
+    a = citeseq.copy()
+    with pytest.raises(CellvaeInputError, match="is not in adata.obsm"):
+        cellvae.RNAProteinVAE(a, protein_key="adt")
+    for bad, msg in ((-1.0, "negative values"), (2.5, "non-integer")):
+        b = citeseq.copy()
+        df = b.obsm["protein_expression"].copy()
+        df.iloc[3, 1] = bad
+        b.obsm["protein_expression"] = df
+        with pytest.raises(CellvaeInputError, match=msg):
+            cellvae.RNAProteinVAE(b)
+    md = _mudata(a)
+    md.mod["prot"] = md.mod["prot"][10:].copy()  # 10 cells without proteins
+    md.update()
+    with pytest.raises(CellvaeInputError, match="Mismatched cells between modalities"):
+        cellvae.RNAProteinVAE(md)
+    with pytest.raises(CellvaeInputError, match="no 'prot' modality"):
+        import mudata
+
+        cellvae.RNAProteinVAE(mudata.MuData({"rna": a}))
+    with pytest.raises(CellvaeInputError, match="count gene likelihood"):
+        cellvae.RNAProteinVAE(a, gene_likelihood="normal")
+    with pytest.raises(CellvaeInputError, match="not proteins of the data"):
+        cellvae.RNAProteinVAE(a, isotype_controls=["IgG9"])
+
+
+def test_isotype_controls_and_large_counts():
+    assert isotype_controls(["CD3", "IgG2a", "IgG1", "IgG2b", "CD45RA", "Mouse_IgG1_isotype", "TIGIT", "IgM",
+                             "IgG1_control_TotalSeqB"]) == ["IgG2a", "IgG1", "IgG2b", "Mouse_IgG1_isotype",
+                                                             "IgG1_control_TotalSeqB"]
+    a = _subset(_read("pbmc_eccite_mimitou2019_500cells.h5ad"), 300, 200)
+    df = a.obsm["protein_expression"].copy()
+    df.iloc[:, 0] = np.round(df.iloc[:, 0] * 40 + 1e4)  # proteins of 1e4-1e5 counts (docs/inputs.md)
+    df.iloc[0, 1] = 1e5
+    df["Mouse_IgG1_isotype"] = np.random.default_rng(0).poisson(5.0, a.n_obs).astype(float)
+    a.obsm["protein_expression"] = df
+    m = cellvae.RNAProteinVAE(a, **FAST)
+    assert m.protein_info["background_prior"] == "isotype"
+    assert {"IgG1", "IgG2a", "Mouse_IgG1_isotype"} <= set(m.protein_info["isotype_controls"])
+    m.train(**TRAIN)
+    assert m.history["n_skipped_steps"] == 0 and np.isfinite(m.history["train_elbo"]).all()
+    assert np.isfinite(m.get_marginal_ll(n_samples=5)).all()

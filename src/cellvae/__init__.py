@@ -5,6 +5,8 @@ Main entry points:
 - :class:`cellvae.CountVAE`: scVI-style count VAE on an AnnData (train, latent representation, normalized
   expression, analyses, save/load); :class:`cellvae.LinearCountVAE`: its linearly decoded form (LDVAE), with gene
   loadings.
+- :class:`cellvae.RNAProteinVAE`: joint RNA + surface-protein count VAE (totalVI class) on an AnnData with protein
+  counts in ``obsm`` or a MuData.
 - :class:`cellvae.ImageVAE`: convolutional VAE for single-cell images.
 - :class:`cellvae.CVAE`, :class:`cellvae.CVAE_NB`, :class:`cellvae.CVAE_ZINB`: conditional VAEs as plain torch
   modules.
@@ -27,9 +29,10 @@ from .models.count_vae import CountVAE
 from .models.image_vae import ImageVAE
 from .models.label_transfer import LabelTransferVAE
 from .models.linear_vae import LinearCountVAE
+from .models.rna_protein import RNAProteinVAE
 from .vae.cvae import CVAE, CVAE_NB, CVAE_ZINB
 
 _install_aliases()
 
-__all__ = ["CountVAE", "LinearCountVAE", "LabelTransferVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
+__all__ = ["CountVAE", "LinearCountVAE", "LabelTransferVAE", "RNAProteinVAE", "ImageVAE", "Autoencoder", "CVAE", "CVAE_NB", "CVAE_ZINB", "CellvaeInputError",
            "CellvaeOutputError", "CellvaeTrainingError", "read_data", "__version__"]

@@ -38,15 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CellvaeInputError
-from ..settings import ModelSettings, build
+from ..settings import PROTEIN_DISPERSIONS, ModelSettings, build
 from .likelihoods import get_likelihood
 from .module import LossOutput, VAEModule
 from .nb_mixture import NegativeBinomialMixture, log_nb_mixture
 from .nn import Encoder, FCLayers
 
-__all__ = ["RNAProteinModule", "RNAProteinLossOutput", "PROTEIN_DISPERSIONS"]
+__all__ = ["RNAProteinModule", "RNAProteinLossOutput"]
 
-PROTEIN_DISPERSIONS = ("protein", "protein-batch")
 _LOG_2PI = math.log(2.0 * math.pi)
 _SCALE_EPS = 1e-4  # floor of the standard deviation of q(log beta | z)
 
@@ -275,6 +274,11 @@ class RNAProteinModule(VAEModule):
         out["foreground_probability"] = out["py"].foreground_probability
         out["foreground_mean"] = out["foreground_probability"] * out["py"].mu2
         return out
+
+    def rna_generative(self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor,
+                       cont: torch.Tensor | None = None) -> dict:
+        """The RNA half of the generative model: :meth:`VAEModule.generative` (``px`` and ``rho`` of the genes)."""
+        return super().generative(z, library, cat, cont)
 
     def generative(self, z: torch.Tensor, library: torch.Tensor, cat: torch.Tensor,
                    cont: torch.Tensor | None = None) -> dict:
