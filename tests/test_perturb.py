@@ -178,6 +178,10 @@ def test_posterior_samples(kang_pert, method):
     np.testing.assert_allclose(res.var["cellvae_lfc_mean"], lfc.mean(1), rtol=1e-4, atol=1e-5)
     assert (res.var["cellvae_lfc_sd"] > 0).all()
     assert (res.var["cellvae_lfc_q05"] <= res.var["cellvae_lfc_q95"]).all()
+    # the response differs more between cells than the population response between draws
+    cq05, cq95 = res.var["cellvae_lfc_cells_q05"], res.var["cellvae_lfc_cells_q95"]
+    assert (cq05 <= cq95).all()
+    assert (cq95 - cq05).mean() > (res.var["cellvae_lfc_q95"] - res.var["cellvae_lfc_q05"]).mean()
 
 
 def test_default_call_has_no_samples(kang_pert):
@@ -196,3 +200,47 @@ def test_default_call_has_no_samples(kang_pert):
                                  return_samples=True)
     finally:
         pmod.MAX_SAMPLE_VALUES = old
+
+
+def test_perturb_command_writes_report(kang_pert, tmp_path):
+    """cellvae perturb on a model trained without the stimulated B cells; DATA holds them, so the report compares
+    the prediction with them."""
+    import anndata as ad
+    from click.testing import CliRunner
+
+    from cellvae.cli import main
+
+    sub, train, la, _ = kang_pert
+    la.save(tmp_path / "model")
+    data = tmp_path / "data.h5ad"
+    sub.write_h5ad(data)
+    out = tmp_path / "pred.h5ad"
+    args = ["perturb", str(tmp_path / "model"), str(data), "--condition-key", "condition", "--control", "ctrl",
+            "--perturbed", "stim", "--cell-type-key", "cell_type", "--cell-type", HELD, "--n-samples", "8",
+            "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    html_path = tmp_path / "pred.html"
+    assert html_path.exists() and str(html_path) in r.output
+    html = html_path.read_text()
+    for heading in ("Predicted against real change per gene", "Top predicted responding genes",
+                    "Control, predicted and real cells", "90% interval"):
+        assert heading in html, heading
+    assert html.count("data:image/png;base64,") >= 4  # training, scatter, intervals, UMAP
+    assert "50 cells of data.h5ad with condition == &#x27;stim&#x27; and cell_type == &#x27;B cells&#x27;" in html
+    pred = ad.read_h5ad(out)
+    # X and counts: the default (posterior mean) prediction; the posterior summaries from 8 draws added
+    ref = predict_perturbation(la, sub, "condition", "ctrl", "stim", "cell_type", HELD, seed=0)
+    np.testing.assert_allclose(pred.X, ref.X, rtol=1e-5)
+    assert pred.varm["cellvae_perturbed_samples"].shape == (pred.n_vars, 8)
+    assert np.isfinite(pred.var["cellvae_lfc_mean"]).all() and (pred.var["cellvae_lfc_sd"] > 0).all()
+    # --no-report writes no HTML; real cells lacking genes are refused
+    r = CliRunner().invoke(main, args[:-3] + ["--out", str(tmp_path / "p2.h5ad"), "--no-report", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "p2.html").exists()
+    few = tmp_path / "few.h5ad"
+    sub[:, :100].copy().write_h5ad(few)
+    r = CliRunner().invoke(main, args[:-3] + ["--out", str(tmp_path / "p3.h5ad"), "--real-data", str(few),
+                                              "--quiet"])
+    assert r.exit_code == 2 and "lack 50 of the model's genes" in r.output
+    assert not (tmp_path / "p3.h5ad").exists()  # refused before anything is written

@@ -252,18 +252,27 @@ def score(model_dir, data, out, method, reference, quantile, threshold, seed, qu
               show_default=True, help="latent_arithmetic: scGen latent shift; decoder_swap: decode with the "
                                       "perturbed condition (needs a model with the condition as a covariate).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help=".h5ad of predicted cells.")
+@click.option("--n-samples", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Posterior draws for the per-gene uncertainty (var cellvae_lfc_*; 1: none).")
+@click.option("--real-data", default=None,
+              help="File of real perturbed cells for the report (default: the perturbed cells in DATA).")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write an HTML report next to --out (same name, .html).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
-def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, cell_type, method, out, seed, quiet):
+def perturb(model_dir, data, condition_key, control, perturbed, cell_type_key, cell_type, method, out, n_samples,
+            real_data, report, seed, quiet):
     """Predict perturbed expression of the control cells in DATA (the model's training data) with the model in
-    MODEL_DIR; writes an .h5ad (X: expected counts, layers['counts']: sampled counts)."""
+    MODEL_DIR; writes an .h5ad (X: expected counts, layers['counts']: sampled counts, var cellvae_lfc_*: posterior
+    log2 fold changes) and an HTML report next to it."""
     from .jobs.analyses import perturb_job
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
     pred, path = _run(perturb_job, model_dir=model_dir, data=data, condition_key=condition_key, control=control,
                       perturbed=perturbed, out=out, cell_type_key=cell_type_key, cell_type=cell_type,
-                      method=method, seed=seed, log=log)
-    click.echo(f"predicted {pred.n_obs} cells x {pred.n_vars} genes; wrote {path}")
+                      method=method, seed=seed, n_samples=n_samples, report=report, real_data=real_data, log=log)
+    click.echo(f"predicted {pred.n_obs} cells x {pred.n_vars} genes; wrote {path}"
+               + (f" and {path.with_suffix('.html')}" if report else ""))
 
 
 @main.command()

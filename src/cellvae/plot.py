@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_training_curves", "plot_embedding", "plot_histogram", "save_figure"]
+__all__ = ["plot_training_curves", "plot_embedding", "plot_histogram", "save_figure", "plot_response_scatter",
+           "plot_gene_intervals"]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -68,5 +69,60 @@ def plot_histogram(values, bins: int = 20, xlabel: str = "", ylabel: str = "cell
     ax.hist(values, bins=bins, color="#4477aa", edgecolor="white")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_response_scatter(predicted, real, lower=None, upper=None, labels=None, n_labels: int = 12,
+                          xlabel: str = "predicted log2 fold change", ylabel: str = "real log2 fold change"):
+    """Predicted against real change per gene (n_genes,) with optional intervals ``lower``-``upper`` on the
+    predicted change; the ``n_labels`` genes with the largest predicted change are named (``labels``). Returns a
+    Figure."""
+    import numpy as np
+
+    x, y = np.asarray(predicted, float), np.asarray(real, float)
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    if lower is not None and upper is not None:
+        lo, hi = np.asarray(lower, float), np.asarray(upper, float)
+        ax.errorbar(x, y, xerr=np.vstack([x - lo, hi - x]).clip(min=0), fmt="none", ecolor="#bbbbbb", lw=0.6,
+                    zorder=1)
+    ax.scatter(x, y, s=7, color="#4477aa", alpha=0.75, zorder=2, linewidths=0)
+    lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+    pad = 0.05 * (lim[1] - lim[0] or 1.0)
+    ax.plot([lim[0] - pad, lim[1] + pad], [lim[0] - pad, lim[1] + pad], color="grey", lw=0.8, ls="--", zorder=0)
+    ax.axhline(0, color="#dddddd", lw=0.6, zorder=0)
+    ax.axvline(0, color="#dddddd", lw=0.6, zorder=0)
+    if labels is not None and n_labels > 0:
+        for i in np.argsort(-np.abs(x), kind="stable")[:n_labels]:
+            ax.annotate(str(labels[i]), (x[i], y[i]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gene_intervals(genes, mean, lower, upper, real=None, cell_lower=None, cell_upper=None,
+                        xlabel: str = "log2 fold change"):
+    """Point-range plot of one value per gene (e.g. the posterior mean of a predicted change) with its interval,
+    genes top to bottom in the given order; optionally a wider range per gene (``cell_lower``-``cell_upper``,
+    thin grey, e.g. the spread over cells) and a real value per gene (cross). Returns a Figure."""
+    import numpy as np
+
+    n = len(genes)
+    yy = np.arange(n)[::-1]
+    fig, ax = plt.subplots(figsize=(5.6, max(2.5, 0.24 * n + 0.8)))
+    m, lo, hi = (np.asarray(v, float) for v in (mean, lower, upper))
+    if cell_lower is not None and cell_upper is not None:
+        ax.hlines(yy, np.asarray(cell_lower, float), np.asarray(cell_upper, float), color="#aaaaaa", lw=0.8,
+                  label="5-95% over cells")
+    ax.hlines(yy, lo, hi, color="#4477aa", lw=2.2, label="90% posterior interval")
+    ax.plot(m, yy, "o", color="#4477aa", ms=4, label="posterior mean")
+    if real is not None:
+        ax.plot(np.asarray(real, float), yy, "x", color="#cc3311", ms=5, label="real")
+    ax.axvline(0, color="grey", lw=0.6)
+    ax.set_yticks(yy)
+    ax.set_yticklabels([str(g) for g in genes], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig

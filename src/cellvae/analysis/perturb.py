@@ -33,9 +33,11 @@ shifted by ``delta``, or decoded with the perturbed code). Every draw is also de
 cell's own control code), so the predicted change of gene g is a paired posterior quantity per draw k:
 ``lfc_gk = log2(mean_cells rho_pert + c) - log2(mean_cells rho_ctrl + c)`` (pseudocount ``c`` of
 :func:`cellvae.analysis.de.default_pseudocount`, 0.1 counts in a control cell of median size), as the paired
-fold change of scVI's differential expression (Lopez et al. 2018; Boyeau et al. 2019). ``delta`` itself is a
-point estimate: the spread says how certain the model is about each gene's response given the cells, not how
-well the shift was estimated from the training cell types.
+fold change of scVI's differential expression (Lopez et al. 2018; Boyeau et al. 2019). The spread of this
+population change over draws is small when many cells are predicted (each draw averages over the cells); the
+spread of the response between cells is given separately (quantiles over cells of each cell's own fold change).
+``delta`` itself is a point estimate: neither spread says how well the shift was estimated from the training cell
+types (the error that dominates in the leave-one-cell-type-out benchmark).
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ from .protocol import TrainedModel
 from ..vae.module import evaluation
 
 
-__all__ = ["predict_perturbation", "latent_delta", "condition_covariate", "METHODS", "MAX_SAMPLE_VALUES"]
+__all__ = ["predict_perturbation", "latent_delta", "condition_covariate", "METHODS", "MAX_SAMPLE_VALUES",
+           "MAX_CELLS_FOR_SPREAD"]
 
 METHODS = ("latent_arithmetic", "decoder_swap")
 MAX_SAMPLE_VALUES = 200_000_000  # cells x samples x genes of return_samples=True (0.8 GB of float32)
+MAX_CELLS_FOR_SPREAD = 20_000  # var cellvae_lfc_cells_q05/q95 from at most this many cells (seeded subset)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -233,8 +237,11 @@ def predict_perturbation(
         ``varm["cellvae_control_samples"]`` (n_genes, K) float32, the mean over the predicted cells of the
         normalized expression ``rho`` (fraction of a cell's counts) of each draw, perturbed and decoded unperturbed
         from the same draw; ``var`` columns ``cellvae_lfc_mean``, ``cellvae_lfc_sd``, ``cellvae_lfc_q05``,
-        ``cellvae_lfc_q95`` (log2 fold change perturbed / control over the K draws, pseudocount in
-        ``uns["cellvae_perturbation"]["pseudocount"]``); with ``return_samples`` ``obsm["cellvae_samples"]``.
+        ``cellvae_lfc_q95`` (log2 fold change perturbed / control of the population means, over the K draws,
+        pseudocount in ``uns["cellvae_perturbation"]["pseudocount"]``) and ``cellvae_lfc_cells_q05``,
+        ``cellvae_lfc_cells_q95`` (the 5 % / 95 % quantiles over cells of each cell's own log2 fold change,
+        averaged over its draws: how differently cells respond; from at most :data:`MAX_CELLS_FOR_SPREAD` cells);
+        with ``return_samples`` ``obsm["cellvae_samples"]``.
 
     Raises:
         CellvaeInputError: unknown method, a Gaussian (``"normal"``) likelihood, no attached training AnnData
@@ -330,14 +337,24 @@ def predict_perturbation(
         pert_code = cats.index(perturbed)
 
     n_samples = int(n_samples)
-    xs, counts, zs, per_cell, libs = [], [], [], [], []
+    xs, counts, zs, per_cell, cell_lfc = [], [], [], [], []
     rho_pert = rho_ctrl = None  # (K, n_genes) sums over cells of rho per draw
+    pseudocount = None
+    keep_rows = None
+    if n_samples > 1:
+        with torch.no_grad():
+            lib_all = torch.cat([x.sum(-1) for x, _, _ in data.iterate(torch.arange(data.n_cells), batch_size)])
+        pseudocount = default_pseudocount(lib_all.numpy())
+        keep_rows = np.ones(data.n_cells, dtype=bool)
+        if data.n_cells > MAX_CELLS_FOR_SPREAD:  # the spread over cells from a seeded subset
+            keep_rows[:] = False
+            keep_rows[np.random.default_rng(seed).choice(data.n_cells, MAX_CELLS_FOR_SPREAD, replace=False)] = True
+    start = 0
     with evaluation(model.module, seed):
         for x, cat, cont in data.iterate(torch.arange(data.n_cells), batch_size):
             inf = model.module.inference(x, cat, cont, n_samples=n_samples)
             z0 = inf["qz_m"] if n_samples == 1 else inf["z"]
             lib = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))  # observed library of the control cell
-            libs.append(lib.squeeze(-1))
             gcat = cat
             if method == "latent_arithmetic":
                 z = z0 + delta_t
@@ -356,12 +373,18 @@ def predict_perturbation(
                 sp, sc = gen["rho"].sum(1).double(), rho0.sum(1).double()
                 rho_pert = sp if rho_pert is None else rho_pert + sp
                 rho_ctrl = sc if rho_ctrl is None else rho_ctrl + sc
+                rows = torch.as_tensor(keep_rows[start:start + x.shape[0]])
+                if bool(rows.any()):  # each cell's posterior mean log2 fold change (cells, genes)
+                    lc = (torch.log2(gen["rho"][:, rows].double() + pseudocount)
+                          - torch.log2(rho0[:, rows].double() + pseudocount)).mean(0)
+                    cell_lfc.append(lc.to(torch.float32))
                 if return_samples:
                     per_cell.append(mean.transpose(0, 1).to(torch.float32))  # (cells, K, genes)
                 mean, sample, z = mean.mean(0), sample[0], z[0]
             xs.append(mean)
             counts.append(sample)
             zs.append(z)
+            start += x.shape[0]
     X = torch.cat(xs).numpy().astype(np.float32)
     C = np.round(torch.cat(counts).numpy()).astype(np.float32)
 
@@ -374,11 +397,9 @@ def predict_perturbation(
     out = ad.AnnData(X=X, obs=obs, var=var)
     out.layers["counts"] = C
     out.obsm["X_cellvae"] = torch.cat(zs).numpy().astype(np.float32)
-    pseudocount = None
     if n_samples > 1:
         pert_s = (rho_pert / data.n_cells).numpy().T  # (n_genes, K)
         ctrl_s = (rho_ctrl / data.n_cells).numpy().T
-        pseudocount = default_pseudocount(np.exp(torch.cat(libs).numpy()))
         lfc = np.log2(pert_s + pseudocount) - np.log2(ctrl_s + pseudocount)
         out.varm["cellvae_perturbed_samples"] = pert_s.astype(np.float32)
         out.varm["cellvae_control_samples"] = ctrl_s.astype(np.float32)
@@ -386,6 +407,9 @@ def predict_perturbation(
         out.var["cellvae_lfc_sd"] = lfc.std(1, ddof=1).astype(np.float32)
         out.var["cellvae_lfc_q05"] = np.quantile(lfc, 0.05, axis=1).astype(np.float32)
         out.var["cellvae_lfc_q95"] = np.quantile(lfc, 0.95, axis=1).astype(np.float32)
+        lc = torch.cat(cell_lfc).numpy()
+        out.var["cellvae_lfc_cells_q05"] = np.quantile(lc, 0.05, axis=0).astype(np.float32)
+        out.var["cellvae_lfc_cells_q95"] = np.quantile(lc, 0.95, axis=0).astype(np.float32)
         if return_samples:
             out.obsm["cellvae_samples"] = torch.cat(per_cell).numpy()
     uns = {

@@ -120,23 +120,92 @@ def score_job(model_dir, data, out, method: str = "latent_knn", quantile: float 
 
 def perturb_job(model_dir, data, condition_key: str, control: str, perturbed: str, out,
                 cell_type_key: str | None = None, cell_type: str | None = None, method: str = "latent_arithmetic",
-                seed: int = 0, log=lambda msg: None) -> tuple[ad.AnnData, Path]:
+                seed: int = 0, n_samples: int = 25, report: bool = True, real_data=None,
+                log=lambda msg: None) -> tuple[ad.AnnData, Path]:
     """Predict the ``perturbed`` state of the ``control`` cells of ``data`` (optionally one ``cell_type``) with the
     model in ``model_dir``, which is attached to ``data`` (its training data: latent arithmetic learns the shift
-    from the other cell types there). Writes the predicted cells to ``out`` (.h5ad). See
+    from the other cell types there). Writes the predicted cells to ``out`` (.h5ad) and, with ``report``, an HTML
+    report next to it (``out`` with the suffix ``.html``; :mod:`cellvae.jobs.perturb_report`). See
     :meth:`cellvae.CountVAE.predict_perturbation`.
 
+    ``X`` and ``layers['counts']`` of ``out`` are the prediction from the posterior mean of each cell's latent code
+    (``n_samples=1``, as before); with ``n_samples = K > 1`` a second pass draws K posterior samples and adds their
+    per-gene summaries (``var['cellvae_lfc_*']``, ``varm['cellvae_perturbed_samples']``,
+    ``varm['cellvae_control_samples']``), which the report shows as intervals.
+
+    Real perturbed cells for the report: the cells of ``real_data`` (a path or name) with
+    ``obs[condition_key] == perturbed`` (all its cells when it has no such column), else those of ``data``; in
+    both cases only ``cell_type`` when it is given and the column exists. Genes are matched by name.
+
     Raises:
-        CellvaeInputError: bad data, model, keys, categories or output path.
+        CellvaeInputError: bad data, model, keys, categories or output path; ``n_samples < 1``; real cells that
+            lack some of the model's genes.
     """
+    from .perturb_report import write_perturbation_report
+
+    if int(n_samples) < 1:
+        raise CellvaeInputError(f"--n-samples must be >= 1, got {n_samples}.")
     model, adata, path = load_model_and_data(model_dir, data, (condition_key, cell_type_key))
     out = _check_output(out, path, (".h5ad",))
+    real, source = (_real_cells(adata, path, real_data, condition_key, perturbed, cell_type_key, cell_type,
+                                list(model.spec.gene_names)) if report else (None, None))
     log(f"loaded {model!r}; predicting {perturbed!r} from {control!r} cells with {method}")
+    kw = dict(cell_type_key=cell_type_key, cell_type=cell_type, method=method, seed=seed)
     with torch_threads(None):
-        pred = model.predict_perturbation(adata, condition_key, control, perturbed, cell_type_key=cell_type_key,
-                                          cell_type=cell_type, method=method, seed=seed)
+        pred = model.predict_perturbation(adata, condition_key, control, perturbed, **kw)
+        if n_samples > 1:
+            log(f"drawing {n_samples} posterior samples for the per-gene uncertainty")
+            post = model.predict_perturbation(adata, condition_key, control, perturbed, n_samples=n_samples, **kw)
+            for col in ("cellvae_lfc_mean", "cellvae_lfc_sd", "cellvae_lfc_q05", "cellvae_lfc_q95",
+                        "cellvae_lfc_cells_q05", "cellvae_lfc_cells_q95"):
+                pred.var[col] = post.var[col].to_numpy()
+            for key in ("cellvae_perturbed_samples", "cellvae_control_samples"):
+                pred.varm[key] = post.varm[key]
+            pu = post.uns["cellvae_perturbation"]
+            pred.uns["cellvae_perturbation"].update(
+                {"n_samples_uncertainty": int(n_samples), "pseudocount": pu["pseudocount"], "lfc": pu["lfc"]})
+            pred.uns["cellvae_perturbation"]["n_samples"] = int(n_samples)
     write_h5ad_atomic(out, pred)
+    if report:
+        genes = list(pred.var_names)
+        ctrl = adata[pred.obs_names, genes]
+        settings = {"model": str(model_dir), "data": path.name, "condition_key": condition_key, "control": control,
+                    "perturbed": perturbed, "cell_type_key": cell_type_key, "cell_type": cell_type,
+                    "method": method, "n_samples": n_samples, "seed": seed}
+        html_path = out.with_suffix(".html")
+        write_perturbation_report(html_path, model, pred, ctrl, real, settings, real_source=source, seed=seed)
+        log(f"wrote {html_path}")
     return pred, out
+
+
+def _real_cells(adata: ad.AnnData, path: Path, real_data, condition_key: str, perturbed: str,
+                cell_type_key: str | None, cell_type: str | None, genes: list[str]):
+    """(real perturbed cells with the model's genes, or None; a description of where they come from)."""
+    src_adata, name = adata, path.name
+    if real_data is not None:
+        rpath = resolve_data_path(real_data)
+        src_adata, name = read_data(rpath), rpath.name
+        if not src_adata.obs_names.is_unique:
+            src_adata.obs_names_make_unique()
+    sel = np.ones(src_adata.n_obs, dtype=bool)
+    what = []
+    if condition_key in src_adata.obs.columns:
+        sel &= (src_adata.obs[condition_key].astype(str) == str(perturbed)).to_numpy()
+        what.append(f"{condition_key} == {perturbed!r}")
+    elif real_data is None:
+        return None, None
+    if cell_type is not None and cell_type_key in src_adata.obs.columns:
+        sel &= (src_adata.obs[cell_type_key].astype(str) == str(cell_type)).to_numpy()
+        what.append(f"{cell_type_key} == {cell_type!r}")
+    if not sel.any():
+        return None, None
+    missing = [g for g in genes if g not in set(src_adata.var_names)]
+    if missing:
+        raise CellvaeInputError(
+            f"The real perturbed cells of {name} lack {len(missing)} of the model's genes (e.g. {missing[:5]}): "
+            "give a file with all the model's genes, or --no-report.")
+    desc = f"{int(sel.sum())} cells of {name}" + (f" with {' and '.join(what)}" if what else "")
+    return src_adata[sel][:, genes].copy(), desc
 
 
 def generate_job(model_dir, data, n_cells: int, out, label: str | None = None, labels_key: str | None = None,

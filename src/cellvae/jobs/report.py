@@ -9,7 +9,7 @@ import base64
 import html
 from pathlib import Path
 
-__all__ = ["render_report", "html_table"]
+__all__ = ["render_report", "html_table", "html_figure"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -43,6 +43,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def html_figure(path: str | Path, caption: str) -> str:
+    """A PNG file embedded as a base64 ``<figure>`` with its caption (for :func:`render_report`'s sections)."""
+    return _img(Path(path), caption)
+
+
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"/>'
@@ -59,6 +64,7 @@ def render_report(
     notes: list[str] | None = None,
     markers: dict[str, list[str]] | None = None,
     sections: list[tuple[str, str]] | None = None,
+    figures_heading: str = "Latent space",
 ) -> str:
     """Return the report as an HTML string.
 
@@ -69,6 +75,7 @@ def render_report(
         notes: free-text lines shown at the end.
         markers: label -> top up-regulated genes (Bayes-factor DE, label vs the rest), shown as a table.
         sections: further (heading, HTML) sections shown after the metrics (e.g. :func:`html_table` output).
+        figures_heading: heading of the figures after the first (no heading when there are none).
     """
     figs = [_img(p, c) for p, c in figures if Path(p).exists()]
     first, rest = (figs[0], figs[1:]) if figs else ("", [])
@@ -89,7 +96,7 @@ def render_report(
 <h2>Training</h2>{_table(training)}<div class=figs>{first}</div>
 <h2>Metrics</h2>{_table(metrics)}
 {''.join(f'<h2>{html.escape(h)}</h2>{body}' for h, body in (sections or []))}
-<h2>Latent space</h2><div class="figs grid">{''.join(rest)}</div>
+{f'<h2>{html.escape(figures_heading)}</h2><div class="figs grid">' + ''.join(rest) + '</div>' if rest else ''}
 {marker_html}
 {f'<h2>Notes</h2><ul>{notes_html}</ul>' if notes_html else ''}
 </body></html>
