@@ -181,7 +181,10 @@ class ModelSettings:
             :class:`cellvae.LinearCountVAE`); the encoder keeps ``n_layers``. Not with ``dispersion="gene-cell"``.
         classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
             classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
-            Kingma et al. 2014, Eq. 9).
+            Kingma et al. 2014, Eq. 9). ``class_weighting``: ``"balanced"`` weighs each labelled cell's
+            cross-entropy by ``n_labelled / (n_labels * n_cells_of_its_label)`` (every label counts alike, so rare
+            types are predicted; scvi-tools gets a similar effect from sampling ``n_samples_per_label`` cells per
+            label) or ``"none"`` (every cell alike).
     """
 
     gene_likelihood: str = field(default="zinb", metadata=_opt("--gene-likelihood", choices=GENE_LIKELIHOODS))
@@ -215,6 +218,7 @@ class ModelSettings:
         "space to the genes' log expression, whose loadings the report lists (top genes per latent dimension).",
         choices=DECODERS))
     classification_ratio: float = field(default=50.0, metadata={"min": 0.0})
+    class_weighting: str = field(default="balanced", metadata={"choices": ("balanced", "none")})
 
     def __post_init__(self):
         _check_fields(self)

@@ -10,6 +10,11 @@ The usual workflow, as scvi-tools' ``SCVI`` -> ``SCANVI.from_scvi_model`` -> ``l
 
 Beyond scANVI:
 
+- **Every label counts.** The classifier's cross-entropy weighs each labelled cell by the inverse frequency of its
+  label (``class_weighting="balanced"``, :class:`cellvae.settings.ModelSettings`), so rare types are predicted.
+  Chosen on five splits of ``benchmarks/label_transfer.py`` (seed 0): balanced accuracy on the query 0.937 on
+  average against 0.804 unweighted (10x PBMC chemistries: 0.48 -> 0.87 and 0.65 -> 0.92; the other three within
+  0.02), and confirmed on the others in ``benchmarks/results/label_transfer.md``.
 - **Known labels are kept.** :meth:`LabelTransferVAE.predict` returns a cell's own label when it has a known one
   (``overwrite_known=True`` predicts every cell).
 - **Calibrated confidence.** After training, a temperature (Guo et al. 2017) is fitted on one half of the held-out

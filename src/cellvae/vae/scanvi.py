@@ -45,6 +45,8 @@ class LabelTransferModule(VAEModule):
             cross-entropy on labelled cells, 50 as scvi-tools).
         n_labels: number of known labels (cell types), >= 2.
         label_prior: (n_labels,) prior probabilities of the labels (None: uniform).
+        label_counts: (n_labels,) labelled training cells per label, for ``class_weighting="balanced"`` (None:
+            equal weights until set with :meth:`set_label_counts`).
 
     Raises:
         CellvaeInputError: fewer than 2 labels, and the errors of :class:`VAEModule`.
@@ -54,7 +56,7 @@ class LabelTransferModule(VAEModule):
 
     def __init__(self, n_input: int, n_labels: int, n_batch: int = 1, n_cats_per_cov: tuple[int, ...] = (),
                  n_continuous_cov: int = 0, library_log_means=None, library_log_vars=None, settings=None,
-                 label_prior=None, **kwargs):
+                 label_prior=None, label_counts=None, **kwargs):
         from ..errors import CellvaeInputError
 
         super().__init__(n_input, n_batch, n_cats_per_cov, n_continuous_cov, library_log_means, library_log_vars,
@@ -78,6 +80,21 @@ class LabelTransferModule(VAEModule):
         prior = torch.full((self.n_labels,), 1.0 / self.n_labels) if label_prior is None else \
             torch.as_tensor(label_prior, dtype=torch.float32).view(-1)
         self.register_buffer("log_label_prior", torch.log(prior / prior.sum()))
+        self.register_buffer("class_weight", torch.ones(self.n_labels))
+        if label_counts is not None:
+            self.set_label_counts(label_counts)
+
+    @torch.no_grad()
+    def set_label_counts(self, label_counts) -> None:
+        """Set the per-label weights of the cross-entropy from the labelled training cells per label (n_labels,):
+        ``n / (n_labels * n_label)`` with ``class_weighting="balanced"`` (labels without cells get weight 0), else
+        1."""
+        c = torch.as_tensor(label_counts, dtype=torch.float32).reshape(-1)
+        if self.settings.class_weighting != "balanced" or c.numel() != self.n_labels or float(c.sum()) <= 0:
+            self.class_weight.fill_(1.0)
+            return
+        w = torch.where(c > 0, c.sum() / (self.n_labels * c.clamp(min=1.0)), torch.zeros_like(c))
+        self.class_weight.copy_(w)
 
     def _covariates(self, cat: torch.Tensor | None) -> torch.Tensor | None:
         """``cat`` without the label column (when it has one): the covariates, batch first."""
@@ -145,7 +162,9 @@ class LabelTransferModule(VAEModule):
                               self.library_log_vars[b].unsqueeze(-1))
         loss = (recon + kl_weight * kl + kl_l).mean()
         if bool(known.any()):
-            ce = nn.functional.cross_entropy(self.classify(qz_m)[known], labels[known])
+            w = self.class_weight[labels[known]]
+            ce = (nn.functional.cross_entropy(self.classify(qz_m)[known], labels[known], reduction="none") * w).sum() \
+                / w.sum().clamp(min=1e-12)
             loss = loss + self.classification_ratio * ce
         adv = None
         if self.adversarial_batch_weight > 0:
