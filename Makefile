@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export CELLVAE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test docs docs-serve docs-install test-native-sanitize bench-install bench bench-time-to-quality bench-clustering bench-integration \
+.PHONY: install demo test docs docs-serve docs-install test-native-sanitize bench-install bench bench-time-to-quality bench-integration \
 	bench-imputation bench-large bench-throughput clean
 
 $(VENV)/.installed: pyproject.toml
@@ -95,10 +95,6 @@ bench-crosscheck: bench-install
 # Leave-one-cell-type-out anomaly AUROC on every labelled dataset (about 30 min).
 bench-anomaly: $(VENV)/.installed
 	$(PY) benchmarks/anomaly_loo.py $(BENCH_ARGS)
-
-# Clustering quality only (KMeans ARI/NMI), each tool's own 90 % split.
-bench-clustering: bench-install
-	.venv-bench/bin/python benchmarks/clustering_vs_scvi.py $(BENCH_ARGS)
 
 # Batch integration with scib-metrics: cellvae (with / without the adversary), scvi-tools, PCA (about 1.5 h).
 bench-integration: bench-install

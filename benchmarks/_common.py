@@ -1,4 +1,4 @@
-"""Pieces shared by the benchmark scripts in this folder (``clustering_vs_scvi.py``, ``vs_scvi.py``).
+"""Pieces shared by the benchmark scripts in this folder (``vs_scvi.py``, ``throughput.py``, ``label_transfer.py``, ...).
 
 Everything here is light to import (numpy, scanpy, torch and the tools are imported inside the functions), so
 a script can cap its thread counts with :func:`limit_threads` *before* any numeric library is loaded.
