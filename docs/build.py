@@ -128,6 +128,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("CELLVAE_DATA_DIR", str((ROOT.parent / "shared" / "data").resolve()))
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")  # tqdm in a kernel without ipywidgets
     t0 = time.perf_counter()
     build_benchmarks()
     build_cli_help()
