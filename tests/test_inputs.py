@@ -370,8 +370,8 @@ def test_34_too_few_cells(kang_small):
 
 
 def test_35_unknown_likelihood_or_dispersion(kang_small):
-    with pytest.raises(CellvaeInputError, match=r"gene_likelihood must be one of zinb, nb, poisson, normal; got "
-                                                r"'negbin'"):
+    with pytest.raises(CellvaeInputError, match=r"gene_likelihood must be one of zinb, nb, poisson, "
+                                                r"normal, zip; got 'negbin'"):
         CountVAE(kang_small, gene_likelihood="negbin")
     with pytest.raises(CellvaeInputError, match="dispersion must be one of"):
         CountVAE(kang_small, dispersion="cell")
