@@ -331,3 +331,46 @@ def test_isotype_controls_and_large_counts():
     m.train(**TRAIN)
     assert m.history["n_skipped_steps"] == 0 and np.isfinite(m.history["train_elbo"]).all()
     assert np.isfinite(m.get_marginal_ll(n_samples=5)).all()
+
+
+def test_cli_fit_protein_key_and_h5mu(citeseq, tmp_path):
+    """``cellvae fit DATA --protein-key ...`` and a .h5mu file: the joint model, the denoised protein in obsm, the
+    report's protein panels; a missing key is refused before training."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cellvae.cli import main
+
+    small = citeseq[:200].copy()
+    small.obs["cell_type"] = np.where(np.arange(small.n_obs) % 2 == 0, "a", "b")
+    h5ad = tmp_path / "cite.h5ad"
+    small.write_h5ad(h5ad)
+    args = ["--max-epochs", "2", "--batch-size", "64", "--n-hidden", "32", "--quiet"]
+    r = CliRunner().invoke(main, ["fit", str(h5ad), "--out", str(tmp_path / "o"), "--protein-key",
+                                  "protein_expression", "--labels-key", "cell_type", *args])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "o"
+    res = ad.read_h5ad(out / "cellvae.h5ad")
+    assert res.obsm["cellvae_protein_denoised"].shape == (200, 14)
+    assert res.obsm["cellvae_protein_foreground_probability"].shape == (200, 14)
+    for f in ("protein_umap.png", "protein_raw_vs_denoised.png", "protein_foreground_probability.png"):
+        assert (out / "figures" / f).stat().st_size > 0
+    html = (out / "report.html").read_text()
+    assert "<h2>Proteins</h2>" in html and "foreground probability" in html
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["n_proteins"] == 14 and np.isfinite(metrics["validation_elbo_protein"])
+    assert type(cellvae.CountVAE.load(out / "model")) is cellvae.RNAProteinVAE
+    assert any(str(g).endswith("_protein") for g in pd.read_csv(out / "markers.csv")["gene"])
+    r = CliRunner().invoke(main, ["fit", str(h5ad), "--out", str(tmp_path / "o3"), "--protein-key", "adt", *args])
+    assert r.exit_code == 2 and "--protein-key 'adt' is not in obsm" in r.output
+    # a .h5mu file is read as its RNA with the prot modality in obsm, and selects the joint model by itself (here
+    # refused with --semi-supervised before any training: not available for the joint model)
+    mu = tmp_path / "cite.h5mu"
+    _mudata(small).write_h5mu(mu)
+    got = cellvae.read_data(mu)
+    np.testing.assert_array_equal(got.obsm["protein_expression"].to_numpy(),
+                                  small.obsm["protein_expression"].to_numpy())
+    r = CliRunner().invoke(main, ["fit", str(mu), "--out", str(tmp_path / "o2"), "--semi-supervised",
+                                  "--labels-key", "cell_type", *args])
+    assert r.exit_code == 2 and "joint RNA + protein model" in r.output

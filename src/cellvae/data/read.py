@@ -64,7 +64,9 @@ def resolve_data_path(path: str | os.PathLike, cache_dir: str | os.PathLike | No
 def read_data(path: str | os.PathLike) -> ad.AnnData:
     """Read single-cell data into memory as an AnnData (cells x genes).
 
-    Supported: ``.h5ad`` (anndata), 10x ``.h5`` and 10x directories (``matrix.mtx[.gz]``; scanpy readers),
+    Supported: ``.h5ad`` (anndata), ``.h5mu`` (MuData: its ``rna`` modality, with the ``prot`` modality's counts in
+    ``obsm['protein_expression']`` when it has one; :func:`cellvae.data.protein.mudata_to_anndata`), 10x ``.h5`` and
+    10x directories (``matrix.mtx[.gz]``; scanpy readers),
     ``.csv`` / ``.tsv`` / ``.txt`` (cells as rows, genes as columns, first column cell names; a file with genes
     as rows can be transposed by the caller), ``.loom``, and URLs to any of these (see :func:`resolve_data_path`).
     The file itself is never modified.
@@ -81,6 +83,8 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
             adata = sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=True)
         elif suffixes.endswith(".h5ad"):
             adata = ad.read_h5ad(p)
+        elif suffixes.endswith(".h5mu"):
+            adata = _read_h5mu(p)
         elif suffixes.endswith(".h5"):
             adata = sc.read_10x_h5(p)
             adata.var_names_make_unique()
@@ -92,7 +96,8 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
             adata = ad.read_loom(p)
         else:
             raise CellvaeInputError(
-                f"Unknown data format for {p.name!r}: use .h5ad, 10x .h5, a 10x directory, .csv, .tsv or .loom."
+                f"Unknown data format for {p.name!r}: use .h5ad, .h5mu, 10x .h5, a 10x directory, .csv, .tsv or "
+                ".loom."
             )
     except CellvaeInputError:
         raise
@@ -118,6 +123,27 @@ def read_data(path: str | os.PathLike) -> ad.AnnData:
         if sp.issparse(adata.layers[key]):
             adata.layers[key] = canonical_sparse(adata.layers[key], f"{p.name}: layers[{key!r}]")
     return adata
+
+
+def _read_h5mu(path: Path) -> ad.AnnData:
+    """The ``rna`` modality of a MuData file, with the ``prot`` counts in ``obsm['protein_expression']`` when there
+    are some (a MuData of one modality: that one).
+
+    Raises:
+        CellvaeInputError: no ``rna`` modality in a MuData of several, or mismatched cells between the modalities.
+    """
+    import mudata
+
+    from .protein import PROTEIN_MODALITY, RNA_MODALITY, mudata_to_anndata
+
+    md = mudata.read_h5mu(path)
+    if RNA_MODALITY in md.mod and PROTEIN_MODALITY in md.mod:
+        return mudata_to_anndata(md)
+    if len(md.mod) == 1 or RNA_MODALITY in md.mod:
+        return md.mod[RNA_MODALITY if RNA_MODALITY in md.mod else next(iter(md.mod))]
+    raise CellvaeInputError(f"{path.name}: a MuData without an {RNA_MODALITY!r} modality (modalities: "
+                            f"{list(md.mod)}); name the RNA modality {RNA_MODALITY!r} (and the ADT one "
+                            f"{PROTEIN_MODALITY!r}).")
 
 
 def _table_to_adata(df: pd.DataFrame, path: Path) -> ad.AnnData:

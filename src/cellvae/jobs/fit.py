@@ -9,7 +9,11 @@ Outputs in ``out_dir``:
   ``uns['cellvae']`` (settings and metrics);
 - ``figures/*.png``, ``report.html`` (figures embedded), ``metrics.json``;
 - with ``--decoder linear`` (LDVAE): ``loadings.csv``, the gene loadings (n_genes, n_latent), whose top genes per
-  latent dimension the report lists.
+  latent dimension the report lists;
+- with surface-protein counts (``--protein-key``, or a ``.h5mu`` file's ``prot`` modality) the model is the joint
+  :class:`cellvae.RNAProteinVAE`: ``cellvae.h5ad`` also holds ``obsm['cellvae_protein_denoised']`` (the denoised
+  protein, foreground intensity in counts) and ``obsm['cellvae_protein_foreground_probability']``, ``markers.csv``
+  lists genes and proteins, and the report adds the protein panels of :mod:`cellvae.jobs.protein_panels`.
 
 While the job runs, ``checkpoints/checkpoint.pt`` holds the last training checkpoint (every ``checkpoint_every``
 epochs and at the end of training); ``resume=True`` (``cellvae fit --resume``) continues an interrupted job from it
@@ -42,11 +46,14 @@ from ..metrics.clustering import clustering_agreement, kmeans_agreement, silhoue
 from ..metrics.integration import batch_classifier_accuracy, batch_silhouette
 from ..models.count_vae import CountVAE
 from ..models.label_transfer import LabelTransferVAE
+from ..models.rna_protein import RNAProteinVAE
+from ..data.protein import PROTEIN_KEY
 from ..plot import plot_embedding, plot_training_curves, save_figure
-from ..settings import DataSettings, FitJobSettings, ModelSettings, TrainSettings, as_dict, build
+from ..settings import DataSettings, FitJobSettings, ModelSettings, RNAProteinSettings, TrainSettings, as_dict, build
 from ..train.distributed import barrier, with_process_group, world
 from ..train.threads import torch_threads
 from .outdir import OutputDir
+from .protein_panels import annotate_proteins, protein_figures, protein_section
 from .report import html_table, render_report
 
 __all__ = ["fit_job", "FIT_OUTPUTS", "NORMALIZED_LIBRARY_SIZE", "CHECKPOINT_DIR"]
@@ -139,6 +146,7 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
     """The stages of :func:`fit_job` in a prepared, locked output directory."""
     rank, n_ranks = world()
     adata = _read(path, keys, job, log)
+    keys = _protein_keys(path, adata, keys, job, log)
     modelled = np.ones(adata.n_vars, dtype=bool)
     if job.n_top_genes:
         modelled = select_highly_variable_genes(adata, job.n_top_genes, layer=keys.layer, batch_key=keys.batch_key)
@@ -152,6 +160,14 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
     markers = _markers(vae, keys, training.seed, out, log)
     sections = _loadings(vae, out, log)
     figures = _figures(res, _count_history(vae), keys, embed, out / "figures")
+    if keys.protein_key:
+        with torch_threads(None):
+            parts = vae.get_elbo(indices=vae.validation_indices, modality="all", seed=training.seed)
+        metrics.update(n_proteins=len(vae.protein_names), validation_elbo_rna=parts["rna"],
+                       validation_elbo_protein=parts["protein"])
+        group = keys.labels_key or ("cellvae_leiden" if embed else None)
+        figures += protein_figures(res, keys.protein_key, group, embed, out / "figures")
+        sections = [*sections, protein_section(vae, res, metrics)]
     hist_plan = _count_history(vae)["plan"]
     settings = {"data": str(path), **as_dict(keys), **as_dict(model_s), **hist_plan, **as_dict(job),
                 "library_size": "observed" if model_s.use_observed_lib_size else "latent",
@@ -187,16 +203,45 @@ def _read(path: Path, keys: DataSettings, job: FitJobSettings, log) -> ad.AnnDat
     return adata
 
 
+def _protein_keys(path: Path, adata: ad.AnnData, keys: DataSettings, job: FitJobSettings, log) -> DataSettings:
+    """``keys`` with the protein key of a joint RNA + protein model: ``--protein-key``, or for a ``.h5mu`` file with
+    a ``prot`` modality ``protein_expression``; unchanged for RNA only.
+
+    Raises:
+        CellvaeInputError: a protein key absent from ``obsm``, or with ``--backed`` / ``--semi-supervised`` (not
+            available for the joint model).
+    """
+    key = keys.protein_key
+    if key is None and path.suffix.lower() == ".h5mu" and PROTEIN_KEY in adata.obsm:
+        key = PROTEIN_KEY
+    if key is None:
+        return keys
+    if key not in adata.obsm:
+        raise CellvaeInputError(f"--protein-key {key!r} is not in obsm of {path.name} (keys: "
+                                f"{list(adata.obsm.keys()) or 'none'}); pass the key of the protein (ADT) counts.")
+    if job.backed or job.semi_supervised:
+        raise CellvaeInputError("The joint RNA + protein model (--protein-key, .h5mu) trains in memory and without "
+                                "--semi-supervised: drop --backed / --semi-supervised.")
+    log(f"{adata.obsm[key].shape[1]} proteins in obsm[{key!r}]: fitting the joint RNA + protein model")
+    return dataclasses.replace(keys, protein_key=key)
+
+
 def _fit(adata_model: ad.AnnData, keys: DataSettings, model_s: ModelSettings, training: TrainSettings,
          job: FitJobSettings, out: Path, log) -> tuple[CountVAE, float]:
-    """Build and train the CountVAE with checkpoints in ``out/checkpoints``. Returns (model, training seconds).
+    """Build and train the CountVAE (with ``keys.protein_key``: the :class:`cellvae.RNAProteinVAE`) with checkpoints
+    in ``out/checkpoints``. Returns (model, training seconds).
 
     Raises:
         CellvaeTrainingError: after saving the best weights so far to ``out/model`` (rank 0).
     """
-    vae = CountVAE(adata_model, layer=keys.layer, batch_key=keys.batch_key, labels_key=keys.labels_key,
-                   categorical_covariate_keys=keys.categorical_covariate_keys,
-                   continuous_covariate_keys=keys.continuous_covariate_keys, out_of_core=job.backed, settings=model_s)
+    common = dict(layer=keys.layer, batch_key=keys.batch_key, labels_key=keys.labels_key,
+                  categorical_covariate_keys=keys.categorical_covariate_keys,
+                  continuous_covariate_keys=keys.continuous_covariate_keys)
+    if keys.protein_key:
+        vae = RNAProteinVAE(adata_model, protein_key=keys.protein_key, **common,
+                            settings=build(RNAProteinSettings, None, as_dict(model_s)))
+    else:
+        vae = CountVAE(adata_model, **common, out_of_core=job.backed, settings=model_s)
     log(f"training {vae!r}")
     t0 = time.perf_counter()
     ck_dir = out / CHECKPOINT_DIR
@@ -244,6 +289,8 @@ def _annotate(adata: ad.AnnData, vae: CountVAE, modelled: np.ndarray, job: FitJo
         latent = vae.get_latent_representation()
         norm = None if job.backed else vae.get_normalized_expression(library_size=NORMALIZED_LIBRARY_SIZE,
                                                                      return_numpy=True)
+        if isinstance(norm, tuple):  # the joint model: (RNA, protein)
+            norm = norm[0]
     res = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy()) if job.backed else adata.copy()
     res.obsm["X_cellvae"] = latent
     if norm is None:
@@ -256,6 +303,9 @@ def _annotate(adata: ad.AnnData, vae: CountVAE, modelled: np.ndarray, job: FitJo
         res.layers["cellvae_normalized"] = sp.csr_matrix((coo.data, (coo.row, cols[coo.col])),
                                                          shape=(adata.n_obs, adata.n_vars))
     res.var["cellvae_modelled"] = np.isin(res.var_names.astype(str), vae.spec.gene_names)
+    if isinstance(vae, RNAProteinVAE):
+        with torch_threads(None):
+            annotate_proteins(res, vae)
     if isinstance(vae, LabelTransferVAE):
         with torch_threads(None):
             table = vae.predict_table()
@@ -407,6 +457,12 @@ def _write(out: Path, path: Path, adata: ad.AnnData, res: ad.AnnData, vae: Count
         "ARI/NMI: agreement of clusters with the labels (KMeans with k = number of labels, seed 0; Leiden at "
         "resolution 1).",
     ]
+    if keys.protein_key:
+        data_summary["proteins"] = f"{len(vae.protein_names)} in obsm[{keys.protein_key!r}]"
+        notes.append("Proteins: obsm['cellvae_protein_denoised'] holds the denoised protein (foreground intensity "
+                     "(1 - pi) alpha beta, counts) and obsm['cellvae_protein_foreground_probability'] the foreground "
+                     "probability 1 - pi of each protein and cell (totalVI, Gayoso et al. 2021); markers.csv lists "
+                     "genes and proteins (<name>_protein).")
     if "batch_asw" in metrics:
         notes.append("Batch mixing: batch_classifier_accuracy is the 5-fold balanced accuracy of a logistic "
                      "regression predicting the batch from the latent space (lower = better mixed; chance = "
