@@ -158,7 +158,7 @@ def _scvi_terms(module, tensors) -> dict:
     x, y = tensors["X"], tensors["proteins"]
     mask = None
     if module.protein_batch_mask is not None:
-        b = tensors["batch"].view(-1)
+        b = tensors[getattr(module, "panel_key", "batch")].view(-1)
         mask = torch.zeros_like(y)
         for code in torch.unique(b):
             mask[b == code] = torch.as_tensor(module.protein_batch_mask[str(int(code))].astype(np.float32))
@@ -185,6 +185,7 @@ def scvi_heldout(model, held, n_mc: int, seed: int) -> dict:
     torch.manual_seed(seed)
     module = model.module
     module.eval()
+    held = model._validate_anndata(held)  # registers the held-out cells with the model's AnnDataManager
     dl = model._make_data_loader(adata=held, batch_size=EVAL_BATCH, shuffle=False)
     sums = {k: [] for k in ("elbo_joint", "elbo_rna", "elbo_protein", "log_px_joint", "log_px_rna",
                             "log_px_protein")}
@@ -273,7 +274,8 @@ def _run_scvi(scvi, task, train, held, full) -> dict:
     model.train(accelerator="cpu", enable_progress_bar=False, **kw)
     secs = time.perf_counter() - t0
     hist = model.history or {}
-    loss = hist["train_loss_epoch"].to_numpy().ravel() if "train_loss_epoch" in hist else np.zeros(0)
+    key = next((k for k in ("train_loss_epoch", "train_loss", "elbo_train") if k in hist), None)  # 1.5.1: train_loss
+    loss = hist[key].to_numpy().ravel() if key else np.zeros(0)
     epochs = len(loss) if len(loss) else None
     n_int = int(len(model.train_indices))
     t1 = time.perf_counter()
