@@ -76,10 +76,15 @@ def build_tutorials(force: bool, only: str | None) -> list[tuple[str, float, boo
         client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                                 resources={"metadata": {"path": str(out_dir)}})
         try:
-            client.execute()
+            # The kernel draws with the inline backend, so plt.show() and scanpy's plots become image outputs
+            # (MPLBACKEND=Agg, set below for this process, would make them vanish from the page).
+            client.execute(env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
         except CellExecutionError as e:
             sys.exit(f"docs/build.py: tutorial {script.name} failed:\n{e}")
         secs = time.perf_counter() - t0
+        n_images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+        if n_images == 0 and "plt.show()" in script.read_text():
+            sys.exit(f"docs/build.py: tutorial {script.name} draws figures but none reached the page (backend?)")
         nb.metadata["cellvae_build_key"] = key
         nb.metadata["cellvae_seconds"] = round(secs, 1)
         _write(target, nbformat.writes(nb))
@@ -127,7 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-tutorials", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("CELLVAE_DATA_DIR", str((ROOT.parent / "shared" / "data").resolve()))
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # this process (the CLI help); the tutorials' kernel draws inline
     os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")  # tqdm in a kernel without ipywidgets
     t0 = time.perf_counter()
     build_benchmarks()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Headless PNGs for the CLI and scripts, unless the user chose a backend: MPLBACKEND (a Jupyter kernel sets it to its
+# inline backend) or an IPython session (%matplotlib). Forcing Agg there would hide every later figure of a notebook.
+if not os.environ.get("MPLBACKEND") and getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)() is None:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["plot_training_curves", "plot_embedding", "plot_histogram", "save_figure", "plot_response_scatter",
