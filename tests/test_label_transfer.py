@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from cellvae.cli import main as cli_main
+from cellvae.settings import ARCHES_SETTINGS
 from cellvae import CellvaeInputError, CountVAE, LabelTransferVAE
 from cellvae.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from cellvae.metrics.integration import ilisi
@@ -148,6 +149,14 @@ def test_count_vae_map_query_without_batch_key(reference):
     assert mapped.get_latent_representation().shape == (100, 4)
 
 
+def test_map_query_warns_without_encoded_covariates(reference):
+    """A reference whose encoder does not see the covariates cannot move a query's latent: map_query says so."""
+    ref_a = _toy(200, seed=21)
+    plain = CountVAE(ref_a, batch_key="batch", n_hidden=16, n_latent=4).train(max_epochs=2, **FAST)
+    with pytest.warns(UserWarning, match="encode_covariates=False"):
+        plain.map_query(_toy(80, seed=22, batches=("q0",)), max_epochs=1, **FAST)
+
+
 def test_map_query_refusals(reference):
     ref, lt = reference
     query = _toy(80, seed=9)
@@ -254,7 +263,11 @@ def test_cli_fit_semi_supervised_then_map(tmp_path):
     html = (tmp_path / "map_out" / "report.html").read_text()
     assert "Predicted labels" in html and "Agreement with the query" in html
     assert (tmp_path / "map_out" / "figures" / "confidence_histogram.png").exists()
-    assert LabelTransferVAE.load(tmp_path / "map_out" / "model").reference is not None
+    mapped = LabelTransferVAE.load(tmp_path / "map_out" / "model")
+    assert mapped.reference is not None
+    # --semi-supervised builds scArches' reference architecture by default (covariates in the encoder, layer norm)
+    for k, v in ARCHES_SETTINGS.items():
+        assert getattr(mapped.settings, k) == v, k
     r = runner.invoke(cli_main, ["fit", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "x"),
                                          "--semi-supervised", "--quiet"])
     assert r.exit_code == 2 and "--labels-key" in r.output

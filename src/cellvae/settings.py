@@ -154,6 +154,13 @@ class DataSettings:
             object.__setattr__(self, name, tuple(str(k) for k in v))
 
 
+# scArches' reference architecture (Lotfollahi et al. 2022, Nat. Biotechnol. 40:121; scvi-tools' ``arches_params``):
+# covariates enter the encoder too, so that query surgery (new embedding rows, the rest frozen) can move a query's
+# latent representation; layer norm instead of batch norm, whose running statistics would be the reference's.
+ARCHES_SETTINGS = {"encode_covariates": True, "use_batch_norm": "none", "use_layer_norm": "both"}
+ARCHITECTURES = ("auto", "scvi", "arches")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Architecture and likelihood of the scVI module (Lopez et al. 2018; defaults as scvi-tools' ``SCVI``).
@@ -371,6 +378,9 @@ class FitJobSettings:
             scANVI) from it on ``labels_key`` (needs it); the saved model is then that one, ready for
             ``cellvae map``.
         unlabeled_category: with ``semi_supervised``: the label value of cells without a label.
+        architecture: ``"scvi"`` (the :class:`ModelSettings` as given), ``"arches"`` (those with
+            :data:`ARCHES_SETTINGS`: a reference built for ``cellvae map``) or ``"auto"``: ``"arches"`` with
+            ``semi_supervised``, else ``"scvi"``.
     """
 
     n_top_genes: int | None = field(default=None, metadata=_opt(
@@ -388,6 +398,11 @@ class FitJobSettings:
         "the saved model predicts labels and maps queries (cellvae map)."))
     unlabeled_category: str = field(default="Unknown", metadata=_opt(
         "--unlabeled-category", "With --semi-supervised: the --labels-key value of cells without a label."))
+    architecture: str = field(default="auto", metadata=_opt(
+        "--architecture", "scvi: scVI's encoder (batch norm, covariates in the decoder only); arches: scArches' "
+        "reference architecture (covariates also in the encoder, layer norm), needed for cellvae map to correct a "
+        "query's batch effect in the latent space; auto: arches with --semi-supervised, else scvi.",
+        choices=ARCHITECTURES))
 
     def __post_init__(self):
         _check_fields(self)

@@ -49,7 +49,8 @@ from ..models.label_transfer import LabelTransferVAE
 from ..models.rna_protein import RNAProteinVAE
 from ..data.protein import PROTEIN_KEY
 from ..plot import plot_embedding, plot_training_curves, save_figure
-from ..settings import DataSettings, FitJobSettings, ModelSettings, RNAProteinSettings, TrainSettings, as_dict, build
+from ..settings import (ARCHES_SETTINGS, DataSettings, FitJobSettings, ModelSettings, RNAProteinSettings, TrainSettings,
+                        as_dict, build)
 from ..train.distributed import barrier, with_process_group, world
 from ..train.threads import torch_threads
 from .outdir import OutputDir
@@ -124,6 +125,8 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
     parts = _route(overrides)
     keys, model_s, training, job = (build(cls, given, part, cls.__name__) for cls, given, part in
                                     zip(_SETTINGS, (keys, model, training, job), parts))
+    if job.architecture == "arches" or (job.architecture == "auto" and job.semi_supervised):
+        model_s = dataclasses.replace(model_s, **ARCHES_SETTINGS)  # a reference for cellvae map (scArches)
     rank, n_ranks = world()
     if rank != 0:
         log = (lambda m: None)  # noqa: E731 - rank 0 reports

@@ -123,6 +123,12 @@ def map_query(model, query: ad.AnnData, batch_key: str | None = None, max_epochs
     """
     if not model.is_trained:
         raise CellvaeInputError("map_query needs a trained reference model: call .train() (or load one) first.")
+    if not getattr(model.module, "encode_covariates", True):
+        warnings.warn("The reference model does not feed its covariates to the encoder (encode_covariates=False), so "
+                      "query training cannot move the query's latent representation: it is the frozen reference "
+                      "encoder's output, with the query's batch effect in it. For a reference meant for mapping, "
+                      "build it with cellvae.settings.ARCHES_SETTINGS (CountVAE(adata, **ARCHES_SETTINGS); cellvae "
+                      "fit --architecture arches, the default with --semi-supervised).", UserWarning, stacklevel=3)
     spec = model.spec
     aligned = align_genes(query, spec.gene_names, spec.layer, max_missing_genes)
     new_spec, aligned = _extended_spec(spec, aligned, batch_key)
