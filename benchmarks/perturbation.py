@@ -339,8 +339,9 @@ def run_peer(tool: str, adata, split: dict, seed: int, dataset: str, args) -> tu
         tr = adata[split["train_mask"]]
         X = tr.X.toarray() if hasattr(tr.X, "toarray") else np.asarray(tr.X)
         tmp = d / "split.tmp.npz"
-        np.savez_compressed(tmp, counts=X.astype(np.float32), condition=tr.obs[COND].astype(str).to_numpy(),
-                            cell_type=tr.obs[CT].astype(str).to_numpy(),
+        np.savez_compressed(tmp, counts=X.astype(np.float32),  # str arrays (not object): loaded without pickle
+                            condition=np.asarray(tr.obs[COND].astype(str).to_numpy(), dtype=str),
+                            cell_type=np.asarray(tr.obs[CT].astype(str).to_numpy(), dtype=str),
                             obs_names=np.asarray(tr.obs_names).astype(str),
                             var_names=np.asarray(tr.var_names).astype(str), held_out=split["type"],
                             control=CTRL, perturbed=STIM)
