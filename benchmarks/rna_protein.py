@@ -275,7 +275,7 @@ def _run_scvi(scvi, task, train, held, full) -> dict:
     secs = time.perf_counter() - t0
     hist = model.history or {}
     key = next((k for k in ("train_loss_epoch", "train_loss", "elbo_train") if k in hist), None)  # 1.5.1: train_loss
-    loss = hist[key].to_numpy().ravel() if key else np.zeros(0)
+    loss = np.array([float(v) for v in hist[key].to_numpy().ravel()]) if key else np.zeros(0)  # object dtype
     epochs = len(loss) if len(loss) else None
     n_int = int(len(model.train_indices))
     t1 = time.perf_counter()
