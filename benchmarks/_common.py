@@ -244,6 +244,12 @@ def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
     print(markdown)
 
 
+def newest_commit(rows) -> str:
+    """The ``commit`` of the row with the latest ``date`` (ISO text) among result rows ("?" when none has one)."""
+    dated = [r for r in rows if r.get("commit") and r.get("date")]
+    return max(dated, key=lambda r: r["date"])["commit"] if dated else "?"
+
+
 def git_commit(path: str | None = None) -> dict:
     """``{"commit": git rev-parse --short HEAD, "dirty": bool | None}`` of :data:`REPO_ROOT`; ``dirty`` says whether
     ``path`` (relative to the repository, e.g. ``"src"``; None: the whole tree) has uncommitted changes to tracked

@@ -57,7 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO_ROOT, atomic_write_text, cap_loaded_threads, default_data_dir, git_commit, limit_threads,
-    machine_description, mean_sd, paired_t_ci,
+    machine_description, mean_sd, newest_commit, paired_t_ci,
 )
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -306,7 +306,8 @@ def report(payload: dict) -> str:
     dates = sorted({r.get("date", "?")[:10] for r in rows})
     loads = [r.get("loadavg_start") for r in rows if r.get("loadavg_start") is not None]
     lines = ["# Label transfer and reference mapping: cellvae vs scvi-tools SCANVI vs kNN (issue 24)", "",
-             f"- commits: {', '.join(commits)}; dates: {', '.join(dates)}; machine: {meta.get('machine')}",
+             f"commit {newest_commit(rows)}, {dates[-1]} (the newest row; all rows: commits {', '.join(commits)}, "
+             f"dates {', '.join(dates)}); machine: {meta.get('machine')}", "",
              f"- command: `{meta.get('command')}`",
              f"- 1-minute load average at the start of runs: {min(loads) if loads else '?'} to "
              f"{max(loads) if loads else '?'} (2-core shared machine; one thread per tool; tool order alternates)",

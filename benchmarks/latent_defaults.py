@@ -94,7 +94,9 @@ def report(rows: list[dict], configs: list[str], title: str, header: dict) -> st
     from scipy import stats
 
     ref = configs[0]
-    lines = [f"# {title}", "", *[f"- {k}: {v}" for k, v in header.items()], ""]
+    rest = {k: v for k, v in header.items() if k not in ("commit", "date")}
+    lines = [f"# {title}", "", f"commit {header.get('commit', '?')}, {header.get('date', '?')}", "",
+             *[f"- {k}: {v}" for k, v in rest.items()], ""]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for metric in ("heldout_log_px", "kmeans_ari", "leiden_ari", "depth_r2_within_labels", "kmeans_nmi",
                    "leiden_nmi", "heldout_elbo", "epochs"):

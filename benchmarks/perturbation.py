@@ -527,7 +527,7 @@ def write_report(records: list[dict], meta: dict) -> None:
     summ = summarize(records)
     summ = {ds: summ[ds] for ds in [*meta["datasets"], *summ] if ds in summ}
     L = ["# Perturbation prediction: Kang et al. 2018 IFN-beta PBMCs, each cell type held out in turn", "",
-         f"Commit `{meta['git']['commit']}`{' (uncommitted changes in src/ or benchmarks/)' if meta['git'].get('dirty') else ''}; "
+         f"commit {meta['git']['commit']}{' (uncommitted changes in src/ or benchmarks/)' if meta['git'].get('dirty') else ''}; "
          f"run {meta['started']} to {meta['finished']}; 1-minute load average {meta['load_start']} at the start, "
          f"{meta['load_end']} at the end (a shared 2-core machine: other benchmarks ran at the same time; times "
          f"are not comparable, quality is); {meta['machine']}.", "",

@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, atomic_write_text, default_data_dir, git_commit, load_dataset, machine_description  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT, atomic_write_text, default_data_dir, git_commit, load_dataset, machine_description, newest_commit)
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb", "dispersion": "gene"}
@@ -160,7 +161,8 @@ def report(payload: dict, quiet_load: float) -> str:
     commits = sorted({r.get("commit", "?") for r in rows})
     dates = sorted({r.get("date", "?")[:10] for r in rows})
     lines = ["# Training speed: cellvae vs scvi-tools (issue 22)", "",
-             f"- commits: {', '.join(commits)}; dates: {', '.join(dates)}; {payload['meta'].get('machine')}",
+             f"commit {newest_commit(rows)}, {dates[-1]} (the newest row; all rows: commits {', '.join(commits)}, "
+             f"dates {', '.join(dates)}); {payload['meta'].get('machine')}", "",
              "- protocol: the docstring of `benchmarks/throughput.py`; a pair is quiet when the 1-minute load average "
              f"is <= {quiet_load} before and after it; medians over quiet pairs (brackets: no quiet pair, median of "
              "all pairs)", ""]
