@@ -120,6 +120,11 @@ def map_query(model, query: ad.AnnData, batch_key: str | None = None, max_epochs
     Raises:
         CellvaeInputError: an untrained reference, too many missing genes, missing covariate columns, missing values
             in the batch or covariate columns, or bad settings.
+
+    Warns:
+        UserWarning: the reference was built without ``encode_covariates`` (its frozen encoder gives the query's
+            latent representation unchanged by query training; scArches, Lotfollahi et al. 2022, feeds the
+            covariates to the encoder: :data:`cellvae.settings.ARCHES_SETTINGS`).
     """
     if not model.is_trained:
         raise CellvaeInputError("map_query needs a trained reference model: call .train() (or load one) first.")
