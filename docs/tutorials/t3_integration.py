@@ -82,7 +82,7 @@ plt.show()
 # ## The scIB table
 #
 # The same latents scored by scib-metrics' `Benchmarker`, with the PCA of log-normalized counts (50 components, the
-# embedding before integration) as a third row and as the reference of the PCR comparison score. Batch correction:
+# embedding before integration) as a third column and as the reference of the PCR comparison score. Batch correction:
 # iLISI, kBET, graph connectivity, batch ASW (BRAS) and PCR comparison; bio conservation: isolated labels, KMeans
 # NMI/ARI, label silhouette and cLISI.
 
@@ -102,7 +102,7 @@ if scib_available():
                                    for name, z in embeddings.items()}).T
     columns = ["ilisi", "kbet", "graph_connectivity", "bras", "pcr_comparison", "isolated_labels", "kmeans_nmi",
                "kmeans_ari", "silhouette_label", "clisi", "batch_correction", "bio_conservation", "total"]
-    display_table = scib_table[[c for c in columns if c in scib_table.columns]].round(3)
+    display_table = scib_table[[c for c in columns if c in scib_table.columns]].T.round(3)  # a row per metric
 else:
     display_table = "scib-metrics is not installed here (`pip install scib-metrics`): see benchmarks/results/integration.md."
 display_table
