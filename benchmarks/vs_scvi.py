@@ -486,9 +486,11 @@ class Store:
             merged.setdefault(k, r)
         self.rows = merged
         meta = dict(self.meta)
-        invs = {json.dumps(i, sort_keys=True): i for i in disk["meta"].get("invocations", [])}
-        for i in self.meta.get("invocations", []):
-            invs.setdefault(json.dumps(i, sort_keys=True), i)
+        invs: dict[str, dict] = {}  # one record per invocation id (the latest written), whoever wrote it
+        for i in [*self.meta.get("invocations", []), *disk["meta"].get("invocations", [])]:
+            k = i.get("id") or json.dumps(i, sort_keys=True)
+            if k not in invs or i.get("date_end", "") >= invs[k].get("date_end", ""):
+                invs[k] = i
         if self.invocation is not None:
             self.invocation["loadavg_end"] = _loadavg()
             self.invocation["date_end"] = _now()
