@@ -361,6 +361,13 @@ def test_cli_fit_protein_key_and_h5mu(citeseq, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["n_proteins"] == 14 and np.isfinite(metrics["validation_elbo_protein"])
     assert type(cellvae.CountVAE.load(out / "model")) is cellvae.RNAProteinVAE
+    # the joint model's own default gene likelihood (nb, as TOTALVI), not CountVAE's zinb; a given one is kept
+    assert cellvae.CountVAE.load(out / "model").settings.gene_likelihood == "nb"
+    assert json.loads((out / "metrics.json").read_text())["settings"]["gene_likelihood"] == "nb"
+    r = CliRunner().invoke(main, ["fit", str(h5ad), "--out", str(tmp_path / "o4"), "--protein-key",
+                                  "protein_expression", "--gene-likelihood", "zinb", *args])
+    assert r.exit_code == 0, r.output
+    assert cellvae.CountVAE.load(tmp_path / "o4" / "model").settings.gene_likelihood == "zinb"
     assert any(str(g).endswith("_protein") for g in pd.read_csv(out / "markers.csv")["gene"])
     r = CliRunner().invoke(main, ["fit", str(h5ad), "--out", str(tmp_path / "o3"), "--protein-key", "adt", *args])
     assert r.exit_code == 2 and "--protein-key 'adt' is not in obsm" in r.output

@@ -121,6 +121,10 @@ def fit(data, out_dir, quiet, nproc, **kwargs):
         sys.exit(_launch_torchrun(nproc))
     t0 = time.perf_counter()
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[cellvae] {m}", err=True))
+    # Only the options given on the command line: the others keep the defaults of the model that the data select
+    # (e.g. the joint RNA + protein model's gene likelihood "nb" rather than CountVAE's "zinb").
+    ctx = click.get_current_context()
+    kwargs = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     metrics = _run(fit_job, data=data, out_dir=out_dir, progress_bar=not quiet, log=log, **kwargs)
     if metrics:  # empty on the ranks > 0 of a multi-process run: rank 0 reports
         _summary(metrics, out_dir, time.perf_counter() - t0)

@@ -125,8 +125,11 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
     parts = _route(overrides)
     keys, model_s, training, job = (build(cls, given, part, cls.__name__) for cls, given, part in
                                     zip(_SETTINGS, (keys, model, training, job), parts))
+    # The model settings chosen by the caller (the rest are the defaults of the model class the data select).
+    model_given = set(parts[1]) | ({f.name for f in dataclasses.fields(model_s)} if model is not None else set())
     if job.architecture == "arches" or (job.architecture == "auto" and job.semi_supervised):
         model_s = dataclasses.replace(model_s, **ARCHES_SETTINGS)  # a reference for cellvae map (scArches)
+        model_given |= set(ARCHES_SETTINGS)
     rank, n_ranks = world()
     if rank != 0:
         log = (lambda m: None)  # noqa: E731 - rank 0 reports
@@ -142,10 +145,11 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
               else contextlib.nullcontext(out))
     with outdir:
         barrier()  # the other ranks wait for rank 0 to prepare the directory
-        return _run_job(path, out, keys, model_s, training, job, log, t_start)
+        return _run_job(path, out, keys, model_s, training, job, log, t_start, model_given)
 
 
-def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: float) -> dict:
+def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: float,
+             model_given: set[str] = frozenset()) -> dict:
     """The stages of :func:`fit_job` in a prepared, locked output directory."""
     rank, n_ranks = world()
     adata = _read(path, keys, job, log)
@@ -155,7 +159,7 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
         modelled = select_highly_variable_genes(adata, job.n_top_genes, layer=keys.layer, batch_key=keys.batch_key)
         log(f"selected {int(modelled.sum())} highly variable genes (seurat_v3)")
     adata_model = adata[:, modelled].copy() if not modelled.all() else adata
-    vae, train_seconds = _fit(adata_model, keys, model_s, training, job, out, log)
+    vae, train_seconds = _fit(adata_model, keys, model_s, training, job, out, log, model_given)
     if rank != 0:
         return {}
     res, embed, sub = _annotate(adata, vae, modelled, job, training.seed, log)
@@ -172,8 +176,9 @@ def _run_job(path: Path, out: Path, keys, model_s, training, job, log, t_start: 
         figures += protein_figures(res, keys.protein_key, group, embed, out / "figures")
         sections = [*sections, protein_section(vae, res, metrics)]
     hist_plan = _count_history(vae)["plan"]
-    settings = {"data": str(path), **as_dict(keys), **as_dict(model_s), **hist_plan, **as_dict(job),
-                "library_size": "observed" if model_s.use_observed_lib_size else "latent",
+    model_used = vae.settings  # model_s, or the joint model's RNAProteinSettings
+    settings = {"data": str(path), **as_dict(keys), **as_dict(model_used), **hist_plan, **as_dict(job),
+                "library_size": "observed" if model_used.use_observed_lib_size else "latent",
                 "kl_warmup_epochs": TrainSettings(**hist_plan).warmup_epochs, "n_processes": n_ranks}
     _write(out, path, adata, res, vae, keys, settings, metrics, markers, figures, t_start, sections)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # every output is written: the checkpoint is not needed
@@ -230,9 +235,10 @@ def _protein_keys(path: Path, adata: ad.AnnData, keys: DataSettings, job: FitJob
 
 
 def _fit(adata_model: ad.AnnData, keys: DataSettings, model_s: ModelSettings, training: TrainSettings,
-         job: FitJobSettings, out: Path, log) -> tuple[CountVAE, float]:
-    """Build and train the CountVAE (with ``keys.protein_key``: the :class:`cellvae.RNAProteinVAE`) with checkpoints
-    in ``out/checkpoints``. Returns (model, training seconds).
+         job: FitJobSettings, out: Path, log, model_given: set[str] = frozenset()) -> tuple[CountVAE, float]:
+    """Build and train the CountVAE (with ``keys.protein_key``: the :class:`cellvae.RNAProteinVAE`, whose settings
+    are :class:`cellvae.settings.RNAProteinSettings`' defaults and the fields of ``model_s`` named in
+    ``model_given``) with checkpoints in ``out/checkpoints``. Returns (model, training seconds).
 
     Raises:
         CellvaeTrainingError: after saving the best weights so far to ``out/model`` (rank 0).
@@ -242,7 +248,8 @@ def _fit(adata_model: ad.AnnData, keys: DataSettings, model_s: ModelSettings, tr
                   continuous_covariate_keys=keys.continuous_covariate_keys)
     if keys.protein_key:
         vae = RNAProteinVAE(adata_model, protein_key=keys.protein_key, **common,
-                            settings=build(RNAProteinSettings, None, as_dict(model_s)))
+                            settings=build(RNAProteinSettings, None,
+                                           {k: v for k, v in as_dict(model_s).items() if k in model_given}))
     else:
         vae = CountVAE(adata_model, **common, out_of_core=job.backed, settings=model_s)
     log(f"training {vae!r}")
