@@ -306,6 +306,8 @@ def make_splits(adata, info: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ methods
 def run_cellvae(adata, split: dict, method: str, seed: int, batch_key: str | None) -> tuple[dict, dict]:
     """Train a CountVAE (cellvae defaults) on the split's training cells and predict T's stimulated cells."""
+    import pandas as pd
+
     from cellvae import CountVAE
     from cellvae.analysis.perturb import predict_perturbation
 
@@ -324,7 +326,17 @@ def run_cellvae(adata, split: dict, method: str, seed: int, batch_key: str | Non
     info = {"train_s": round(train_s, 1), "epochs_run": len(m.history["epoch"]),
             "best_epoch": m.history.get("best_epoch"), "validation_elbo": float(m.history["validation_elbo"][-1]),
             "model_kwargs": kw}
-    return {"sampled": lognorm(pred.layers["counts"]), "expected": lognorm(pred.X)}, info
+    # The model leaves out genes with no count in any training cell (predict_perturbation returns the model's
+    # genes): they are predicted as 0 counts, so the prediction has every gene of the split, in its order.
+    pos = pd.Index(adata.var_names).get_indexer(pred.var_names)
+    info["genes_not_modelled"] = int(adata.n_vars - len(pos))
+
+    def full(x):
+        out = np.zeros((x.shape[0], adata.n_vars), dtype=np.float32)
+        out[:, pos] = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        return out
+
+    return {"sampled": lognorm(full(pred.layers["counts"])), "expected": lognorm(full(pred.X))}, info
 
 
 def run_peer(tool: str, adata, split: dict, seed: int, dataset: str, args) -> tuple[dict, dict]:
