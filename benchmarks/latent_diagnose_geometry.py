@@ -4,11 +4,13 @@ latent variance between labels, between batches, and between batches within labe
 
     .venv-bench/bin/python benchmarks/latent_diagnose_geometry.py DATASET SEED
 """
-import warnings, sys, numpy as np, anndata as ad, scanpy as sc, torch, json, time
+from pathlib import Path
+import os, warnings, sys, numpy as np, anndata as ad, scanpy as sc, torch, json, time
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 name, seed = sys.argv[1], int(sys.argv[2])
-a = ad.read_h5ad(f"/work/shared/data/{name}.h5ad")
+DATA = Path(os.environ.get("CELLVAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+a = ad.read_h5ad(DATA / f"{name}.h5ad")
 if a.n_vars > 5000:
     sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=2000); a = a[:, a.var["highly_variable"]].copy()
 y = a.obs["cell_type"].astype(str).to_numpy(); b = a.obs["batch"].astype(str).to_numpy()

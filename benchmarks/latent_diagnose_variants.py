@@ -4,13 +4,15 @@ batch classifier balanced accuracy, best validation ELBO. Prints one JSON line p
 
     .venv/bin/python benchmarks/latent_diagnose_variants.py DATASET default,disp_lr1,bias_default,scvi_schedule 0,1,2
 """
-import warnings, sys, time, json, numpy as np, anndata as ad, torch, scanpy as sc
+from pathlib import Path
+import os, warnings, sys, time, json, numpy as np, anndata as ad, torch, scanpy as sc
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 from cellvae import CountVAE
 from cellvae.metrics import kmeans_agreement, leiden_agreement, batch_classifier_accuracy
 name = sys.argv[1]; variants = sys.argv[2].split(","); seeds = [int(s) for s in sys.argv[3].split(",")]
-a = ad.read_h5ad(f"/work/shared/data/{name}.h5ad")
+DATA = Path(os.environ.get("CELLVAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+a = ad.read_h5ad(DATA / f"{name}.h5ad")
 if a.n_vars > 5000:
     sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=2000)
     a = a[:, a.var["highly_variable"]].copy()
