@@ -1,6 +1,6 @@
 """Two-process data-parallel training (torchrun, gloo on CPU) matches single-process training in quality, on
-real data (the cell-line mixture of Tian et al. 2019, 992 cells, 1,000 genes, 5 batches), through the user's path:
-``cellvae fit --nproc 2``.
+real data (Zeisel et al. 2015 cortex, 1464 cells x 1095 genes: ELBO and Leiden; the cell-line mixture of Tian et al.
+2019, 992 cells, 1,000 genes, 5 batches: ELBO, KMeans and Leiden), through the user's path: ``cellvae fit --nproc 2``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,60 @@ def _fit(data, out, extra=(), seed="0"):
     return json.loads((out / "metrics.json").read_text()), res
 
 
+def _leiden_ari(out, data) -> float:
+    """ARI of Leiden clusters (as many as labels) of the run's latent representation against the cell types."""
+    import anndata as ad
+
+    from cellvae.metrics.clustering import leiden_agreement
+
+    res = ad.read_h5ad(out / "cellvae.h5ad")
+    return leiden_agreement(res.obsm["X_cellvae"], res.obs["cell_type"].astype(str).to_numpy(), seed=0)["ari"]
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+    """Issue 6's bar: ARI within 0.03 and held-out (validation) ELBO within 1 %, over three seeds (each seed: one
+    run with 1 process, one with 2): the ELBO per seed, the ARI as the mean over the seeds (one run's ARI moves by a
+    few hundredths with the seed alone).
+
+    The ARI is that of Leiden clusters (resolution chosen to give as many clusters as cell types, 3 here), not of
+    KMeans: on this data KMeans ARI is bimodal whatever the number of processes, about 0.92 or about 0.28 (one run
+    in several: seed 6 of the single-process code before the fused dropout, seeds 0 / 1 / 2 with it, in 1 or 2
+    processes) because some latents keep the neurons' capture-chip axis (and their CA1 subclasses), along which
+    KMeans with k = 3 splits them (see ``test_latent_space_separates_cell_types_on_real_data``); the 15-NN label
+    accuracy of those latents is 0.97 and their Leiden ARI 0.95. KMeans is compared on the cell-line mixture in
+    ``test_two_processes_match_one_kmeans``. Measured (this commit, Intel Xeon):
+    Leiden ARI 0.953 / 0.971 / 0.953 with 1 process, 0.965 / 0.961 / 0.964 with 2 (means 0.959 / 0.963); KMeans
+    ARI 0.29 / 0.91 / 0.91 and 0.92 / 0.27 / 0.27; validation ELBO -1381.0 / -1343.6 / -1284.5 and
+    -1380.8 / -1343.2 / -1283.9 nats per cell."""
+    data = data_dir / "zeisel2015_cortex_subset_1464cells.h5ad"
+    if not data.exists():
+        pytest.skip("Zeisel data not found")
+    aris = {1: [], 2: []}
+    for seed in SEEDS:
+        one, _ = _fit(data, tmp_path / f"one{seed}", seed=seed)
+        two, res = _fit(data, tmp_path / f"two{seed}", ["--nproc", "2"], seed=seed)
+        assert "launching 2 processes" in res.stderr
+        assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
+        m1, m2 = one["metrics"], two["metrics"]
+        print(f"seed {seed}: validation ELBO {m1['validation_elbo']:.1f} (1 process), {m2['validation_elbo']:.1f} (2)")
+        assert m2["n_epochs"] == m1["n_epochs"]
+        assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
+        aris[1].append(_leiden_ari(tmp_path / f"one{seed}", data))
+        aris[2].append(_leiden_ari(tmp_path / f"two{seed}", data))
+    print("Leiden ARI by number of processes:", aris)
+    assert abs(np.mean(aris[2]) - np.mean(aris[1])) <= 0.03, aris
+    # Rank 0 alone wrote the outputs; the model loads.
+    from cellvae import CountVAE
+
+    two_dir = tmp_path / f"two{SEEDS[-1]}"
+    assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
+    assert not (two_dir / "checkpoints").exists()
+    import anndata as ad
+
+    m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))
+    assert m.get_latent_representation().shape == (1464, 10)
+
+
 def _cluster_aris(out) -> dict[str, float]:
     """ARI of KMeans and of Leiden clusters (as many as labels) of the run's latent representation against the cell
     types."""
@@ -44,17 +98,16 @@ def _cluster_aris(out) -> dict[str, float]:
     return {"kmeans": kmeans_agreement(z, labels, seed=0)["ari"], "leiden": leiden_agreement(z, labels, seed=0)["ari"]}
 
 
-def test_two_processes_match_one(tmp_path, data_dir):
-    """Issue 6's bar: ARI within 0.03 and held-out (validation) ELBO within 1 %, over three seeds (each seed: one
-    run with 1 process, one with 2): the ELBO per seed, the ARI as the mean over the seeds, for KMeans (k = 5 cell
-    lines) and for Leiden (resolution bisected to 5 clusters).
+def test_two_processes_match_one_kmeans(tmp_path, data_dir):
+    """Issue 6's bar for KMeans as well as Leiden: one seed, one run with 1 process and one with 2, validation ELBO
+    within 1 % and the ARI of KMeans (k = 5 cell lines) and of Leiden (resolution bisected to 5 clusters) within
+    0.03 (and above 0.9).
 
     Data: the cell-line mixture of Tian et al. 2019 (992 cells, 5 batches on 2 technologies, labels from genotypes),
-    its 1,000 batch-aware highly variable genes, ``--batch-key batch``. (Earlier this test used Zeisel and Leiden
-    only: KMeans ARI on Zeisel is bimodal whatever the number of processes, about 0.92 or 0.28-0.42, because the
-    neurons split along their capture chip and their own subclasses, and 2 processes against 1 then compares coin
-    flips; see ``test_latent_space_separates_cell_types_on_real_data``. Here the 100-epoch single-process
-    ``CountVAE`` gives KMeans and Leiden ARI 1.0 at seeds 0-5.)"""
+    its 1,000 batch-aware highly variable genes, ``--batch-key batch``. (On Zeisel, ``test_two_processes_match_one``,
+    KMeans ARI is bimodal whatever the number of processes, so 2 processes against 1 would compare coin flips. Here
+    the 100-epoch single-process ``CountVAE`` gives KMeans and Leiden ARI 1.0 at seeds 0-5; both process counts gave
+    1.0 / 1.0 at seeds 0-2 except one 2-process KMeans 0.998.)"""
     src = data_dir / "cellline_mixology_tian2019_5batches.h5ad"
     if not src.exists():
         pytest.skip("cell-line mixture data not found")
@@ -66,7 +119,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     data = tmp_path / "cellline_hvg.h5ad"
     cells[:, select_highly_variable_genes(cells, 1000, batch_key="batch")].copy().write_h5ad(data)
     aris = {1: [], 2: []}
-    for seed in SEEDS:
+    for seed in SEEDS[:1]:
         one, _ = _fit(data, tmp_path / f"one{seed}", ["--batch-key", "batch"], seed=seed)
         two, res = _fit(data, tmp_path / f"two{seed}", ["--batch-key", "batch", "--nproc", "2"], seed=seed)
         assert "launching 2 processes" in res.stderr
@@ -86,7 +139,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     # Rank 0 alone wrote the outputs; the model loads.
     from cellvae import CountVAE
 
-    two_dir = tmp_path / f"two{SEEDS[-1]}"
+    two_dir = tmp_path / f"two{SEEDS[0]}"
     assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
     assert not (two_dir / "checkpoints").exists()
     m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))

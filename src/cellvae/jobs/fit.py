@@ -106,6 +106,9 @@ def fit_job(data: str | os.PathLike, out_dir: str | os.PathLike, keys: DataSetti
         out_dir: the output directory (module docstring).
         keys, model, training, job: the :mod:`cellvae.settings` of the data, the model, its training and the job
             (None: defaults), updated by ``**overrides``: any of their fields by name (``cellvae fit``'s options).
+            With protein counts (``keys.protein_key``, or a .h5mu) the joint model takes
+            :class:`cellvae.settings.RNAProteinSettings`' defaults (e.g. ``gene_likelihood="nb"``) for every model
+            field that neither ``model`` nor ``**overrides`` sets.
             ``job.resume`` continues an interrupted job in ``out_dir`` from ``out_dir/checkpoints`` (same data and
             options). ``job.backed`` trains out of core (:mod:`cellvae.data.backed`): no ``cellvae_normalized``
             layer is written, clustering metrics use at most 50,000 cells, and above 200,000 cells the UMAP and
