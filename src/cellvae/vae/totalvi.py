@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.sparse import csr_rows, csr_tensor
 from ..errors import CellvaeInputError
 from ..settings import PROTEIN_DISPERSIONS, ModelSettings, build
 from .likelihoods import get_likelihood
-from .module import LossOutput, VAEModule
+from .module import LossOutput, VAEModule, _row_sums
 from .nb_mixture import NegativeBinomialMixture, log_nb_mixture
 from .nn import Encoder, FCLayers
 
@@ -169,8 +170,10 @@ class RNAProteinModule(VAEModule):
     # ----------------------------------------------------------------------------------------------- set-up
     @property
     def sparse_input(self) -> bool:
-        """False: minibatches are dense (the protein columns are dense anyway)."""
-        return False
+        """Whether :meth:`forward` takes its minibatches as sparse CSR tensors (genes, then proteins) without
+        densifying the genes: the fast RNA likelihood with ``use_sparse_counts``, as :class:`VAEModule`. The
+        protein block is made dense (it is small and mostly non-zero) and the encoder reads one CSR input."""
+        return self.use_sparse_counts and self.fast_likelihood
 
     def dispersion_parameters(self) -> list[nn.Parameter]:
         """The gene and protein log inverse dispersions (``px_r`` when the gene likelihood has one, and ``py_r``):
@@ -185,14 +188,17 @@ class RNAProteinModule(VAEModule):
         return super().init_decoder_bias(t[: self.n_genes] if len(t) == self.n_genes + self.n_proteins else t)
 
     # ----------------------------------------------------------------------------------------------- tensors
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rna, protein)``: the (n, n_genes) and (n, n_proteins) column blocks of ``x`` (dense or sparse CSR;
-        returned dense and contiguous)."""
-        if x.layout == torch.sparse_csr:
-            x = x.to_dense()
+    def split(self, x: torch.Tensor, sparse_rna: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rna, protein)``: the (n, n_genes) and (n, n_proteins) column blocks of ``x`` (dense or sparse CSR).
+        The protein block is dense and contiguous; the RNA block too, unless ``x`` is CSR and ``sparse_rna``
+        (then a CSR tensor of the gene columns, made without densifying them)."""
         if x.shape[-1] != self.n_genes + self.n_proteins:
             raise ValueError(f"x has {x.shape[-1]} columns, expected {self.n_genes} genes + {self.n_proteins} "
                              "proteins.")
+        if x.layout == torch.sparse_csr:
+            if sparse_rna:
+                return _split_csr(x, self.n_genes, self.n_proteins)
+            x = x.to_dense()
         return x[..., : self.n_genes].contiguous(), x[..., self.n_genes:].contiguous()
 
     def protein_mask(self, cat: torch.Tensor) -> torch.Tensor:
@@ -219,15 +225,23 @@ class RNAProteinModule(VAEModule):
             dict with ``qz_m``, ``qz_v`` (n_cells, n_latent), ``z`` ((n_samples,) n_cells, n_latent) and ``library``
             ((n_samples,) n_cells, 1), the log RNA library size.
         """
-        rna, y = self.split(x)
+        rna, y = self.split(x, sparse_rna=x.layout == torch.sparse_csr)
+        return self._inference(rna, y, cat, cont, n_samples)
+
+    def _inference(self, rna: torch.Tensor, y: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None,
+                   n_samples: int = 1) -> dict:
+        """:meth:`inference` on the blocks of :meth:`split` (RNA dense or CSR, proteins dense)."""
         mask = self.protein_mask(cat)
-        x_in = torch.cat([self._encoder_input(rna), self._protein_encoder_input(y, mask)], -1)
+        if rna.layout == torch.sparse_csr:
+            x_in = _append_dense_columns(self._encoder_input(rna), self._protein_encoder_input(y, mask))
+        else:
+            x_in = torch.cat([self._encoder_input(rna), self._protein_encoder_input(y, mask)], -1)
         ecat = cat if self.encode_covariates else None
         econt = cont if self.encode_covariates else None
         qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
         shape = (n_samples, *qz_m.shape) if n_samples > 1 else qz_m.shape
         z = qz_m + qz_v.sqrt() * torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
-        library = torch.log(rna.sum(-1, keepdim=True).clamp(min=1.0))
+        library = torch.log(_row_sums(rna).clamp(min=1.0))
         if n_samples > 1:
             library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
@@ -309,8 +323,10 @@ class RNAProteinModule(VAEModule):
         Returns:
             :class:`RNAProteinLossOutput` (per-cell parts in nats).
         """
-        rna, y = self.split(x)
-        inf = self.inference(x, cat, cont)
+        if x.layout == torch.sparse_csr and not self.sparse_input:
+            x = x.to_dense()
+        rna, y = self.split(x, sparse_rna=True)
+        inf = self._inference(rna, y, cat, cont)
         recon_rna = self.reconstruction(rna, inf, cat, cont)
         ll_prot, kl_b, _ = self.protein_terms(y, inf["z"], cat, cont)
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
@@ -353,6 +369,42 @@ class RNAProteinModule(VAEModule):
         log_qz = _log_normal(z, inf["qz_m"], inf["qz_v"]).sum(-1)
         return {"joint": log_px + log_py + log_pz + log_pb - log_qz - log_qb, "rna": log_px + log_pz - log_qz,
                 "protein": log_py + log_pz + log_pb - log_qz - log_qb}
+
+
+def _split_csr(x: torch.Tensor, n_genes: int, n_proteins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CSR (n, n_genes) genes, dense (n, n_proteins) proteins) of a CSR (n, n_genes + n_proteins) tensor whose
+    rows hold their columns in ascending order (the gene entries of a row are a prefix of it)."""
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    n = x.shape[0]
+    rows = csr_rows(x)
+    is_p = col >= n_genes
+    p_idx = torch.nonzero(is_p).squeeze(1)
+    g_idx = torch.nonzero(~is_p).squeeze(1)
+    y = torch.zeros(n * n_proteins, dtype=val.dtype, device=val.device)
+    y[rows.index_select(0, p_idx) * n_proteins + col.index_select(0, p_idx) - n_genes] = val.index_select(0, p_idx)
+    g_crow = torch.zeros(n + 1, dtype=crow.dtype, device=crow.device)
+    g_crow[1:] = torch.cumsum(crow.diff() - torch.bincount(rows.index_select(0, p_idx), minlength=n), 0)
+    return csr_tensor(g_crow, col.index_select(0, g_idx), val.index_select(0, g_idx), (n, n_genes)), \
+        y.view(n, n_proteins)
+
+
+def _append_dense_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The CSR (n, m + k) tensor ``[a, b]`` of a CSR (n, m) ``a`` and a dense (n, k) ``b`` (all of ``b`` stored)."""
+    crow, col, val = a.crow_indices(), a.col_indices(), a.values()
+    n, m = a.shape
+    k = b.shape[1]
+    counts = crow.diff()
+    new_crow = torch.zeros(n + 1, dtype=crow.dtype, device=crow.device)
+    new_crow[1:] = torch.cumsum(counts + k, 0)
+    nnz = int(new_crow[-1])
+    new_col = torch.empty(nnz, dtype=col.dtype, device=col.device)
+    new_val = torch.empty(nnz, dtype=val.dtype, device=val.device)
+    pos_a = torch.arange(len(val), device=val.device) + csr_rows(a) * k
+    new_col[pos_a], new_val[pos_a] = col, val
+    pos_b = ((new_crow[:-1] + counts).unsqueeze(1) + torch.arange(k, device=val.device)).reshape(-1)
+    new_col[pos_b] = (torch.arange(m, m + k, dtype=col.dtype, device=col.device)).repeat(n)
+    new_val[pos_b] = b.reshape(-1).to(val.dtype)
+    return csr_tensor(new_crow, new_col, new_val, (n, m + k))
 
 
 def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
