@@ -429,10 +429,12 @@ def main(argv=None) -> int:
                             "n_mc": args.n_mc, "data_dir": args.data_dir, "cellvae_kwargs": args.cellvae_kwargs,
                             "cellvae_train_kwargs": args.cellvae_train_kwargs}
                     t0 = time.perf_counter()
+                    load0 = loadavg()
                     print(f"[{datetime.now():%H:%M:%S}] {mode} {ds} seed {seed} {tool} ...", flush=True)
                     res = run_in_child(task)
                     row = {"dataset": ds, "mode": mode, "seed": seed, "tool": tool, **res,
-                           "git_commit": gc["commit"], "date": inv["date"], "loadavg_1min": loadavg()}
+                           "git_commit": gc["commit"], "date": inv["date"], "loadavg_1min_start": load0,
+                           "loadavg_1min": loadavg()}
                     rows[_key(row)] = row
                     print(f"    {time.perf_counter() - t0:.0f} s: log p rna {_fmt(res.get('log_px_rna'), 2)} protein "
                           f"{_fmt(res.get('log_px_protein'), 2)}; ARI {_fmt(res.get('kmeans_ari'), 3)}; AUROC "
