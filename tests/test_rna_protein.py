@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -73,6 +74,36 @@ def test_nb_mixture_gradients_finite_at_extremes():
     assert bool(torch.isfinite(ll).all())
     ll.sum().backward()
     assert all(bool(torch.isfinite(t.grad).all()) for t in (lm1, lm2, lt, w))
+
+
+def test_nb_mixture_closed_form_gradient_equals_autograd():
+    """The mixture's one-node closed-form backward equals autograd through the plain formula (float64, with
+    broadcasting of a per-protein log theta), and passes torch's gradcheck."""
+    from cellvae.vae.distributions import lgamma_ratio
+
+    def plain(y, m1, m2, lt, w):
+        theta = lt.exp()
+        nb1 = -theta * F.softplus(m1 - lt) - y * F.softplus(lt - m1)
+        nb2 = -theta * F.softplus(m2 - lt) - y * F.softplus(lt - m2)
+        return lgamma_ratio(y, theta) - torch.lgamma(y + 1.0) + torch.logaddexp(nb1 - F.softplus(-w),
+                                                                                 nb2 - F.softplus(w))
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.poisson(torch.rand(9, 4, generator=g, dtype=torch.float64) * 500, generator=g)
+    y[0] = torch.tensor([0.0, 1.0, 1e5, 3e4], dtype=torch.float64)
+    m1 = torch.randn(9, 4, generator=g, dtype=torch.float64) * 2 + 3
+    params = [m1, m1 + torch.rand(9, 4, generator=g, dtype=torch.float64) * 4,
+              torch.randn(4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64) * 4]
+    grads = []
+    for fn in (log_nb_mixture, plain):
+        ps = [t.clone().requires_grad_(True) for t in params]
+        out = fn(y, *ps)
+        (out * torch.linspace(0.5, 2.0, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        grads.append([t.grad for t in ps])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    ps = [t.clone().requires_grad_(True) for t in params]
+    assert torch.autograd.gradcheck(lambda *a: log_nb_mixture(y[1:], *[t[1:] if t.dim() == 2 else t for t in a]), ps)
 
 
 # ---------------------------------------------------------------------------------------------------- module

@@ -270,11 +270,13 @@ class RNAProteinModule(VAEModule):
             cat = cat.repeat(s, 1)
             cont = cont.repeat(s, 1) if cont is not None else None
         hz = torch.cat([self.protein_decoder(z, cat, cont), z], -1)
-        qb_m = self.background_mean(hz)
-        qb_sd = F.softplus(self.background_scale(hz)) + _SCALE_EPS
+        heads = (self.background_mean, self.background_scale, self.foreground_scale, self.background_logit)
+        # the four heads in one product (one autograd node; the parameters stay the four nn.Linear's)
+        qb_m, qb_s, fg_s, logit = F.linear(hz, torch.cat([h.weight for h in heads]),
+                                           torch.cat([h.bias for h in heads])).split(self.n_proteins, -1)
+        qb_sd = F.softplus(qb_s) + _SCALE_EPS
         log_beta = qb_m + qb_sd * torch.randn_like(qb_m) if sample_background else qb_m
-        log_alpha = torch.log1p(F.softplus(self.foreground_scale(hz)))
-        logit = self.background_logit(hz)
+        log_alpha = torch.log1p(F.softplus(fg_s))
         b = cat[:, 0]
         log_theta = self.py_r if self.protein_dispersion == "protein" else self.py_r[b]
         out = {"log_background": log_beta, "qb_m": qb_m, "qb_v": qb_sd * qb_sd,
