@@ -197,9 +197,20 @@ class RNAProteinModule(VAEModule):
                              "proteins.")
         if x.layout == torch.sparse_csr:
             if sparse_rna:
-                return _split_csr(x, self.n_genes, self.n_proteins)
+                return _split_csr(x, self.n_genes, self.n_proteins)[:2]
             x = x.to_dense()
         return x[..., : self.n_genes].contiguous(), x[..., self.n_genes:].contiguous()
+
+    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """``(rna, protein, joint)``: :meth:`split` with a CSR RNA block for a CSR ``x``, and ``joint = (x, rows of
+        its entries, positions of its protein entries, their flat (n, n_proteins) index)`` (None for a dense x),
+        from which :meth:`_inference` makes the encoder input without building a new sparsity structure."""
+        if x.shape[-1] != self.n_genes + self.n_proteins:
+            self.split(x)  # raises
+        if x.layout != torch.sparse_csr:
+            return *self.split(x), None
+        rna, y, rows, p_idx, flat = _split_csr(x, self.n_genes, self.n_proteins)
+        return rna, y, (x, rows, p_idx, flat)
 
     def protein_mask(self, cat: torch.Tensor) -> torch.Tensor:
         """(n_cells, n_proteins) 0/1 mask of the proteins measured in each cell's batch."""
@@ -225,17 +236,21 @@ class RNAProteinModule(VAEModule):
             dict with ``qz_m``, ``qz_v`` (n_cells, n_latent), ``z`` ((n_samples,) n_cells, n_latent) and ``library``
             ((n_samples,) n_cells, 1), the log RNA library size.
         """
-        rna, y = self.split(x, sparse_rna=x.layout == torch.sparse_csr)
-        return self._inference(rna, y, cat, cont, n_samples)
+        return self._inference(*self._blocks(x), cat, cont, n_samples)
 
-    def _inference(self, rna: torch.Tensor, y: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None,
-                   n_samples: int = 1) -> dict:
-        """:meth:`inference` on the blocks of :meth:`split` (RNA dense or CSR, proteins dense)."""
-        mask = self.protein_mask(cat)
-        if rna.layout == torch.sparse_csr:
-            x_in = _append_dense_columns(self._encoder_input(rna), self._protein_encoder_input(y, mask))
-        else:
-            x_in = torch.cat([self._encoder_input(rna), self._protein_encoder_input(y, mask)], -1)
+    def _inference(self, rna: torch.Tensor, y: torch.Tensor, joint: tuple | None, cat: torch.Tensor,
+                   cont: torch.Tensor | None, n_samples: int = 1) -> dict:
+        """:meth:`inference` on the blocks of :meth:`_blocks`."""
+        pin = self._protein_encoder_input(y, self.protein_mask(cat))
+        if joint is None:
+            x_in = torch.cat([self._encoder_input(rna), pin], -1)
+        else:  # the CSR x with its values transformed: genes as VAEModule's encoder input, proteins by pin
+            x, rows, p_idx, flat = joint
+            val = x.values()
+            if self.encoder_input == "log1p_cp10k":
+                val = val * (1e4 / _row_sums(rna).clamp(min=1.0)).view(-1).take(rows)
+            val = torch.log1p(val).index_copy(0, p_idx, pin.reshape(-1).take(flat))
+            x_in = csr_tensor(x.crow_indices(), x.col_indices(), val, x.shape)
         ecat = cat if self.encode_covariates else None
         econt = cont if self.encode_covariates else None
         qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
@@ -327,8 +342,8 @@ class RNAProteinModule(VAEModule):
         """
         if x.layout == torch.sparse_csr and not self.sparse_input:
             x = x.to_dense()
-        rna, y = self.split(x, sparse_rna=True)
-        inf = self._inference(rna, y, cat, cont)
+        rna, y, joint = self._blocks(x)
+        inf = self._inference(rna, y, joint, cat, cont)
         recon_rna = self.reconstruction(rna, inf, cat, cont)
         ll_prot, kl_b, _ = self.protein_terms(y, inf["z"], cat, cont)
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
@@ -373,40 +388,22 @@ class RNAProteinModule(VAEModule):
                 "protein": log_py + log_pz + log_pb - log_qz - log_qb}
 
 
-def _split_csr(x: torch.Tensor, n_genes: int, n_proteins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CSR (n, n_genes) genes, dense (n, n_proteins) proteins) of a CSR (n, n_genes + n_proteins) tensor whose
-    rows hold their columns in ascending order (the gene entries of a row are a prefix of it)."""
+def _split_csr(x: torch.Tensor, n_genes: int, n_proteins: int) -> tuple:
+    """``(CSR (n, n_genes) genes, dense (n, n_proteins) proteins, row of each entry of x, positions of the protein
+    entries in x, their flat index in the dense block)`` of a CSR (n, n_genes + n_proteins) tensor whose rows hold
+    their columns in ascending order (the gene entries of a row are a prefix of it)."""
     crow, col, val = x.crow_indices(), x.col_indices(), x.values()
     n = x.shape[0]
     rows = csr_rows(x)
     is_p = col >= n_genes
     p_idx = torch.nonzero(is_p).squeeze(1)
     g_idx = torch.nonzero(~is_p).squeeze(1)
-    y = torch.zeros(n * n_proteins, dtype=val.dtype, device=val.device)
-    y[rows.index_select(0, p_idx) * n_proteins + col.index_select(0, p_idx) - n_genes] = val.index_select(0, p_idx)
+    flat = rows.index_select(0, p_idx) * n_proteins + col.index_select(0, p_idx) - n_genes
+    y = torch.zeros(n * n_proteins, dtype=val.dtype, device=val.device).index_copy_(0, flat, val.index_select(0, p_idx))
     g_crow = torch.zeros(n + 1, dtype=crow.dtype, device=crow.device)
     g_crow[1:] = torch.cumsum(crow.diff() - torch.bincount(rows.index_select(0, p_idx), minlength=n), 0)
-    return csr_tensor(g_crow, col.index_select(0, g_idx), val.index_select(0, g_idx), (n, n_genes)), \
-        y.view(n, n_proteins)
-
-
-def _append_dense_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The CSR (n, m + k) tensor ``[a, b]`` of a CSR (n, m) ``a`` and a dense (n, k) ``b`` (all of ``b`` stored)."""
-    crow, col, val = a.crow_indices(), a.col_indices(), a.values()
-    n, m = a.shape
-    k = b.shape[1]
-    counts = crow.diff()
-    new_crow = torch.zeros(n + 1, dtype=crow.dtype, device=crow.device)
-    new_crow[1:] = torch.cumsum(counts + k, 0)
-    nnz = int(new_crow[-1])
-    new_col = torch.empty(nnz, dtype=col.dtype, device=col.device)
-    new_val = torch.empty(nnz, dtype=val.dtype, device=val.device)
-    pos_a = torch.arange(len(val), device=val.device) + csr_rows(a) * k
-    new_col[pos_a], new_val[pos_a] = col, val
-    pos_b = ((new_crow[:-1] + counts).unsqueeze(1) + torch.arange(k, device=val.device)).reshape(-1)
-    new_col[pos_b] = (torch.arange(m, m + k, dtype=col.dtype, device=col.device)).repeat(n)
-    new_val[pos_b] = b.reshape(-1).to(val.dtype)
-    return csr_tensor(new_crow, new_col, new_val, (n, m + k))
+    return (csr_tensor(g_crow, col.index_select(0, g_idx), val.index_select(0, g_idx), (n, n_genes)),
+            y.view(n, n_proteins), rows, p_idx, flat)
 
 
 def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
