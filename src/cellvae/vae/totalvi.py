@@ -205,10 +205,8 @@ class RNAProteinModule(VAEModule):
         """``(rna, protein, joint)``: :meth:`split` with a CSR RNA block for a CSR ``x``, and ``joint = (x, rows of
         its entries, positions of its protein entries, their flat (n, n_proteins) index)`` (None for a dense x),
         from which :meth:`_inference` makes the encoder input without building a new sparsity structure."""
-        if x.shape[-1] != self.n_genes + self.n_proteins:
-            self.split(x)  # raises
-        if x.layout != torch.sparse_csr:
-            return *self.split(x), None
+        if x.layout != torch.sparse_csr or x.shape[-1] != self.n_genes + self.n_proteins:
+            return *self.split(x), None  # split raises for the wrong number of columns
         rna, y, rows, p_idx, flat = _split_csr(x, self.n_genes, self.n_proteins)
         return rna, y, (x, rows, p_idx, flat)
 
