@@ -403,6 +403,17 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
+def _merged(jpath: Path, data: dict, mine: dict, inv: dict) -> dict:
+    """The results file as it is now on disk (another invocation may have written rows since this one read it)
+    with this invocation's rows and record put in (rows keyed by dataset/mode/seed/tool, records by date)."""
+    disk = json.loads(jpath.read_text()) if jpath.exists() else {"rows": [], "meta": {"invocations": []}}
+    rows = {_key(r): r for r in disk["rows"]}
+    rows.update(mine)
+    invs = [i for i in disk["meta"]["invocations"] if i.get("date") != inv["date"]] + [inv]
+    return {**disk, "rows": sorted(rows.values(), key=lambda r: (r["mode"], r["dataset"], r["seed"], r["tool"])),
+            "meta": {**disk.get("meta", {}), "invocations": sorted(invs, key=lambda i: i.get("date", ""))}}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
@@ -418,6 +429,7 @@ def main(argv=None) -> int:
            "scvi_version": package_version("scvi-tools"), "torch_version": package_version("torch")}
     data["meta"]["invocations"].append(inv)
     rows = {_key(r): r for r in data["rows"]}
+    mine: dict = {}  # this invocation's rows
     tools = args.tools.split(",")
     for mode in args.modes.split(","):
         for ds in args.datasets.split(","):
@@ -435,13 +447,13 @@ def main(argv=None) -> int:
                     row = {"dataset": ds, "mode": mode, "seed": seed, "tool": tool, **res,
                            "git_commit": gc["commit"], "date": inv["date"], "loadavg_1min_start": load0,
                            "loadavg_1min": loadavg()}
-                    rows[_key(row)] = row
+                    rows[_key(row)] = mine[_key(row)] = row
                     print(f"    {time.perf_counter() - t0:.0f} s: log p rna {_fmt(res.get('log_px_rna'), 2)} protein "
                           f"{_fmt(res.get('log_px_protein'), 2)}; ARI {_fmt(res.get('kmeans_ari'), 3)}; AUROC "
                           f"{_fmt(res.get('marker_auroc_mean'), 3)}; {res['epochs']} epochs {res['train_seconds']:.0f} s",
                           flush=True)
                     inv["loadavg_end"] = loadavg()
-                    data["rows"] = sorted(rows.values(), key=lambda r: (r["mode"], r["dataset"], r["seed"], r["tool"]))
+                    data = _merged(jpath, data, mine, inv)
                     atomic_write_text(jpath, json.dumps(data, indent=1, default=float))
                     atomic_write_text(mpath, render(data["rows"], data["meta"]))
     return 0
