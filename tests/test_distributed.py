@@ -32,14 +32,41 @@ def _fit(data, out, extra=(), seed="0"):
     return json.loads((out / "metrics.json").read_text()), res
 
 
-def _leiden_ari(out, data) -> float:
-    """ARI of Leiden clusters (as many as labels) of the run's latent representation against the cell types."""
+def _cluster_aris(out) -> dict[str, float]:
+    """ARI of KMeans and of Leiden clusters (as many as labels) of the run's latent representation against the cell
+    types."""
     import anndata as ad
 
-    from cellvae.metrics.clustering import leiden_agreement
+    from cellvae.metrics import kmeans_agreement, leiden_agreement
 
     res = ad.read_h5ad(out / "cellvae.h5ad")
-    return leiden_agreement(res.obsm["X_cellvae"], res.obs["cell_type"].astype(str).to_numpy(), seed=0)["ari"]
+    z, labels = res.obsm["X_cellvae"], res.obs["cell_type"].astype(str).to_numpy()
+    return {"kmeans": kmeans_agreement(z, labels, seed=0)["ari"], "leiden": leiden_agreement(z, labels, seed=0)["ari"]}
+
+
+def _pair(data, tmp_path, seed, extra=()) -> None:
+    """One run with 1 process and one with 2 (``tmp_path/one{seed}``, ``two{seed}``): both report their process
+    count, train the same epochs, and their validation ELBO agree within 1 %."""
+    one, _ = _fit(data, tmp_path / f"one{seed}", list(extra), seed=seed)
+    two, res = _fit(data, tmp_path / f"two{seed}", [*extra, "--nproc", "2"], seed=seed)
+    assert "launching 2 processes" in res.stderr
+    assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
+    m1, m2 = one["metrics"], two["metrics"]
+    print(f"seed {seed}: validation ELBO {m1['validation_elbo']:.1f} (1 process), {m2['validation_elbo']:.1f} (2)")
+    assert m2["n_epochs"] == m1["n_epochs"]
+    assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
+
+
+def _check_rank0_outputs(two_dir, data, n_cells: int) -> None:
+    """Rank 0 alone wrote the outputs of a 2-process run, the checkpoint is gone, and the model loads."""
+    import anndata as ad
+
+    from cellvae import CountVAE
+
+    assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
+    assert not (two_dir / "checkpoints").exists()
+    m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))
+    assert m.get_latent_representation().shape == (n_cells, 10)
 
 
 def test_two_processes_match_one(tmp_path, data_dir):
@@ -62,40 +89,12 @@ def test_two_processes_match_one(tmp_path, data_dir):
         pytest.skip("Zeisel data not found")
     aris = {1: [], 2: []}
     for seed in SEEDS:
-        one, _ = _fit(data, tmp_path / f"one{seed}", seed=seed)
-        two, res = _fit(data, tmp_path / f"two{seed}", ["--nproc", "2"], seed=seed)
-        assert "launching 2 processes" in res.stderr
-        assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
-        m1, m2 = one["metrics"], two["metrics"]
-        print(f"seed {seed}: validation ELBO {m1['validation_elbo']:.1f} (1 process), {m2['validation_elbo']:.1f} (2)")
-        assert m2["n_epochs"] == m1["n_epochs"]
-        assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
-        aris[1].append(_leiden_ari(tmp_path / f"one{seed}", data))
-        aris[2].append(_leiden_ari(tmp_path / f"two{seed}", data))
+        _pair(data, tmp_path, seed)
+        aris[1].append(_cluster_aris(tmp_path / f"one{seed}")["leiden"])
+        aris[2].append(_cluster_aris(tmp_path / f"two{seed}")["leiden"])
     print("Leiden ARI by number of processes:", aris)
     assert abs(np.mean(aris[2]) - np.mean(aris[1])) <= 0.03, aris
-    # Rank 0 alone wrote the outputs; the model loads.
-    from cellvae import CountVAE
-
-    two_dir = tmp_path / f"two{SEEDS[-1]}"
-    assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
-    assert not (two_dir / "checkpoints").exists()
-    import anndata as ad
-
-    m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))
-    assert m.get_latent_representation().shape == (1464, 10)
-
-
-def _cluster_aris(out) -> dict[str, float]:
-    """ARI of KMeans and of Leiden clusters (as many as labels) of the run's latent representation against the cell
-    types."""
-    import anndata as ad
-
-    from cellvae.metrics import kmeans_agreement, leiden_agreement
-
-    res = ad.read_h5ad(out / "cellvae.h5ad")
-    z, labels = res.obsm["X_cellvae"], res.obs["cell_type"].astype(str).to_numpy()
-    return {"kmeans": kmeans_agreement(z, labels, seed=0)["ari"], "leiden": leiden_agreement(z, labels, seed=0)["ari"]}
+    _check_rank0_outputs(tmp_path / f"two{SEEDS[-1]}", data, 1464)
 
 
 def test_two_processes_match_one_kmeans(tmp_path, data_dir):
@@ -120,14 +119,7 @@ def test_two_processes_match_one_kmeans(tmp_path, data_dir):
     cells[:, select_highly_variable_genes(cells, 1000, batch_key="batch")].copy().write_h5ad(data)
     aris = {1: [], 2: []}
     for seed in SEEDS[:1]:
-        one, _ = _fit(data, tmp_path / f"one{seed}", ["--batch-key", "batch"], seed=seed)
-        two, res = _fit(data, tmp_path / f"two{seed}", ["--batch-key", "batch", "--nproc", "2"], seed=seed)
-        assert "launching 2 processes" in res.stderr
-        assert two["settings"]["n_processes"] == 2 and one["settings"]["n_processes"] == 1
-        m1, m2 = one["metrics"], two["metrics"]
-        print(f"seed {seed}: validation ELBO {m1['validation_elbo']:.1f} (1 process), {m2['validation_elbo']:.1f} (2)")
-        assert m2["n_epochs"] == m1["n_epochs"]
-        assert abs(m2["validation_elbo"] - m1["validation_elbo"]) <= 0.01 * abs(m1["validation_elbo"]), seed
+        _pair(data, tmp_path, seed, ["--batch-key", "batch"])
         aris[1].append(_cluster_aris(tmp_path / f"one{seed}"))
         aris[2].append(_cluster_aris(tmp_path / f"two{seed}"))
     print("KMeans and Leiden ARI by number of processes:", aris)
@@ -136,14 +128,7 @@ def test_two_processes_match_one_kmeans(tmp_path, data_dir):
         two_mean = np.mean([r[method] for r in aris[2]])
         assert abs(two_mean - one_mean) <= 0.03, (method, aris)
         assert min(one_mean, two_mean) > 0.9, (method, aris)
-    # Rank 0 alone wrote the outputs; the model loads.
-    from cellvae import CountVAE
-
-    two_dir = tmp_path / f"two{SEEDS[0]}"
-    assert (two_dir / "report.html").exists() and (two_dir / "cellvae.h5ad").exists()
-    assert not (two_dir / "checkpoints").exists()
-    m = CountVAE.load(two_dir / "model", ad.read_h5ad(data))
-    assert m.get_latent_representation().shape == (992, 10)
+    _check_rank0_outputs(tmp_path / f"two{SEEDS[0]}", data, 992)
 
 
 def test_single_process_helpers_are_no_ops():

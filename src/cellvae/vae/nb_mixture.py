@@ -74,16 +74,6 @@ def log_nb_mixture(y: torch.Tensor, log_mu1: torch.Tensor, log_mu2: torch.Tensor
     return (lgam + _MixtureLogSumExp.apply(y, m1, m2, lt, w)).to(out_dtype)
 
 
-def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``g`` summed over the dimensions that broadcasting added to a tensor of ``shape``."""
-    if g.shape == shape:
-        return g
-    lead = g.dim() - len(shape)
-    g = g.sum(tuple(range(lead))) if lead > 0 else g
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return (g.sum(dims, keepdim=True) if dims else g).reshape(shape)
-
-
 class _MixtureLogSumExp(torch.autograd.Function):
     """``logaddexp(log pi + NB_1, log(1 - pi) + NB_2)`` without the shared lgamma terms (:func:`log_nb_mixture`),
     ``NB_k = -theta softplus(d_k) - y softplus(-d_k)``, ``d_k = log mu_k - log theta``; one autograd node whose
@@ -111,7 +101,7 @@ class _MixtureLogSumExp(torch.autograd.Function):
         g_lt = -g * (r1 * (theta * sp1 + e1) + r2 * (theta * sp2 + e2))
         g_w = g * (r1 - torch.sigmoid(w))
         s1, s2, s3, s4 = ctx.shapes
-        return None, _sum_to(g_m1, s1), _sum_to(g_m2, s2), _sum_to(g_lt, s3), _sum_to(g_w, s4)
+        return None, g_m1.sum_to_size(s1), g_m2.sum_to_size(s2), g_lt.sum_to_size(s3), g_w.sum_to_size(s4)
 
 
 class NegativeBinomialMixture:

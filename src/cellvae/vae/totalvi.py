@@ -188,16 +188,17 @@ class RNAProteinModule(VAEModule):
         return super().init_decoder_bias(t[: self.n_genes] if len(t) == self.n_genes + self.n_proteins else t)
 
     # ----------------------------------------------------------------------------------------------- tensors
-    def split(self, x: torch.Tensor, sparse_rna: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rna, protein)``: the (n, n_genes) and (n, n_proteins) column blocks of ``x`` (dense or sparse CSR).
-        The protein block is dense and contiguous; the RNA block too, unless ``x`` is CSR and ``sparse_rna``
-        (then a CSR tensor of the gene columns, made without densifying them)."""
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rna, protein)``: the (n, n_genes) and (n, n_proteins) column blocks of ``x`` (dense or sparse CSR;
+        returned dense and contiguous; :meth:`_blocks` keeps a CSR x's genes sparse).
+
+        Raises:
+            ValueError: ``x`` does not have n_genes + n_proteins columns.
+        """
         if x.shape[-1] != self.n_genes + self.n_proteins:
             raise ValueError(f"x has {x.shape[-1]} columns, expected {self.n_genes} genes + {self.n_proteins} "
                              "proteins.")
         if x.layout == torch.sparse_csr:
-            if sparse_rna:
-                return _split_csr(x, self.n_genes, self.n_proteins)[:2]
             x = x.to_dense()
         return x[..., : self.n_genes].contiguous(), x[..., self.n_genes:].contiguous()
 
@@ -240,13 +241,14 @@ class RNAProteinModule(VAEModule):
                    cont: torch.Tensor | None, n_samples: int = 1) -> dict:
         """:meth:`inference` on the blocks of :meth:`_blocks`."""
         pin = self._protein_encoder_input(y, self.protein_mask(cat))
+        lib = _row_sums(rna).clamp(min=1.0)  # (n, 1) RNA library sizes
         if joint is None:
             x_in = torch.cat([self._encoder_input(rna), pin], -1)
         else:  # the CSR x with its values transformed: genes as VAEModule's encoder input, proteins by pin
             x, rows, p_idx, flat = joint
             val = x.values()
             if self.encoder_input == "log1p_cp10k":
-                val = val * (1e4 / _row_sums(rna).clamp(min=1.0)).view(-1).take(rows)
+                val = val * (1e4 / lib).view(-1).take(rows)
             val = torch.log1p(val).index_copy(0, p_idx, pin.reshape(-1).take(flat))
             x_in = csr_tensor(x.crow_indices(), x.col_indices(), val, x.shape)
         ecat = cat if self.encode_covariates else None
@@ -254,7 +256,7 @@ class RNAProteinModule(VAEModule):
         qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
         shape = (n_samples, *qz_m.shape) if n_samples > 1 else qz_m.shape
         z = qz_m + qz_v.sqrt() * torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
-        library = torch.log(_row_sums(rna).clamp(min=1.0))
+        library = torch.log(lib)
         if n_samples > 1:
             library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
