@@ -135,13 +135,14 @@ def test_module_masked_protein_leaves_the_loss_unchanged():
     assert not torch.allclose(m(x3, cat).reconstruction_loss_protein, outs[0].reconstruction_loss_protein)
 
 
-def test_module_sparse_minibatch_equals_dense():
+@pytest.mark.parametrize("encoder_input", ["log1p_cp10k", "log1p_mean"])
+def test_module_sparse_minibatch_equals_dense(encoder_input):
     """A CSR minibatch (the training loop's on sparse data) gives the dense one's loss, parts, gradients and
     latent within float tolerance: zero protein counts (not stored), an empty RNA row, a masked protein."""
     torch.manual_seed(0)
     mask = np.ones((2, 5), np.float32)
     mask[1, 3] = 0
-    m = RNAProteinModule(30, 5, n_batch=2, protein_batch_mask=mask, encoder_input="log1p_cp10k")
+    m = RNAProteinModule(30, 5, n_batch=2, protein_batch_mask=mask, encoder_input=encoder_input)
     assert m.sparse_input
     x, cat = _minibatch()
     x[:, 30 + 1] = 0.0  # protein 1 never stored

@@ -54,6 +54,7 @@ def test_sparse_linear_equals_linear():
 @pytest.mark.parametrize("kw", [
     {"gene_likelihood": "zinb"},
     {"gene_likelihood": "nb", "dispersion": "gene-batch", "encoder_input": "log1p_cp10k"},
+    {"gene_likelihood": "nb", "encoder_input": "log1p_mean"},
     {"gene_likelihood": "poisson", "use_observed_lib_size": False},
     {"gene_likelihood": "zinb", "dispersion": "gene-cell"},  # no sparse path: densified, same result
 ])

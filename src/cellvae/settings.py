@@ -38,7 +38,7 @@ GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal", "zip")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 NORM_CHOICES = ("both", "encoder", "decoder", "none")
-ENCODER_INPUTS = ("log1p", "log1p_cp10k")
+ENCODER_INPUTS = ("log1p", "log1p_cp10k", "log1p_mean")
 LR_SCHEDULES = ("constant", "cosine")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -174,8 +174,8 @@ class ModelSettings:
         encode_covariates: also inject covariates into the encoder.
         deeply_inject_covariates: inject covariates into every hidden layer, not only the first.
         use_batch_norm, use_layer_norm: ``"both"``, ``"encoder"``, ``"decoder"`` or ``"none"``.
-        encoder_input: ``"log1p"`` (scVI: ``log1p(x)``) or ``"log1p_cp10k"`` (``log1p`` of counts scaled to
-            10,000 per cell).
+        encoder_input: ``"log1p"`` (scVI: ``log1p(x)``), ``"log1p_cp10k"`` (``log1p`` of counts scaled to
+            10,000 per cell) or ``"log1p_mean"`` (totalVI's: ``log1p(x / (1 + mean_g x_g))``).
         beta: KL weight of z after the warm-up (beta-VAE, Higgins et al. 2017; 1.0 is the ELBO).
         adversarial_batch_weight: weight of an adversarial batch classifier on the latent means (0: none); needs
             a batch covariate with >= 2 batches. ``adversarial_mode``: ``"confusion"`` or ``"gradient_reversal"``

@@ -103,8 +103,9 @@ class VAEModule(nn.Module):
         deeply_inject_covariates: inject covariates into every hidden layer, not only the first.
         use_batch_norm: ``"both"``, ``"encoder"``, ``"decoder"`` or ``"none"``.
         use_layer_norm: same choices.
-        encoder_input: ``"log1p"`` (scVI: ``log1p(x)``) or ``"log1p_cp10k"`` (``log1p`` of counts scaled to
-            10,000 per cell, so the encoder does not have to learn to ignore library size).
+        encoder_input: ``"log1p"`` (scVI: ``log1p(x)``), ``"log1p_cp10k"`` (``log1p`` of counts scaled to
+            10,000 per cell, so the encoder does not have to learn to ignore library size) or ``"log1p_mean"``
+            (totalVI's: ``log1p(x / (1 + mean_g x_g))``, the counts over one plus the cell's mean count per gene).
         beta: weight of ``KL(q(z|x) || p(z))`` after the KL warm-up (beta-VAE, Higgins et al. 2017, ICLR, "beta-VAE:
             learning basic visual concepts with a constrained variational framework"; 1.0 is the ELBO). It is
             recorded here and applied by the training loop (:func:`cellvae.train.train_module` warms the KL weight
@@ -306,17 +307,28 @@ class VAEModule(nn.Module):
             out["library"] = ql_m + ql_v.sqrt() * torch.randn(lshape, dtype=ql_m.dtype, device=ql_m.device)
         return out
 
+    def input_scale(self, library: torch.Tensor, n_genes: int) -> torch.Tensor | None:
+        """The per-cell factor the counts are multiplied by before ``log1p`` in the encoder's input, from the
+        (n_cells, 1) library sizes (counts) over ``n_genes`` genes: None for ``"log1p"``, ``1e4 / library`` for
+        ``"log1p_cp10k"``, ``1 / (1 + library / n_genes)`` for ``"log1p_mean"`` (totalVI's encoder input, Gayoso
+        et al. 2021, reference implementation: ``log(1 + x / (1 + mean_g x_g))``)."""
+        if self.encoder_input == "log1p_cp10k":
+            return 1e4 / library.clamp(min=1.0)
+        if self.encoder_input == "log1p_mean":
+            return 1.0 / (1.0 + library / max(int(n_genes), 1))
+        return None
+
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.likelihood.models_counts:
             return x
         if x.layout == torch.sparse_csr:  # the transform maps 0 to 0: applied to the stored values only
             v = x.values()
-            if self.encoder_input == "log1p_cp10k":
-                v = v * (1e4 / _row_sums(x).clamp(min=1.0)).view(-1).take(csr_rows(x))
+            scale = self.input_scale(_row_sums(x), x.shape[-1])
+            if scale is not None:
+                v = v * scale.view(-1).take(csr_rows(x))
             return csr_tensor(x.crow_indices(), x.col_indices(), torch.log1p(v), x.shape)
-        if self.encoder_input == "log1p_cp10k":
-            return torch.log1p(x * (1e4 / x.sum(-1, keepdim=True).clamp(min=1.0)))
-        return torch.log1p(x)
+        scale = self.input_scale(x.sum(-1, keepdim=True), x.shape[-1])
+        return torch.log1p(x if scale is None else x * scale)
 
     # ----------------------------------------------------------------- generative
     def generative(

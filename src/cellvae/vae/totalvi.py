@@ -247,8 +247,9 @@ class RNAProteinModule(VAEModule):
         else:  # the CSR x with its values transformed: genes as VAEModule's encoder input, proteins by pin
             x, rows, p_idx, flat = joint
             val = x.values()
-            if self.encoder_input == "log1p_cp10k":
-                val = val * (1e4 / lib).view(-1).take(rows)
+            scale = self.input_scale(lib, self.n_genes)
+            if scale is not None:
+                val = val * scale.view(-1).take(rows)
             val = torch.log1p(val).index_copy(0, p_idx, pin.reshape(-1).take(flat))
             x_in = csr_tensor(x.crow_indices(), x.col_indices(), val, x.shape)
         ecat = cat if self.encode_covariates else None
