@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy import stats
 from scipy.special import logsumexp
 
+from cellvae.settings import RNAProteinSettings
 from cellvae.vae.nb_mixture import NegativeBinomialMixture, log_nb_log_mu, log_nb_mixture
 from cellvae.vae.totalvi import RNAProteinModule
 
@@ -104,6 +105,53 @@ def test_nb_mixture_closed_form_gradient_equals_autograd():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     ps = [t.clone().requires_grad_(True) for t in params]
     assert torch.autograd.gradcheck(lambda *a: log_nb_mixture(y[1:], *[t[1:] if t.dim() == 2 else t for t in a]), ps)
+
+
+def test_fused_protein_elbo_terms_equal_the_composed_form():
+    """Training's fused protein node (:func:`protein_elbo_terms`) gives protein_terms' log p(y | z, beta) and KL,
+    and the same gradients for every parameter, within float tolerance: per-protein and per-batch dispersion, a
+    masked protein, counts up to 1e5. Its backward passes torch's gradcheck in float64."""
+    from cellvae.vae.nb_mixture import protein_elbo_terms
+
+    for dispersion in ("protein", "protein-batch"):
+        torch.manual_seed(0)
+        mask = np.ones((2, 5), np.float32)
+        mask[1, 3] = 0
+        m = RNAProteinModule(30, 5, n_batch=2, protein_batch_mask=mask,
+                             settings=RNAProteinSettings(protein_dispersion=dispersion))
+        with torch.no_grad():
+            m.py_r.normal_(0.0, 1.0)
+            m.background_prior_log_scale.normal_(0.0, 0.3)
+        x, cat = _minibatch()
+        y = x[:, 30:].clone()
+        y[0] = torch.tensor([0.0, 1.0, 1e5, 3e4, 7.0])
+        z = torch.randn(len(y), m.n_latent)
+        outs, grads = [], []
+        for fused in (False, True):
+            m.zero_grad()
+            torch.manual_seed(3)
+            ll, kl = m._protein_loss_terms(y, z, cat, None) if fused else m.protein_terms(y, z, cat)[:2]
+            (torch.linspace(0.5, 2.0, len(y)) * (kl - ll)).sum().backward()
+            outs.append((ll, kl))
+            grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+        assert grads[0].keys() == grads[1].keys() and "py_r" in grads[0] and "background_prior_mean" in grads[0]
+        for k in grads[0]:
+            torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-4, msg=k)
+
+    g = torch.Generator().manual_seed(1)
+    n, P = 6, 3
+    y = torch.poisson(torch.rand(n, P, generator=g, dtype=torch.float64) * 300, generator=g)
+    heads = torch.randn(n, 4 * P, generator=g, dtype=torch.float64).requires_grad_(True)
+    lt = torch.randn(P, generator=g, dtype=torch.float64).requires_grad_(True)
+    pm = (torch.randn(n, P, generator=g, dtype=torch.float64) + 3).requires_grad_(True)
+    pls = (torch.randn(n, P, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    eps = torch.randn(n, P, generator=g, dtype=torch.float64)
+    mask = torch.ones(n, P, dtype=torch.float64)
+    mask[2, 1] = 0
+    assert torch.autograd.gradcheck(lambda h, t, a, b: protein_elbo_terms(y, h, eps, t, a, b, mask, 1e-4),
+                                    (heads, lt, pm, pls))
 
 
 # ---------------------------------------------------------------------------------------------------- module

@@ -42,7 +42,7 @@ from ..errors import CellvaeInputError
 from ..settings import PROTEIN_DISPERSIONS, ModelSettings, build
 from .likelihoods import get_likelihood
 from .module import LossOutput, VAEModule, _row_sums
-from .nb_mixture import NegativeBinomialMixture, log_nb_mixture
+from .nb_mixture import NegativeBinomialMixture, log_nb_mixture, protein_elbo_terms
 from .nn import Encoder, FCLayers
 
 __all__ = ["RNAProteinModule", "RNAProteinLossOutput"]
@@ -333,6 +333,20 @@ class RNAProteinModule(VAEModule):
                     / gen["pb_v"] - 1.0)
         return (ll * mask).sum(-1), (kl * mask).sum(-1), gen
 
+    def _protein_loss_terms(self, y: torch.Tensor, z: torch.Tensor, cat: torch.Tensor,
+                            cont: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first two outputs of :meth:`protein_terms` for z of shape (n_cells, n_latent), through the fused
+        :func:`cellvae.vae.nb_mixture.protein_elbo_terms` (one autograd node after the heads; the same draws of
+        ``log beta``)."""
+        hz = torch.cat([self.protein_decoder(z, cat, cont), z], -1)
+        heads = (self.background_mean, self.background_scale, self.foreground_scale, self.background_logit)
+        h = F.linear(hz, torch.cat([m.weight for m in heads]), torch.cat([m.bias for m in heads]))
+        eps = torch.randn(h.shape[0], self.n_proteins, dtype=h.dtype, device=h.device)
+        b = cat[:, 0]
+        log_theta = self.py_r if self.protein_dispersion == "protein" else self.py_r[b]
+        return protein_elbo_terms(y, h, eps, log_theta, self.background_prior_mean[b],
+                                  self.background_prior_log_scale[b], self.protein_mask(cat), _SCALE_EPS)
+
     def forward(self, x: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None = None,
                 kl_weight: float = 1.0) -> RNAProteinLossOutput:
         """Inference, generative pass and negative ELBO (module docstring) for one minibatch, one sample of z and
@@ -346,7 +360,7 @@ class RNAProteinModule(VAEModule):
         rna, y, joint = self._blocks(x)
         inf = self._inference(rna, y, joint, cat, cont)
         recon_rna = self.reconstruction(rna, inf, cat, cont)
-        ll_prot, kl_b, _ = self.protein_terms(y, inf["z"], cat, cont)
+        ll_prot, kl_b = self._protein_loss_terms(y, inf["z"], cat, cont)
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
         kl_z = 0.5 * (qz_v + qz_m * qz_m - 1.0 - torch.log(qz_v)).sum(-1)
         recon_prot = -ll_prot
