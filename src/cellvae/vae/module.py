@@ -308,10 +308,17 @@ class VAEModule(nn.Module):
         return out
 
     def input_scale(self, library: torch.Tensor, n_genes: int) -> torch.Tensor | None:
-        """The per-cell factor the counts are multiplied by before ``log1p`` in the encoder's input, from the
-        (n_cells, 1) library sizes (counts) over ``n_genes`` genes: None for ``"log1p"``, ``1e4 / library`` for
-        ``"log1p_cp10k"``, ``1 / (1 + library / n_genes)`` for ``"log1p_mean"`` (totalVI's encoder input, Gayoso
-        et al. 2021, reference implementation: ``log(1 + x / (1 + mean_g x_g))``)."""
+        """The per-cell factor the counts are multiplied by before ``log1p`` in the encoder's input.
+
+        Args:
+            library: (n_cells, 1) library sizes (counts summed over the genes).
+            n_genes: number of genes the library sizes sum over.
+
+        Returns:
+            (n_cells, 1) factors (1 / counts): ``1e4 / library`` for ``"log1p_cp10k"``, ``1 / (1 + library /
+            n_genes)`` for ``"log1p_mean"`` (totalVI's encoder input ``log(1 + x / (1 + mean_g x_g))``, Gayoso et
+            al. 2021, Nat. Methods 18:272, reference implementation); None for ``"log1p"`` (no scaling).
+        """
         if self.encoder_input == "log1p_cp10k":
             return 1e4 / library.clamp(min=1.0)
         if self.encoder_input == "log1p_mean":
@@ -321,14 +328,13 @@ class VAEModule(nn.Module):
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.likelihood.models_counts:
             return x
+        scaled = self.encoder_input != "log1p"  # log1p: no library sizes needed
         if x.layout == torch.sparse_csr:  # the transform maps 0 to 0: applied to the stored values only
             v = x.values()
-            scale = self.input_scale(_row_sums(x), x.shape[-1])
-            if scale is not None:
-                v = v * scale.view(-1).take(csr_rows(x))
+            if scaled:
+                v = v * self.input_scale(_row_sums(x), x.shape[-1]).view(-1).take(csr_rows(x))
             return csr_tensor(x.crow_indices(), x.col_indices(), torch.log1p(v), x.shape)
-        scale = self.input_scale(x.sum(-1, keepdim=True), x.shape[-1])
-        return torch.log1p(x if scale is None else x * scale)
+        return torch.log1p(x * self.input_scale(x.sum(-1, keepdim=True), x.shape[-1]) if scaled else x)
 
     # ----------------------------------------------------------------- generative
     def generative(

@@ -74,34 +74,43 @@ def log_nb_mixture(y: torch.Tensor, log_mu1: torch.Tensor, log_mu2: torch.Tensor
     return (lgam + _MixtureLogSumExp.apply(y, m1, m2, lt, w)).to(out_dtype)
 
 
+def _mixture_forward(y, m1, m2, lt, w) -> tuple[torch.Tensor, tuple]:
+    """``logaddexp(log pi + NB_1, log(1 - pi) + NB_2)`` without the shared lgamma terms, and the tensors
+    :func:`_mixture_backward` needs (``NB_k = -theta softplus(d_k) - y softplus(-d_k)``, ``d_k = log mu_k - log
+    theta``)."""
+    theta = lt.exp()
+    d1, d2 = m1 - lt, m2 - lt
+    sp1, sp2 = F.softplus(d1), F.softplus(d2)
+    a = -theta * sp1 - y * (sp1 - d1) - F.softplus(-w)  # softplus(-d) = softplus(d) - d
+    b = -theta * sp2 - y * (sp2 - d2) - F.softplus(w)
+    return torch.logaddexp(a, b), (y, d1, d2, sp1, sp2, theta, w, torch.sigmoid(a - b))
+
+
+def _mixture_backward(g, y, d1, d2, sp1, sp2, theta, w, r1) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`_mixture_forward`'s output weighted by ``g``, with respect to ``(log mu1, log mu2,
+    log theta, logits)`` (closed form of :func:`log_nb_mixture`'s docstring; not reduced over broadcasting)."""
+    r2 = 1.0 - r1
+    e1 = y - (theta + y) * torch.sigmoid(d1)  # d NB_k / d log mu_k
+    e2 = y - (theta + y) * torch.sigmoid(d2)
+    g_lt = -g * (r1 * (theta * sp1 + e1) + r2 * (theta * sp2 + e2))
+    return g * r1 * e1, g * r2 * e2, g_lt, g * (r1 - torch.sigmoid(w))
+
+
 class _MixtureLogSumExp(torch.autograd.Function):
-    """``logaddexp(log pi + NB_1, log(1 - pi) + NB_2)`` without the shared lgamma terms (:func:`log_nb_mixture`),
-    ``NB_k = -theta softplus(d_k) - y softplus(-d_k)``, ``d_k = log mu_k - log theta``; one autograd node whose
-    backward is the closed form of the docstring of :func:`log_nb_mixture` (first derivatives only)."""
+    """:func:`_mixture_forward` as one autograd node whose backward is :func:`_mixture_backward` (first
+    derivatives only), reduced to the shapes of the inputs."""
 
     @staticmethod
     def forward(ctx, y, m1, m2, lt, w):
-        theta = lt.exp()
-        d1, d2 = m1 - lt, m2 - lt
-        sp1, sp2 = F.softplus(d1), F.softplus(d2)
-        a = -theta * sp1 - y * (sp1 - d1) - F.softplus(-w)  # softplus(-d) = softplus(d) - d
-        b = -theta * sp2 - y * (sp2 - d2) - F.softplus(w)
-        out = torch.logaddexp(a, b)
-        ctx.save_for_backward(y, d1, d2, sp1, sp2, theta, w, torch.sigmoid(a - b))
+        out, saved = _mixture_forward(y, m1, m2, lt, w)
+        ctx.save_for_backward(*saved)
         ctx.shapes = (m1.shape, m2.shape, lt.shape, w.shape)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        y, d1, d2, sp1, sp2, theta, w, r1 = ctx.saved_tensors
-        r2 = 1.0 - r1
-        e1 = y - (theta + y) * torch.sigmoid(d1)  # d NB_k / d log mu_k
-        e2 = y - (theta + y) * torch.sigmoid(d2)
-        g_m1, g_m2 = g * r1 * e1, g * r2 * e2
-        g_lt = -g * (r1 * (theta * sp1 + e1) + r2 * (theta * sp2 + e2))
-        g_w = g * (r1 - torch.sigmoid(w))
-        s1, s2, s3, s4 = ctx.shapes
-        return None, g_m1.sum_to_size(s1), g_m2.sum_to_size(s2), g_lt.sum_to_size(s3), g_w.sum_to_size(s4)
+        grads = _mixture_backward(g, *ctx.saved_tensors)
+        return None, *(gr.sum_to_size(shape) for gr, shape in zip(grads, ctx.shapes))
 
 
 def protein_elbo_terms(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log_theta: torch.Tensor,
@@ -151,35 +160,24 @@ class _ProteinHeads(torch.autograd.Function):
         sd = F.softplus(qb_s) + scale_eps
         sp_f = F.softplus(fg_s)
         m1 = (qb_m + sd * eps).double()
-        m2 = m1 + torch.log1p(sp_f).double()
-        w64 = w.double()
-        theta = lt.exp()
-        d1, d2 = m1 - lt, m2 - lt
-        sp1, sp2 = F.softplus(d1), F.softplus(d2)
-        a = -theta * sp1 - y * (sp1 - d1) - F.softplus(-w64)
-        b = -theta * sp2 - y * (sp2 - d2) - F.softplus(w64)
-        mix = (torch.logaddexp(a, b) * mask).sum(-1)
+        mix, saved = _mixture_forward(y, m1, m1 + torch.log1p(sp_f).double(), lt, w.double())
+        mix = (mix * mask).sum(-1)
         pb_v = torch.exp(2.0 * pb_ls)
         diff = qb_m - pb_m
         ssq = sd * sd + diff * diff
         kl = ((pb_ls - torch.log(sd) + 0.5 * ssq / pb_v - 0.5) * mask).sum(-1)
-        ctx.save_for_backward(y, d1, d2, sp1, sp2, theta, w64, torch.sigmoid(a - b), eps, sd, qb_s, fg_s, sp_f,
-                              diff, pb_v, ssq, mask)
+        ctx.save_for_backward(*saved, eps, sd, qb_s, fg_s, sp_f, diff, pb_v, ssq, mask)
         ctx.lt_shape = lt.shape
         return mix, kl
 
     @staticmethod
     def backward(ctx, g_mix, g_kl):
-        y, d1, d2, sp1, sp2, theta, w, r1, eps, sd, qb_s, fg_s, sp_f, diff, pb_v, ssq, mask = ctx.saved_tensors
+        *saved, eps, sd, qb_s, fg_s, sp_f, diff, pb_v, ssq, mask = ctx.saved_tensors
         gm = g_mix.double().unsqueeze(-1) * mask
         gk = g_kl.unsqueeze(-1) * mask
-        r2 = 1.0 - r1
-        e1 = y - (theta + y) * torch.sigmoid(d1)  # d NB_k / d log mu_k
-        e2 = y - (theta + y) * torch.sigmoid(d2)
-        g_m2 = gm * r2 * e2
-        g_lt = -gm * (r1 * (theta * sp1 + e1) + r2 * (theta * sp2 + e2))
-        g_w = (gm * (r1 - torch.sigmoid(w))).to(sd.dtype)
-        g_beta = (gm * r1 * e1 + g_m2).to(sd.dtype)  # d / d log beta (both components' means move with it)
+        g_m1, g_m2, g_lt, g_w = _mixture_backward(gm, *saved)
+        g_w = g_w.to(sd.dtype)
+        g_beta = (g_m1 + g_m2).to(sd.dtype)  # d / d log beta (both components' means move with it)
         g_alpha = g_m2.to(sd.dtype)
         g_a = g_beta + gk * diff / pb_v
         g_sd = g_beta * eps + gk * (sd / pb_v - 1.0 / sd)

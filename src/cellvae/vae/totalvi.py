@@ -263,6 +263,16 @@ class RNAProteinModule(VAEModule):
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
 
     # ------------------------------------------------------------------------------------------- generative
+    def _heads(self, z: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None) -> tuple:
+        """``(heads, batch, log theta)`` for z of shape (n_cells, n_latent): the (n_cells, 4 n_proteins) outputs
+        ``[mean, scale, foreground scale, logit]`` of the four protein heads in one product (one autograd node; the
+        parameters stay the four nn.Linear's), the cells' batch codes and the protein log inverse dispersion."""
+        hz = torch.cat([self.protein_decoder(z, cat, cont), z], -1)
+        heads = (self.background_mean, self.background_scale, self.foreground_scale, self.background_logit)
+        h = F.linear(hz, torch.cat([m.weight for m in heads]), torch.cat([m.bias for m in heads]))
+        b = cat[:, 0]
+        return h, b, self.py_r if self.protein_dispersion == "protein" else self.py_r[b]
+
     def protein_generative(self, z: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None = None,
                            sample_background: bool = True) -> dict:
         """The protein half of the generative model.
@@ -285,16 +295,11 @@ class RNAProteinModule(VAEModule):
             z = z.reshape(s * n, -1)
             cat = cat.repeat(s, 1)
             cont = cont.repeat(s, 1) if cont is not None else None
-        hz = torch.cat([self.protein_decoder(z, cat, cont), z], -1)
-        heads = (self.background_mean, self.background_scale, self.foreground_scale, self.background_logit)
-        # the four heads in one product (one autograd node; the parameters stay the four nn.Linear's)
-        qb_m, qb_s, fg_s, logit = F.linear(hz, torch.cat([h.weight for h in heads]),
-                                           torch.cat([h.bias for h in heads])).split(self.n_proteins, -1)
+        h, b, log_theta = self._heads(z, cat, cont)
+        qb_m, qb_s, fg_s, logit = h.split(self.n_proteins, -1)
         qb_sd = F.softplus(qb_s) + _SCALE_EPS
         log_beta = qb_m + qb_sd * torch.randn_like(qb_m) if sample_background else qb_m
         log_alpha = torch.log1p(F.softplus(fg_s))
-        b = cat[:, 0]
-        log_theta = self.py_r if self.protein_dispersion == "protein" else self.py_r[b]
         out = {"log_background": log_beta, "qb_m": qb_m, "qb_v": qb_sd * qb_sd,
                "pb_m": self.background_prior_mean[b], "pb_v": torch.exp(2.0 * self.background_prior_log_scale[b]),
                "log_alpha": log_alpha, "logit": logit,
@@ -338,12 +343,8 @@ class RNAProteinModule(VAEModule):
         """The first two outputs of :meth:`protein_terms` for z of shape (n_cells, n_latent), through the fused
         :func:`cellvae.vae.nb_mixture.protein_elbo_terms` (one autograd node after the heads; the same draws of
         ``log beta``)."""
-        hz = torch.cat([self.protein_decoder(z, cat, cont), z], -1)
-        heads = (self.background_mean, self.background_scale, self.foreground_scale, self.background_logit)
-        h = F.linear(hz, torch.cat([m.weight for m in heads]), torch.cat([m.bias for m in heads]))
+        h, b, log_theta = self._heads(z, cat, cont)
         eps = torch.randn(h.shape[0], self.n_proteins, dtype=h.dtype, device=h.device)
-        b = cat[:, 0]
-        log_theta = self.py_r if self.protein_dispersion == "protein" else self.py_r[b]
         return protein_elbo_terms(y, h, eps, log_theta, self.background_prior_mean[b],
                                   self.background_prior_log_scale[b], self.protein_mask(cat), _SCALE_EPS)
 
