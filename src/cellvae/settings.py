@@ -261,7 +261,9 @@ class TrainSettings:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever its
             length (scvi-tools' fixed 400 epochs never complete in a shorter run).
         early_stopping: stop when the validation ELBO has not improved by ``early_stopping_min_delta`` nats per cell
-            for ``early_stopping_patience`` epochs, counted after the warm-up; the best weights are restored.
+            for ``early_stopping_patience`` epochs, counted after the warm-up; the best weights are restored. For a
+            model with a label classifier (``LabelTransferVAE``) the ELBO minus ``classification_ratio`` times the
+            classifier's validation cross-entropy is tracked (:func:`cellvae.train.loop.validation_score`).
         decoder_bias_init: initial bias of the decoder's logits layer (count likelihoods; first fit only).
             ``"frequency"``: the log of each gene's share of the training cells' counts (the maximum-likelihood bias
             when the rest of the decoder's output is zero; training starts from the average profile and reaches a

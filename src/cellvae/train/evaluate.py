@@ -186,11 +186,17 @@ def compute_marginal_ll(
 def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: int = 1024) -> dict:
     """Mean ELBO and its parts (nats per cell) over ``indices``, in eval mode, one z sample per cell (from sparse
     minibatches where training uses them, see :func:`train_module`). In a distributed run each rank passes its shard
-    of cells and the sums are all-reduced (same value on every rank)."""
+    of cells and the sums are all-reduced (same value on every rank).
+
+    Returns:
+        ``{"elbo", "reconstruction_loss", "kl_local"}`` (nats per cell), plus ``"classification_loss"`` (the
+        class-weighted mean cross-entropy of the label classifier over the labelled cells, nats) for a module whose
+        ``LossOutput`` has one and when some of the cells are labelled.
+    """
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # reconstruction, KL, cells
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # reconstruction, KL, cells, weighted CE, CE weights
     minibatches = data.iterate_sparse if sparse_minibatches(module, data, device) else data.iterate
     for batch in minibatches(indices, batch_size):
         x, cat, cont = to_device(batch, device)
@@ -198,11 +204,17 @@ def evaluate_elbo(module, data: TensorData, indices: torch.Tensor, batch_size: i
         sums[0] += out.reconstruction_loss.sum()
         sums[1] += out.kl_local.sum()
         sums[2] += x.shape[0]
+        if getattr(out, "classification_loss", None) is not None:
+            sums[3] += out.classification_loss.sum()
+            sums[4] += out.classification_weight.sum()
     module.train(was_training)
     sums = allreduce_sum(sums).cpu()
     n = max(float(sums[2]), 1.0)
     r, k = float(sums[0]) / n, float(sums[1]) / n
-    return {"elbo": -(r + k), "reconstruction_loss": r, "kl_local": k}
+    res = {"elbo": -(r + k), "reconstruction_loss": r, "kl_local": k}
+    if float(sums[4]) > 0:  # labelled cells of a module with a classifier: their class-weighted mean cross-entropy
+        res["classification_loss"] = float(sums[3]) / float(sums[4])
+    return res
 
 
 def sparse_minibatches(module, data, device: torch.device) -> bool:

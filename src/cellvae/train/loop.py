@@ -1,5 +1,5 @@
-"""One training loop: Adam on the negative ELBO, KL warm-up, early stopping on validation ELBO, best weights,
-checkpoints and resume, and guards against non-finite losses and gradients.
+"""One training loop: Adam on the negative ELBO, KL warm-up, early stopping on validation ELBO
+(:func:`validation_score`), best weights, checkpoints and resume, and guards against non-finite losses and gradients.
 
 :func:`train_module` runs the stages of :class:`_Run`: set-up (or resume from a checkpoint), then epochs of steps,
 then the best weights. The loop touches tensors only (minibatches come from :class:`cellvae.data.CellData`),
@@ -51,6 +51,21 @@ _RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps"
 _FORCE_SYNC_FREE = False  # tests: the accelerator's synchronisation-free step on the CPU (tests/test_device.py)
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
+# per-epoch lists that only some modules have (a label classifier: its validation cross-entropy)
+OPTIONAL_HISTORY_KEYS = ("validation_classification_loss",)
+
+
+def validation_score(module: torch.nn.Module, ev: dict) -> float:
+    """What early stopping and the best weights maximise: the validation value of the training objective at full
+    KL weight, i.e. the ELBO (nats per cell), minus ``module.classification_ratio`` times the class-weighted
+    cross-entropy of the label classifier for a module that has one (``ev`` from
+    :func:`cellvae.train.evaluate.evaluate_elbo`, with labelled validation cells). Without the second term, a
+    classifier trained after a pre-trained VAE (``LabelTransferVAE.from_count_vae``) would be judged by the ELBO
+    alone, which it lowers a little while it learns, and its first epoch's weights would be kept."""
+    score = float(ev["elbo"])
+    if "classification_loss" in ev:
+        score -= float(getattr(module, "classification_ratio", 0.0)) * float(ev["classification_loss"])
+    return score
 
 
 def kl_weight_at(step: int, warmup_steps: int, max_kl_weight: float = 1.0) -> float:
@@ -92,7 +107,8 @@ def train_module(
         ``validation_reconstruction_loss``, ``validation_kl_local`` (nats per cell), ``skipped_steps``, ``seconds``;
         plus ``best_epoch``, ``stopped_early``, ``n_skipped_steps``, ``train_cells_per_second``,
         ``resumed_from_epoch`` (0 for a fresh run), ``n_threads`` (the threads used) and ``plan`` (the settings,
-        ``max_epochs`` resolved).
+        ``max_epochs`` resolved); a module with a label classifier adds ``validation_classification_loss``
+        (:data:`OPTIONAL_HISTORY_KEYS`). Early stopping and the best weights follow :func:`validation_score`.
 
     Raises:
         ValueError: if there are fewer training cells than 2 (batch normalisation needs 2).
@@ -202,6 +218,9 @@ class _Run:
         torch.set_rng_state(ck["torch_rng"])
         n_done = len(ck["history"].get("epoch", []))  # a checkpoint of an older cellvae may lack a key ("lr")
         self.history = {k: list(ck["history"].get(k, [math.nan] * n_done)) for k in HISTORY_KEYS}
+        for k in OPTIONAL_HISTORY_KEYS:
+            if k in ck["history"]:
+                self.history[k] = list(ck["history"][k])
         best = ck["best"]
         self.best_elbo, self.best_epoch = best["elbo"], best["epoch"]
         self.bad_epochs, self.best_state = best["bad_epochs"], best["state"]
@@ -342,8 +361,8 @@ class _Run:
 
     def end_of_epoch(self, epoch: int, t0: float, kl_w: float, loss_sum, elbo_sum, n_ok: int, skipped: int) -> bool:
         """Record the epoch, evaluate the validation cells, track the best weights and early stopping (only once
-        the KL weight is full: the ELBO is the objective then), write a checkpoint when due. Returns whether to
-        stop."""
+        the KL weight is full: the ELBO is the objective then; :func:`validation_score`), write a checkpoint when
+        due. Returns whether to stop."""
         plan, h = self.plan, self.history
         average_buffers(self.module)
         self.train_seconds += time.perf_counter() - t0
@@ -353,19 +372,23 @@ class _Run:
         h["train_loss"].append(loss_sum.item() / n_ok if n_ok else math.nan)
         h["train_elbo"].append(elbo_sum.item() / n_ok if n_ok else math.nan)
         h["skipped_steps"].append(skipped)
+        score = None
         if self.has_val:
             ev = evaluate_elbo(self.module, self.data, self.val_t)
             h["validation_elbo"].append(ev["elbo"])
             h["validation_reconstruction_loss"].append(ev["reconstruction_loss"])
             h["validation_kl_local"].append(ev["kl_local"])
+            score = validation_score(self.module, ev)
+            if "classification_loss" in ev:
+                h.setdefault("validation_classification_loss", []).append(ev["classification_loss"])
         h["seconds"].append(time.perf_counter() - t0)
         postfix = {"train_elbo": f"{h['train_elbo'][-1]:.1f}"}
         if self.has_val:
             postfix["val_elbo"] = f"{h['validation_elbo'][-1]:.1f}"
         self.bar.set_postfix(postfix, refresh=False)
 
-        if self.has_val and self.step_count >= self.warmup_steps:
-            val = h["validation_elbo"][-1]
+        if score is not None and self.step_count >= self.warmup_steps:
+            val = score
             if val > self.best_elbo + plan.early_stopping_min_delta:
                 self.best_elbo, self.best_epoch, self.bad_epochs = val, epoch + 1, 0
                 self.best_state = copy.deepcopy(self.module.state_dict())

@@ -45,12 +45,18 @@ class LossOutput:
         reconstruction_loss: (n_cells,) ``-log p(x | z, l)`` in nats per cell.
         kl_local: (n_cells,) ``KL(q(z|x) || p(z)) + KL(q(l|x) || p(l))`` in nats per cell (unweighted).
         adversarial_loss: scalar cross-entropy (nats per cell) of the latent batch classifier, or None.
+        classification_loss: for a module with a label classifier (:class:`cellvae.vae.scanvi.LabelTransferModule`),
+            (n_cells,) class-weighted cross-entropy of ``q(y | z)`` in nats (0 for cells without a label), detached;
+            else None. ``loss`` adds ``classification_ratio * classification_loss.sum() / classification_weight.sum()``.
+        classification_weight: (n_cells,) class weight of each labelled cell (0 without a label), or None.
     """
 
     loss: torch.Tensor
     reconstruction_loss: torch.Tensor
     kl_local: torch.Tensor
     adversarial_loss: torch.Tensor | None = None
+    classification_loss: torch.Tensor | None = None
+    classification_weight: torch.Tensor | None = None
 
     @property
     def elbo(self) -> torch.Tensor:
