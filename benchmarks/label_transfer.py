@@ -164,13 +164,13 @@ def _scores(truth, probs, labels, unknown_score, left_out, unscored, z_ref, z_qu
     return out
 
 
-def run_cellvae(ref, query, lk, bk, seed):
+def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
     import cellvae
 
     t0 = time.perf_counter()
     m = cellvae.CountVAE(ref, batch_key=bk, **ARCHES).train(seed=seed, progress_bar=False, n_threads=1)
     lt = cellvae.LabelTransferVAE.from_count_vae(m, labels_key=lk, unlabeled_category=UNKNOWN)
-    lt.train(seed=seed, progress_bar=False, n_threads=1)
+    lt.train(seed=seed, progress_bar=False, n_threads=1, **(label_kwargs or {}))
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
     mapped = lt.map_query(query, batch_key=bk, seed=seed, progress_bar=False, n_threads=1)
@@ -256,8 +256,10 @@ def _child(task: dict) -> dict:
     warnings.filterwarnings("ignore")
     os.nice(max(0, 5 - os.nice(0)))
     ref, query, truth, lk, bk, unscored = prepare(task["data_dir"], task["split"])
+    kw = {"label_kwargs": task["cellvae_label_kwargs"]} if task["tool"] == "cellvae" and task.get(
+        "cellvae_label_kwargs") else {}
     labels, probs, unk, z_ref, z_query, t_ref, t_query, extra = RUNNERS[task["tool"]](ref, query, lk, bk,
-                                                                                       task["seed"])
+                                                                                       task["seed"], **kw)
     row = _scores(truth, probs, labels, unk, task["split"]["left_out"], unscored, z_ref, z_query)
     left = truth == str(task["split"]["left_out"])
     known = np.isin(truth, list(labels))
@@ -378,6 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(RESULTS / "label_transfer.json"))
     p.add_argument("--resume", action="store_true", help="skip runs whose row is already in --json")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--cellvae-label-train-kwargs", type=json.loads, default=None,
+                   help="JSON dict of extra LabelTransferVAE.train() settings (default studies; use with --json)")
     args = p.parse_args(argv)
     path = Path(args.json)
     meta = {"machine": machine_description(), "command": "python benchmarks/label_transfer.py " +
@@ -400,12 +404,15 @@ def main(argv=None) -> int:
                 row = {"tool": tool, "split": s["split"], "dataset": s["dataset"], "seed": seed,
                        "left_out": s["left_out"], "date": _now(), "loadavg_start": _loadavg(),
                        **{k: v for k, v in git_commit("src").items()}}
+                if tool == "cellvae" and args.cellvae_label_train_kwargs:
+                    row["cellvae_label_train_kwargs"] = args.cellvae_label_train_kwargs
                 print(f"{tool} {s['split']} seed {seed}: start {row['date']} load {row['loadavg_start']}", flush=True)
                 t0 = time.perf_counter()
                 try:
                     with ctx.Pool(1) as pool:
                         row.update(pool.apply(_child, ({"data_dir": args.data_dir, "split": s, "tool": tool,
-                                                        "seed": seed},)))
+                                                        "seed": seed,
+                                                        "cellvae_label_kwargs": args.cellvae_label_train_kwargs},)))
                 except Exception:  # noqa: BLE001 - recorded in the row
                     row["error"] = traceback.format_exc()
                 row["child_wall_seconds"] = round(time.perf_counter() - t0, 1)
