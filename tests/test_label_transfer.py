@@ -92,6 +92,25 @@ def test_label_phase_keeps_the_weights_of_the_best_objective_not_of_the_best_elb
     assert "validation_classification_loss" not in reference[0].history
 
 
+def test_temperature_is_fitted_on_all_held_out_labelled_cells_and_its_ece_cross_fitted(reference):
+    _, lt = reference
+    idx = np.asarray(lt.validation_indices)
+    _, logits = lt._latent_and_logits(None, idx)
+    codes = lt.spec.label_codes(lt.adata)[idx]
+    known = np.flatnonzero(codes < len(lt.labels))
+    assert lt.temperature == pytest.approx(fit_temperature(logits[known], codes[known]))
+    cal = lt.calibration
+    assert cal["n_fit_cells"] == cal["n_eval_cells"] == len(known)
+    assert cal["ece_before"] == pytest.approx(expected_calibration_error(softmax(logits[known]), codes[known]))
+    # cross-fitted: each half is scaled with the temperature of the other half, so the report is out of sample
+    halves = np.array_split(np.random.default_rng(0).permutation(known), [len(known) // 2])
+    probs = np.zeros((len(known), len(lt.labels)))
+    for i, part in enumerate(halves):
+        other = halves[1 - i]
+        probs[np.searchsorted(known, part)] = softmax(logits[part], fit_temperature(logits[other], codes[other]))
+    assert cal["ece_after"] == pytest.approx(expected_calibration_error(probs, codes[known]))
+
+
 def test_predict_keeps_known_labels(reference):
     _, lt = reference
     adata = lt.adata.copy()

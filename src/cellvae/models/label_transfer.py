@@ -17,9 +17,10 @@ Beyond scANVI:
   0.02), and confirmed on the others in ``benchmarks/results/label_transfer.md``.
 - **Known labels are kept.** :meth:`LabelTransferVAE.predict` returns a cell's own label when it has a known one
   (``overwrite_known=True`` predicts every cell).
-- **Calibrated confidence.** After training, a temperature (Guo et al. 2017) is fitted on one half of the held-out
-  (validation) reference cells with known labels, and the expected calibration error (ECE) before and after it is
-  measured on the other half (``model.calibration``). Confidences are the tempered probabilities.
+- **Calibrated confidence.** After training, a temperature (Guo et al. 2017) is fitted on all the held-out
+  (validation) reference cells with known labels. The expected calibration error (ECE) before and after it
+  (``model.calibration``) is cross-fitted: the cells are split in two seeded halves, and each half's ECE after
+  scaling uses the temperature fitted on the other half. Confidences are the tempered probabilities.
 - **An "unknown" call** for cells unlike every reference label, from three signals, each compared with its values
   on held-out reference cells: the latent kNN distance to the reference cells (mean over 10 neighbours), the
   uncertainty ``1 - confidence``, and the gene surprise (the mean of the 50 largest per-gene NLL z-scores,
@@ -230,9 +231,11 @@ class LabelTransferVAE(CountVAE):
                   seed: int = 0) -> dict:
         """Fit the temperature and the unknown thresholds on held-out reference cells (run by :meth:`train`).
 
-        The cells (default: the validation cells of the training AnnData) with a known label are split in two
-        seeded halves: the temperature is fitted on one (:func:`cellvae.metrics.calibration.fit_temperature`) and
-        the ECE before and after it is measured on the other. All the held-out cells (at most 5,000, a seeded
+        The temperature is fitted (:func:`cellvae.metrics.calibration.fit_temperature`) on all the cells (default:
+        the validation cells of the training AnnData) with a known label. For the report, they are split in two
+        seeded halves, and the ECE after scaling is measured on each half with the temperature fitted on the other
+        (cross-fitting, so no cell is scored with a temperature fitted on it); the ECE before is on all of them at
+        temperature 1. All the held-out cells (at most 5,000, a seeded
         sample) give the per-gene NLL statistics of the gene surprise, the reference values of the three signals of
         the unknown score, and its threshold: the ``unknown_quantile`` of their own scores (module docstring).
 
@@ -267,14 +270,18 @@ class LabelTransferVAE(CountVAE):
             raise CellvaeInputError(f"Only {len(known)} held-out cells have a known label; at least 4 are needed "
                                     "to fit the temperature (label more cells, or lower train_size).")
         perm = rng.permutation(known)
-        fit_part, eval_part = perm[: len(perm) // 2], perm[len(perm) // 2:]
-        t = fit_temperature(logits[fit_part], codes[fit_part])
+        halves = (perm[: len(perm) // 2], perm[len(perm) // 2:])
+        t = fit_temperature(logits[known], codes[known])
         self.temperature = t
+        crossed = np.zeros((len(known), logits.shape[1]))
+        for i, part in enumerate(halves):  # each half scaled with the temperature fitted on the other half
+            other = halves[1 - i]
+            crossed[np.searchsorted(known, part)] = softmax(logits[part], fit_temperature(logits[other], codes[other]))
         self.calibration = {
-            "temperature": t, "n_fit_cells": int(len(fit_part)), "n_eval_cells": int(len(eval_part)),
-            "ece_before": expected_calibration_error(softmax(logits[eval_part]), codes[eval_part]),
-            "ece_after": expected_calibration_error(softmax(logits[eval_part], t), codes[eval_part]),
-            "accuracy": float((logits[eval_part].argmax(1) == codes[eval_part]).mean()),
+            "temperature": t, "n_fit_cells": int(len(known)), "n_eval_cells": int(len(known)),
+            "ece_before": expected_calibration_error(softmax(logits[known]), codes[known]),
+            "ece_after": expected_calibration_error(crossed, codes[known]),
+            "accuracy": float((logits[known].argmax(1) == codes[known]).mean()),
         }
         from ..analysis.anomaly import gene_nll_reference_stats
 
