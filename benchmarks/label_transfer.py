@@ -164,7 +164,10 @@ def _scores(truth, probs, labels, unknown_score, left_out, unscored, z_ref, z_qu
     return out
 
 
-def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
+def train_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
+    """cellvae's reference training and query mapping, each at its defaults (module docstring): ``(CountVAE,
+    LabelTransferVAE, mapped model, reference seconds, query seconds)``. ``label_kwargs``: extra settings of the
+    label phase (default studies only)."""
     import cellvae
 
     t0 = time.perf_counter()
@@ -174,7 +177,13 @@ def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
     mapped = lt.map_query(query, batch_key=bk, seed=seed, progress_bar=False, n_threads=1)
-    t_query = time.perf_counter() - t0
+    return m, lt, mapped, t_ref, time.perf_counter() - t0
+
+
+def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
+    import cellvae
+
+    m, lt, mapped, t_ref, t_query = train_cellvae(ref, query, lk, bk, seed, label_kwargs)
     table = mapped.predict_table()
     probs = mapped.predict(soft=True).to_numpy()
     extra = {"temperature": lt.temperature, "reference_epochs": len(m.history["epoch"]),

@@ -2,7 +2,7 @@
 """Temperature rules for LabelTransferVAE's confidences, compared offline on the same trained models (issue 24).
 
 ``run SEEDS`` trains cellvae on every split of ``benchmarks/label_transfer.py`` exactly as that benchmark does
-(its ``prepare`` and settings, one thread) and saves, per (split, seed), the raw classifier logits of the query cells,
+(its ``prepare`` and ``train_cellvae``, one thread) and saves, per (split, seed), the raw classifier logits of the query cells,
 of the held-out (validation) reference cells and their label codes, and the fitted temperature, to ``--out``
 (one ``.npz`` each; existing files are skipped). ``report`` computes the query ECE (15 bins, cells whose type the
 reference knows) under each rule from those logits and compares it with scANVI's rows of ``label_transfer.json``:
@@ -37,8 +37,6 @@ def run(seeds: list[int], out: Path) -> None:
     import numpy as np
     import torch
 
-    import cellvae
-
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
@@ -47,10 +45,7 @@ def run(seeds: list[int], out: Path) -> None:
             if path.exists():
                 continue
             ref, query, truth, lk, bk, unscored = L.prepare(default_data_dir(), sp)
-            m = cellvae.CountVAE(ref, batch_key=bk, **L.ARCHES).train(seed=seed, progress_bar=False, n_threads=1)
-            lt = cellvae.LabelTransferVAE.from_count_vae(m, labels_key=lk, unlabeled_category=L.UNKNOWN)
-            lt.train(seed=seed, progress_bar=False, n_threads=1)
-            mapped = lt.map_query(query, batch_key=bk, seed=seed, progress_bar=False, n_threads=1)
+            _, lt, mapped, _, _ = L.train_cellvae(ref, query, lk, bk, seed)
             _, qlog = mapped._latent_and_logits(None, None)
             _, vlog = lt._latent_and_logits(None, lt.validation_indices)
             vcodes = lt.spec.label_codes(lt.adata)[np.asarray(lt.validation_indices)]

@@ -388,9 +388,8 @@ class _Run:
         self.bar.set_postfix(postfix, refresh=False)
 
         if score is not None and self.step_count >= self.warmup_steps:
-            val = score
-            if val > self.best_elbo + plan.early_stopping_min_delta:
-                self.best_elbo, self.best_epoch, self.bad_epochs = val, epoch + 1, 0
+            if score > self.best_elbo + plan.early_stopping_min_delta:
+                self.best_elbo, self.best_epoch, self.bad_epochs = score, epoch + 1, 0
                 self.best_state = copy.deepcopy(self.module.state_dict())
             else:
                 self.bad_epochs += 1

@@ -45,10 +45,12 @@ class LossOutput:
         reconstruction_loss: (n_cells,) ``-log p(x | z, l)`` in nats per cell.
         kl_local: (n_cells,) ``KL(q(z|x) || p(z)) + KL(q(l|x) || p(l))`` in nats per cell (unweighted).
         adversarial_loss: scalar cross-entropy (nats per cell) of the latent batch classifier, or None.
-        classification_loss: for a module with a label classifier (:class:`cellvae.vae.scanvi.LabelTransferModule`),
-            (n_cells,) class-weighted cross-entropy of ``q(y | z)`` in nats (0 for cells without a label), detached;
-            else None. ``loss`` adds ``classification_ratio * classification_loss.sum() / classification_weight.sum()``.
-        classification_weight: (n_cells,) class weight of each labelled cell (0 without a label), or None.
+        classification_loss: for a module with a label classifier (:class:`cellvae.vae.scanvi.LabelTransferModule`)
+            in eval mode, (n_cells,) class-weighted cross-entropy of ``q(y | z)`` in nats (0 for cells without a
+            label), detached; None on training steps and for other modules. ``loss`` adds ``classification_ratio *
+            (sum of the labelled cells' weighted cross-entropies) / (sum of their class weights)``.
+        classification_weight: (n_cells,) class weight of each labelled cell (0 without a label), when
+            ``classification_loss`` is given; else None.
     """
 
     loss: torch.Tensor

@@ -161,13 +161,17 @@ class LabelTransferModule(VAEModule):
             kl_l = _kl_normal(inf["ql_m"], inf["ql_v"], self.library_log_means[b].unsqueeze(-1),
                               self.library_log_vars[b].unsqueeze(-1))
         loss = (recon + kl_weight * kl + kl_l).mean()
-        ce_cells, w_cells = torch.zeros_like(recon), torch.zeros_like(recon)
-        if bool(known.any()):
+        any_known = bool(known.any())
+        if any_known:
             w = self.class_weight[labels[known]]
             ce = nn.functional.cross_entropy(self.classify(qz_m)[known], labels[known], reduction="none") * w
             loss = loss + self.classification_ratio * ce.sum() / w.sum().clamp(min=1e-12)
-            ce_cells = ce_cells.masked_scatter(known, ce.detach())
-            w_cells = w_cells.masked_scatter(known, w)
+        ce_cells = w_cells = None
+        if not self.training:  # per-cell parts for the validation score (evaluate_elbo); not built on training steps
+            ce_cells, w_cells = torch.zeros_like(recon), torch.zeros_like(recon)
+            if any_known:
+                ce_cells = ce_cells.masked_scatter(known, ce.detach())
+                w_cells = w_cells.masked_scatter(known, w)
         adv = None
         if self.adversarial_batch_weight > 0:
             adv = self._adversarial_loss(qz_m, cat[:, 0])
