@@ -15,6 +15,8 @@ Data and split (identical for both tools):
   would cover different genes); held-out cells left without counts on the kept genes are dropped (rare).
 - Both tools train on an AnnData holding only the training cells; what each does inside it (its own validation
   split, early stopping) is its own business.
+- Datasets whose cells come from more than one technology (``BATCH_KEYS``) give both tools that obs column as the
+  batch key, as a user of either tool would; ``--no-batch-key`` runs them without it (rows reported separately).
 
 Modes (``--mode``; default both):
 
@@ -127,6 +129,17 @@ DATASETS: dict[str, str] = {
     "pbmc10k_citeseq_10x_6434cells": "cell_type",
     "cellline_mixology_tian2019_5batches": "cell_type",
 }
+# Datasets whose cells come from more than one technology (10x chemistries, CEL-seq2 plates and Drop-seq): a user
+# of either tool passes the technology as the batch key (scvi-tools' `setup_anndata(batch_key=...)`, cellvae's
+# `CountVAE(batch_key=...)`), so both tools get it in every mode. Without it, both latent spaces keep technology as
+# a local structure (95-97 % of a cell's 15 nearest neighbours share its technology on pbmc_10x_3tech, either tool),
+# and Leiden with k = 3 clusters splits by technology or by cell type on a near tie (issue 20).
+# `--no-batch-key` runs these datasets without it (the earlier protocol; its rows are reported separately).
+BATCH_KEYS: dict[str, str] = {
+    "pbmc_10x_3chemistries": "batch",
+    "pbmc_10x_3tech_savercat_2000cells": "batch",
+    "cellline_mixology_tian2019_5batches": "batch",
+}
 LEFT_OUT = {"cbmc_citeseq_rna_top2000genes": "same RNA counts as cbmc_citeseq_stoeckius2017_8617cells, which "
                                              "replaces it (named labels)"}
 
@@ -182,6 +195,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip runs whose row is already in --json (failed rows are retried)")
     p.add_argument("--rerun-tool", nargs="+", choices=TOOLS, default=[],
                    help="drop this tool's rows of the selected modes, datasets and seeds before running")
+    p.add_argument("--no-batch-key", action="store_true",
+                   help="run the multi-technology datasets (BATCH_KEYS) without their batch key (the earlier "
+                        "protocol; reported in a separate section)")
     p.add_argument("--report-only", action="store_true", help="only rebuild --out from --json")
     p.add_argument("--max-epochs-override", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests only
     args = p.parse_args(argv)
@@ -340,7 +356,7 @@ def _run_scvi(scvi, task, train, held, full) -> dict:
     seed = task["seed"]
     scvi.settings.seed = seed
     torch.set_num_threads(task["threads"])
-    scvi.model.SCVI.setup_anndata(train)
+    scvi.model.SCVI.setup_anndata(train, batch_key=task.get("batch_key"))
     model = scvi.model.SCVI(train)
     kw = {"max_epochs": task["max_epochs_override"]} if task.get("max_epochs_override") else {}
     t0 = time.perf_counter()
@@ -379,7 +395,7 @@ def _run_cellvae(cellvae, task, train, held, full) -> dict:
 
     seed, mode = task["seed"], task["mode"]
     torch.set_num_threads(task["threads"])
-    model = cellvae.CountVAE(train)
+    model = cellvae.CountVAE(train, batch_key=task.get("batch_key"))
     kw = {"seed": seed, "progress_bar": False, "n_threads": task["threads"]}
     if mode == "equal-schedule":
         e = task.get("max_epochs_override") or scvi_max_epochs_heuristic(train.n_obs)
@@ -428,7 +444,8 @@ def run_in_child(task: dict) -> dict:
 
 # ----------------------------------------------------------------------------- rows and files
 def row_key(r: dict) -> tuple:
-    return (r["mode"], r["tool"], r["dataset"], int(r["seed"]))
+    """(mode, tool, dataset, seed, batch key or ""): rows with and without a batch key are different runs."""
+    return (r["mode"], r["tool"], r["dataset"], int(r["seed"]), r.get("batch_key") or "")
 
 
 def stored_mode(mode: str, tool: str) -> str:
@@ -525,12 +542,23 @@ def _f(v, digits):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _paired(rows: list[dict], mode: str, dataset: str, key: str):
+def _entry_name(entry: tuple[str, str | None]) -> str:
+    d, bk = entry
+    return f"{d} (batch key `{bk}`)" if bk else d
+
+
+def main_entries(datasets: list[str]) -> list[tuple[str, str | None]]:
+    """(dataset, batch key) of the main tables: each dataset with its batch key in :data:`BATCH_KEYS`, if any."""
+    return [(d, BATCH_KEYS.get(d)) for d in datasets]
+
+
+def _paired(rows: list[dict], mode: str, entry: tuple[str, str | None], key: str):
     """Per seed (cellvae value, scvi value) where both tools have a successful row with the key (scvi's row is its
-    defaults row in both modes). Also returns the seeds each tool has."""
+    defaults row in both modes) for ``entry`` = (dataset, batch key or None). Also returns the seeds each tool has."""
+    dataset, batch_key = entry
     by: dict[int, dict] = {}
     for r in rows:
-        if r["dataset"] != dataset or r.get("error") is not None:
+        if r["dataset"] != dataset or (r.get("batch_key") or None) != batch_key or r.get("error") is not None:
             continue
         if (r["tool"] == "cellvae" and r["mode"] == mode) or (r["tool"] == "scvi" and r["mode"] == "defaults"):
             by.setdefault(int(r["seed"]), {})[r["tool"]] = r
@@ -561,8 +589,9 @@ def _metric_table(rows, mode, key, header, digits, direction, datasets) -> list[
            "| dataset | cellvae | scvi-tools | Δ cellvae − scvi [95 % CI] | n | verdict |",
            "|---|---|---|---|---|---|"]
     diffs, verdicts = [], []
-    for d in datasets:
-        pairs, seeds = _paired(rows, mode, d, key)
+    for entry in datasets:
+        d = _entry_name(entry)
+        pairs, seeds = _paired(rows, mode, entry, key)
         if not pairs:
             miss = [t for t in TOOLS if not seeds[t]]
             if miss:
@@ -661,9 +690,12 @@ def _dataset_details(rows: list[dict], datasets: list[str]) -> list[str]:
                if r.get("n_heldout_dropped_empty") else "")
             for s, r in sorted(per_seed.items()))
         runs = "; ".join(
-            f"{t} {m}: seeds {' '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}"
-            for (m, t) in [(m, t) for m in MODES for t in TOOLS]
-            for rs in [[r for r in drows if r["mode"] == m and r["tool"] == t and r.get("error") is None]] if rs)
+            f"{t} {m}{' with batch key `' + bk + '`' if bk else (' without batch key' if d in BATCH_KEYS else '')}: "
+            f"seeds {' '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}"
+            for (m, t, bk) in [(m, t, bk) for m in MODES for t in TOOLS
+                               for bk in ([BATCH_KEYS[d], None] if d in BATCH_KEYS else [None])]
+            for rs in [[r for r in drows if r["mode"] == m and r["tool"] == t and r.get("error") is None
+                        and (r.get("batch_key") or None) == bk]] if rs)
         out.append(f"- **{d}**: {cells}, {genes}, labels `{r0['label_key']}` ({r0['n_labels']}). {split}. "
                    f"Rows: {runs or 'none'}.")
         for r in drows:
@@ -725,6 +757,11 @@ def render(rows: list[dict], meta: dict) -> str:
                "ceil(0.9 n) cells train, the rest are held out (one more cell is held out when n_train % 128 == 1); "
                "genes never detected in the training cells are removed for both tools. Both tools get an AnnData of "
                "the training cells only; the held-out cells are used only for evaluation.")
+    out.append("- Batch key: on the datasets whose cells come from more than one technology ("
+               + ", ".join(f"`{d}`: `{k}`" for d, k in BATCH_KEYS.items()) + ") both tools get that obs column as "
+               "the batch key, as a user of either would pass it (`SCVI.setup_anndata(train, batch_key=...)`, "
+               "`CountVAE(train, batch_key=...)`); the other datasets have none. Their earlier rows without a batch "
+               "key are in a separate section below.")
     out.append("- Mode **defaults** — each tool exactly as a new user runs it. scvi-tools: "
                "`scvi.settings.seed = seed; SCVI.setup_anndata(train); m = SCVI(train); "
                "m.train(accelerator=\"cpu\", enable_progress_bar=False)`: its epoch heuristic min(400, "
@@ -773,7 +810,17 @@ def render(rows: list[dict], meta: dict) -> str:
             out.append("scvi-tools columns: its defaults rows (identical settings and seed).")
             out.append("")
         for key, header, digits, direction in METRICS:
-            out += _metric_table(rows, mode, key, header, digits, direction, names)
+            out += _metric_table(rows, mode, key, header, digits, direction, main_entries(names))
+    nobk = [(d, None) for d in names if d in BATCH_KEYS]
+    if any(r["dataset"] == d and not r.get("batch_key") for d, _ in nobk for r in ok):
+        out.append("## Without a batch key on the multi-technology datasets (earlier protocol, mode defaults)")
+        out.append("")
+        out.append("The same datasets as above with neither tool given the technology (`--no-batch-key`). Both "
+                   "latent spaces then keep technology as a local structure, and Leiden with k = number of labels "
+                   "can split by technology instead of by label; see issue 20. Not part of the means above.")
+        out.append("")
+        for key, header, digits, direction in METRICS[:4]:
+            out += _metric_table(rows, "defaults", key, header, digits, direction, nobk)
     out += _dataset_details(rows, names)
     return "\n".join(out)
 
@@ -865,7 +912,8 @@ def main(argv=None) -> int:
                 tools = list(args.tools) if args.seeds.index(seed) % 2 == 0 else list(reversed(args.tools))
                 for mode in args.modes:
                     for tool in tools:
-                        key = (stored_mode(mode, tool), tool, name, seed)
+                        key = (stored_mode(mode, tool), tool, name, seed,
+                               "" if args.no_batch_key else BATCH_KEYS.get(name, ""))
                         if key not in [p[0] for p in plan]:
                             plan.append((key, label_key))
     if args.rerun_tool:
@@ -883,10 +931,11 @@ def main(argv=None) -> int:
     cache: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="vs_scvi_") as tmp:
         tmpdir = Path(tmp)
-        for i, ((mode, tool, name, seed), label_key) in enumerate(todo):
+        for i, ((mode, tool, name, seed, batch_key), label_key) in enumerate(todo):
             if name not in cache:
                 try:
-                    adata, labels, info = load_dataset(Path(args.data_dir), name, label_key)
+                    bks = tuple(k for k in {BATCH_KEYS.get(name)} if k)
+                    adata, labels, info = load_dataset(Path(args.data_dir), name, label_key, extra_obs=bks)
                 except Exception as e:  # noqa: BLE001
                     print(f"[skip] dataset {name}: {type(e).__name__}: {e}", flush=True)
                     cache[name] = (None, None, None)
@@ -914,15 +963,17 @@ def main(argv=None) -> int:
                 splits[seed] = prepare_seed(adata, labels, seed, ddir)
             split_path, sinfo = splits[seed]
             gc = git_commit("src")
-            row = {"mode": mode, "tool": tool, "dataset": name, "seed": seed, **info, **sinfo,
+            row = {"mode": mode, "tool": tool, "dataset": name, "seed": seed, "batch_key": batch_key or None,
+                   **info, **sinfo,
                    "date": _now(), "git_commit": gc["commit"], "git_dirty_src": gc["dirty"],
                    "threads": args.threads, "max_epochs_override": args.max_epochs_override,
                    "loadavg_start": _loadavg(), "error": None}
             task = {"mode": mode, "tool": tool, "seed": seed, "threads": args.threads,
                     "n_mc_samples": args.n_mc_samples, "max_epochs_override": args.max_epochs_override,
-                    "h5ad": str(h5ad), "split": str(split_path)}
+                    "h5ad": str(h5ad), "split": str(split_path), "batch_key": batch_key or None}
             t0 = time.perf_counter()
-            label = f"[{i + 1}/{len(todo)}] {mode:14s} {tool:7s} {name} seed {seed}"
+            label = (f"[{i + 1}/{len(todo)}] {mode:14s} {tool:7s} {name}"
+                     f"{' (batch key ' + batch_key + ')' if batch_key else ''} seed {seed}")
             print(f"{label}: started {row['date']}, load {row['loadavg_start']}", flush=True)
             try:
                 row.update(run_in_child(task))
