@@ -2,20 +2,25 @@
 unintegrated PCA, scored with the scib-metrics Benchmarker (Luecken et al. 2022, Nat. Methods 19:41).
 
 Datasets (``../shared/data``; > 5000 genes are reduced to 2000 seurat_v3 HVGs on the raw counts, as in
-``vs_scvi.py``): ``pbmc_10x_3tech_savercat_2000cells`` (3 10x chemistries, ``cell_type``), ``pbmc_10x_3chemistries``
-(3 chemistries, ``cell_type_marker``), ``kang2018_ifnb_pbmc_muscat`` (``batch`` = sample: 2 donors x ctrl/stim,
-``cell_type``).
+``vs_scvi.py``), each with a batch key that carries no biology (issue 20):
+
+- ``pbmc_10x_3tech_savercat_2000cells``: batch key ``batch`` = the 10x technology (3), labels ``cell_type``;
+- ``pbmc_10x_3chemistries``: ``batch`` = the 10x chemistry (3), labels ``cell_type_marker``;
+- ``kang2018_ifnb_pbmc_muscat``: ``donor`` (2), labels ``cell_type``. Its ``batch`` column (donor x ctrl/stim) is
+  not used: removing it would also remove the interferon response, and scIB would score that as integration;
+- ``cellline_mixology_tian2019_5batches``: ``batch`` (5 plates / runs on CEL-seq2 and Drop-seq), labels
+  ``cell_type`` (5 cell lines, from genotypes).
 
 Embeddings, all of all cells:
 
 - ``PCA (unintegrated)``: 50 PCs of log1p counts per 10,000 (scanpy ``normalize_total``, ``log1p``, ``pca``); also
   the pre-integration embedding of scIB's PCR-comparison score;
-- ``scvi-tools SCVI``: ``SCVI(batch_key='batch')`` at its defaults (n_hidden 128, n_latent 10, ZINB, 400 epochs of
+- ``scvi-tools SCVI``: ``SCVI(batch_key=...)`` at its defaults (n_hidden 128, n_latent 10, ZINB, 400 epochs of
   KL warm-up, ``max_epochs`` = min(400, 20000/n_cells*400), no early stopping, train_size 0.9);
-- ``cellvae``: ``CountVAE(batch_key='batch')`` at its defaults (same architecture and epoch heuristic, KL warm-up
+- ``cellvae``: ``CountVAE(batch_key=...)`` at its defaults (same architecture and epoch heuristic, KL warm-up
   over half the epochs, early stopping on the validation ELBO);
-- ``cellvae + adversary``: the same with ``adversarial_batch_weight`` (``--adv-weight``, default 10; the committed
-  results also hold weight-3 rows from a second run merged into the JSON, rendered with ``--report-only``), with the
+- ``cellvae + adversary``: the same with ``adversarial_batch_weight`` (``--adv-weight``, default 3, the value ``cellvae fit
+  --adversarial-batch-weight`` recommends), with the
   encoder trained against the latent batch classifier by domain confusion (``adversarial_mode="confusion"``, the
   default) or by gradient reversal (``"gradient_reversal"``).
 
@@ -25,8 +30,8 @@ silhouette, cLISI), batch correction (silhouette batch / BRAS, iLISI, kBET, grap
 total = 0.6 bio + 0.4 batch. Also the balanced accuracy of a 5-fold logistic regression predicting the batch from
 the embedding (lower = better mixed; chance = 1 / n_batches).
 
-    .venv-bench/bin/python benchmarks/integration.py [--seeds 0,1] [--datasets savercat,...] [--adv-weight 10]
-    .venv-bench/bin/python benchmarks/integration.py --report-only benchmarks/results/integration.json
+    .venv-bench/bin/python benchmarks/integration.py [--seeds 0,1] [--datasets savercat,...] [--adv-weight 3]
+    .venv-bench/bin/python benchmarks/integration.py --report-only a.json,b.json   # merge runs, re-render
 
 Results: ``benchmarks/results/integration.{md,json}``. Needs scvi-tools and scib-metrics (``make bench-install``).
 """
@@ -42,6 +47,8 @@ from _common import limit_threads  # noqa: E402
 limit_threads(1)
 
 import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import os  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -52,25 +59,26 @@ from _common import (  # noqa: E402
     cap_loaded_threads,
     default_data_dir,
     fmt_mean_sd,
+    git_commit,
     import_tool,
     load_dataset,
     machine_description,
     mean_sd,
+    newest_commit,
     package_version,
     write_json_and_md,
 )
 
-DATASETS = {  # short name -> (file name, label key)
-    "savercat": ("pbmc_10x_3tech_savercat_2000cells", "cell_type"),
-    "3chem": ("pbmc_10x_3chemistries", "cell_type_marker"),
-    "kang": ("kang2018_ifnb_pbmc_muscat", "cell_type"),
+DATASETS = {  # short name -> (file name, label key, batch key)
+    "savercat": ("pbmc_10x_3tech_savercat_2000cells", "cell_type", "batch"),
+    "3chem": ("pbmc_10x_3chemistries", "cell_type_marker", "batch"),
+    "kang": ("kang2018_ifnb_pbmc_muscat", "cell_type", "donor"),
+    "cellline": ("cellline_mixology_tian2019_5batches", "cell_type", "batch"),
 }
-BATCH_KEY = "batch"
 METHODS = ("pca", "scvi", "cellvae", "cellvae_adv", "cellvae_grl")
 METHOD_LABEL = {"pca": "PCA (unintegrated)", "scvi": "scvi-tools SCVI", "cellvae": "cellvae",
                 "cellvae_adv": "cellvae + adversary (confusion)",
-                "cellvae_grl": "cellvae + adversary (gradient reversal)",
-                "cellvae_adv3": "cellvae + adversary (confusion, weight 3)"}  # merged from a --adv-weight 3 run
+                "cellvae_grl": "cellvae + adversary (gradient reversal)"}
 ADV_MODE = {"cellvae_adv": "confusion", "cellvae_grl": "gradient_reversal"}
 SCORE_COLS = ("bio_conservation", "batch_correction", "total")
 DETAIL_COLS = ("isolated_labels", "kmeans_nmi", "kmeans_ari", "silhouette_label", "clisi", "bras", "ilisi", "kbet",
@@ -82,11 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {list(DATASETS)}")
     p.add_argument("--seeds", default="0", help="comma list of seeds (training seed of each model)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
-    p.add_argument("--adv-weight", type=float, default=10.0, help="cellvae adversarial_batch_weight")
+    p.add_argument("--adv-weight", type=float, default=3.0, help="cellvae adversarial_batch_weight")
     p.add_argument("--max-epochs", type=int, default=None, help="both tools (default: each tool's heuristic)")
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--out", default="benchmarks/results/integration.md")
-    p.add_argument("--report-only", default=None, help="re-render the Markdown from this JSON")
+    p.add_argument("--report-only", default=None,
+                   help="re-render the Markdown from this JSON (a comma list: their rows merged, e.g. one run per seed)")
     return p.parse_args(argv)
 
 
@@ -100,14 +109,14 @@ def pca_embedding(adata, n_comps: int = 50) -> np.ndarray:
     return np.asarray(a.obsm["X_pca"], dtype=np.float32)
 
 
-def run_scvi(adata, seed: int, max_epochs: int | None) -> tuple[np.ndarray, dict]:
+def run_scvi(adata, seed: int, max_epochs: int | None, batch_key: str) -> tuple[np.ndarray, dict]:
     import torch
 
     scvi, _ = import_tool("scvi")
     scvi.settings.seed = seed
     torch.set_num_threads(1)
     a = adata.copy()
-    scvi.model.SCVI.setup_anndata(a, batch_key=BATCH_KEY)
+    scvi.model.SCVI.setup_anndata(a, batch_key=batch_key)
     model = scvi.model.SCVI(a)
     t0 = time.perf_counter()
     model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
@@ -116,10 +125,10 @@ def run_scvi(adata, seed: int, max_epochs: int | None) -> tuple[np.ndarray, dict
     return model.get_latent_representation(a).astype(np.float32), {"train_seconds": secs, "epochs": epochs}
 
 
-def run_cellvae(adata, seed: int, max_epochs: int | None, adv_weight: float, adv_mode: str | None):
+def run_cellvae(adata, seed: int, max_epochs: int | None, adv_weight: float, adv_mode: str | None, batch_key: str):
     cellvae, _ = import_tool("cellvae")
     kw = {"adversarial_batch_weight": adv_weight, "adversarial_mode": adv_mode} if adv_mode else {}
-    model = cellvae.CountVAE(adata, batch_key=BATCH_KEY, **kw)
+    model = cellvae.CountVAE(adata, batch_key=batch_key, **kw)
     t0 = time.perf_counter()
     model.train(max_epochs=max_epochs, seed=seed, progress_bar=False, n_threads=1)
     secs = time.perf_counter() - t0
@@ -138,9 +147,9 @@ def run(args) -> dict:
     methods = args.methods.split(",")
     rows = []
     for short in args.datasets.split(","):
-        name, label_key = DATASETS[short]
-        adata, labels, info = load_dataset(Path(args.data_dir), name, label_key, extra_obs=(BATCH_KEY,))
-        batches = adata.obs[BATCH_KEY].astype(str).to_numpy()
+        name, label_key, batch_key = DATASETS[short]
+        adata, labels, info = load_dataset(Path(args.data_dir), name, label_key, extra_obs=(batch_key,))
+        batches = adata.obs[batch_key].astype(str).to_numpy()
         x_pca = pca_embedding(adata)
         print(f"{short}: {adata.n_obs} cells x {adata.n_vars} genes, {len(set(batches))} batches, "
               f"{len(set(labels))} labels", flush=True)
@@ -152,11 +161,14 @@ def run(args) -> dict:
                 if method == "pca":
                     z, extra = x_pca, {}
                 elif method == "scvi":
-                    z, extra = run_scvi(adata, seed, args.max_epochs)
+                    z, extra = run_scvi(adata, seed, args.max_epochs, batch_key)
                 else:
-                    z, extra = run_cellvae(adata, seed, args.max_epochs, args.adv_weight, ADV_MODE.get(method))
+                    z, extra = run_cellvae(adata, seed, args.max_epochs, args.adv_weight, ADV_MODE.get(method),
+                                           batch_key)
                 scores = scib_benchmark(z, labels, batches, pre_integrated=x_pca)
-                row = {**info, "dataset": short, "file": name, "seed": seed, "method": method, **extra,
+                row = {**info, "dataset": short, "file": name, "batch_key": batch_key, "seed": seed, "method": method,
+                       **extra, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                       "commit": git_commit("src")["commit"], "loadavg": round(os.getloadavg()[0], 2),
                        **scores, "batch_accuracy": batch_classifier_accuracy(z, batches),
                        "chance_batch_accuracy": 1.0 / len(set(batches)),
                        "adv_weight": args.adv_weight if method in ADV_MODE else None}
@@ -167,13 +179,20 @@ def run(args) -> dict:
     meta = {"machine": machine_description(), "cellvae": package_version("cellvae"),
             "scvi-tools": package_version("scvi-tools"), "scib-metrics": package_version("scib-metrics"),
             "torch": package_version("torch"), "seeds": seeds, "adv_weight": args.adv_weight,
-            "max_epochs": args.max_epochs, "command": " ".join(["benchmarks/integration.py", *sys.argv[1:]])}
+            "max_epochs": args.max_epochs, "command": " ".join(["benchmarks/integration.py", *sys.argv[1:]]),
+            "commit": git_commit("src"), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     return {"meta": meta, "rows": rows}
 
 
 def render(payload: dict) -> str:
     meta, rows = payload["meta"], payload["rows"]
-    lines = ["# Batch integration: cellvae vs scvi-tools SCVI vs unintegrated PCA (scib-metrics)", "",
+    dates = sorted(r["date"] for r in rows if r.get("date"))
+    lines = [f"commit {newest_commit(rows)}, {dates[-1][:10] if dates else '?'} (the newest row; rows "
+             f"{dates[0][:16] if dates else '?'} … {dates[-1][:16] if dates else '?'}, commits "
+             f"{', '.join(sorted({r.get('commit', '?') for r in rows}))})", "",
+             "# Batch integration: cellvae vs scvi-tools SCVI vs unintegrated PCA (scib-metrics)", "",
+             "Batch keys (no biology in them): " + ", ".join(
+                 f"{d} `{b}`" for d, b in dict.fromkeys((r["dataset"], r.get("batch_key", "?")) for r in rows)) + ".",
              f"Machine: {meta['machine']}; cellvae {meta['cellvae']}, scvi-tools {meta['scvi-tools']}, "
              f"scib-metrics {meta['scib-metrics']}, torch {meta['torch']}; 1 thread.",
              f"Command: `{meta['command']}`; seeds {meta['seeds']}; adversary weight {meta['adv_weight']}; "
@@ -199,7 +218,7 @@ def render(payload: dict) -> str:
         tot = {m: mean_sd([r["total"] for r in rows if r["dataset"] == d and r["method"] == m])[0] for m in methods}
         bio = {m: mean_sd([r["bio_conservation"] for r in rows if r["dataset"] == d and r["method"] == m])[0]
                for m in methods}
-        cv = [m for m in ("cellvae", *ADV_MODE, "cellvae_adv3") if tot.get(m) is not None]
+        cv = [m for m in ("cellvae", *ADV_MODE) if tot.get(m) is not None]
         if cv and tot.get("scvi") is not None and bio.get("pca") is not None:
             parts = []
             for m in cv:
@@ -221,7 +240,10 @@ def render(payload: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report_only:
-        payload = json.loads(Path(args.report_only).read_text())
+        parts = [json.loads(Path(p).read_text()) for p in args.report_only.split(",")]
+        payload = {"meta": {**parts[0]["meta"], "command": " + ".join(p["meta"]["command"] for p in parts),
+                            "seeds": sorted({s for p in parts for s in p["meta"]["seeds"]})},
+                   "rows": [r for p in parts for r in p["rows"]]}
     else:
         payload = run(args)
     write_json_and_md(Path(args.out), payload, render(payload))
