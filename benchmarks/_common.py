@@ -234,10 +234,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def run_record_line() -> str:
+    """``commit <hash>[ (src/ with uncommitted changes)], <ISO date>, load <1-min load average>``: the first line of
+    every results file (which commit and date it ran on)."""
+    import datetime as _dt
+
+    gc = git_commit("src")
+    return (f"commit {gc['commit']}{' (src/ with uncommitted changes)' if gc['dirty'] else ''}, "
+            f"{_dt.datetime.now().astimezone().isoformat(timespec='minutes')}, load {loadavg()}")
+
+
 def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
-    """Write ``payload`` as ``out.json`` and ``markdown`` as ``out.md`` (each atomically), and print the Markdown."""
+    """Write ``payload`` as ``out.json`` and ``markdown`` as ``out.md`` (each atomically), and print the Markdown.
+
+    A Markdown that does not start with a ``commit ...`` line gets :func:`run_record_line` (also stored in the
+    payload as ``run_record``) as its first line."""
     import json
 
+    if not markdown.startswith("commit "):
+        rec = payload.setdefault("run_record", run_record_line()) if isinstance(payload, dict) else run_record_line()
+        markdown = f"{rec}\n\n{markdown}"
     out = Path(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown)

@@ -29,8 +29,13 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import sys  # noqa: E402
+
 import anndata as ad  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for _common
+from _common import atomic_write_text, run_record_line  # noqa: E402
 
 from cellvae import CountVAE  # noqa: E402
 from cellvae.analysis.de import differential_expression  # noqa: E402
@@ -110,7 +115,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    res["run_record"] = run_record_line()
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
     write_md(res, out.with_suffix(".md"), args)
     print("wrote", out.with_suffix(".md"))
 
@@ -118,6 +124,8 @@ def main() -> None:
 def write_md(res: dict, path: Path, args) -> None:
     d = res["data"]
     lines = [
+        res.get("run_record", "commit ?"),
+        "",
         "# Marker genes by Bayesian differential expression (cellvae.de), Kang et al. 2018 PBMCs",
         "",
         f"Produced by `benchmarks/de_markers.py --epochs {args.epochs}` (1 torch thread, seed 0). Data: "
@@ -161,7 +169,7 @@ def write_md(res: dict, path: Path, args) -> None:
         lines.append("")
     lines.append("Entries are gene (log Bayes factor, mean log2 fold change).")
     lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":
