@@ -252,7 +252,7 @@ def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
     import json
 
     if not markdown.startswith("commit "):
-        rec = payload.setdefault("run_record", run_record_line()) if isinstance(payload, dict) else run_record_line()
+        rec = payload.setdefault("run_record", run_record_line())
         markdown = f"{rec}\n\n{markdown}"
     out = Path(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=2))

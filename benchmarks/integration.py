@@ -48,7 +48,6 @@ limit_threads(1)
 
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
-import os  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -62,6 +61,7 @@ from _common import (  # noqa: E402
     git_commit,
     import_tool,
     load_dataset,
+    loadavg,
     machine_description,
     mean_sd,
     newest_commit,
@@ -168,7 +168,7 @@ def run(args) -> dict:
                 scores = scib_benchmark(z, labels, batches, pre_integrated=x_pca)
                 row = {**info, "dataset": short, "file": name, "batch_key": batch_key, "seed": seed, "method": method,
                        **extra, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "commit": git_commit("src")["commit"], "loadavg": round(os.getloadavg()[0], 2),
+                       "commit": git_commit("src")["commit"], "loadavg": loadavg(),
                        **scores, "batch_accuracy": batch_classifier_accuracy(z, batches),
                        "chance_batch_accuracy": 1.0 / len(set(batches)),
                        "adv_weight": args.adv_weight if method in ADV_MODE else None}

@@ -689,13 +689,16 @@ def _dataset_details(rows: list[dict], datasets: list[str]) -> list[str]:
             + (f" ({r['n_heldout_dropped_empty']} held-out cells without counts dropped)"
                if r.get("n_heldout_dropped_empty") else "")
             for s, r in sorted(per_seed.items()))
-        runs = "; ".join(
-            f"{t} {m}{' with batch key `' + bk + '`' if bk else (' without batch key' if d in BATCH_KEYS else '')}: "
-            f"seeds {' '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}"
-            for (m, t, bk) in [(m, t, bk) for m in MODES for t in TOOLS
-                               for bk in ([BATCH_KEYS[d], None] if d in BATCH_KEYS else [None])]
-            for rs in [[r for r in drows if r["mode"] == m and r["tool"] == t and r.get("error") is None
-                        and (r.get("batch_key") or None) == bk]] if rs)
+        parts = []
+        for m in MODES:
+            for t in TOOLS:
+                for bk in ([BATCH_KEYS[d], None] if d in BATCH_KEYS else [None]):
+                    seeds = sorted(int(r["seed"]) for r in drows if r["mode"] == m and r["tool"] == t
+                                   and r.get("error") is None and (r.get("batch_key") or None) == bk)
+                    if seeds:
+                        how = f" with batch key `{bk}`" if bk else (" without batch key" if d in BATCH_KEYS else "")
+                        parts.append(f"{t} {m}{how}: seeds {' '.join(map(str, seeds))}")
+        runs = "; ".join(parts)
         out.append(f"- **{d}**: {cells}, {genes}, labels `{r0['label_key']}` ({r0['n_labels']}). {split}. "
                    f"Rows: {runs or 'none'}.")
         for r in drows:
@@ -763,11 +766,11 @@ def render(rows: list[dict], meta: dict) -> str:
                "`CountVAE(train, batch_key=...)`); the other datasets have none. Their earlier rows without a batch "
                "key are in a separate section below.")
     out.append("- Mode **defaults** — each tool exactly as a new user runs it. scvi-tools: "
-               "`scvi.settings.seed = seed; SCVI.setup_anndata(train); m = SCVI(train); "
+               "`scvi.settings.seed = seed; SCVI.setup_anndata(train[, batch_key]); m = SCVI(train); "
                "m.train(accelerator=\"cpu\", enable_progress_bar=False)`: its epoch heuristic min(400, "
                "round(20000 / n_train × 400)) (400 for all these datasets), KL warm-up over 400 epochs (per epoch), "
                "its own internal 90 % train / 10 % validation split of the training cells, no early stopping, the "
-               "last weights. cellvae: `m = CountVAE(train); m.train(seed=seed, progress_bar=False, n_threads=1)`: "
+               "last weights. cellvae: `m = CountVAE(train[, batch_key]); m.train(seed=seed, progress_bar=False, n_threads=1)`: "
                "its own defaults (epoch heuristic, KL warm-up, its own internal 90/10 split with early stopping on it "
                "and the best validation weights restored; each row stores `history[\"plan\"]` and `m.settings`).")
     out.append("- Mode **equal-schedule** — scvi-tools' default schedule for both, no early stopping: E = min(400, "
@@ -934,8 +937,8 @@ def main(argv=None) -> int:
         for i, ((mode, tool, name, seed, batch_key), label_key) in enumerate(todo):
             if name not in cache:
                 try:
-                    bks = tuple(k for k in {BATCH_KEYS.get(name)} if k)
-                    adata, labels, info = load_dataset(Path(args.data_dir), name, label_key, extra_obs=bks)
+                    extra = (BATCH_KEYS[name],) if name in BATCH_KEYS else ()
+                    adata, labels, info = load_dataset(Path(args.data_dir), name, label_key, extra_obs=extra)
                 except Exception as e:  # noqa: BLE001
                     print(f"[skip] dataset {name}: {type(e).__name__}: {e}", flush=True)
                     cache[name] = (None, None, None)
