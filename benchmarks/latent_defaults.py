@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atomic_write_text, default_data_dir, limit_threads, load_dataset, loadavg, machine_description  # noqa: E402
+from vs_scvi import BATCH_KEYS  # noqa: E402
 
 HALVES = {  # the datasets of each half (labels key); chosen before any run: small and large, PBMC and tissue in each
     "choose": {"zeisel2015_cortex_subset_1464cells": "cell_type", "kang2018_ifnb_pbmc_muscat": "cell_type",
@@ -39,12 +40,21 @@ HALVES = {  # the datasets of each half (labels key); chosen before any run: sma
                 "cbmc_citeseq_stoeckius2017_8617cells": "cell_type", "pbmc10k_citeseq_10x_6434cells": "cell_type",
                 "pbmc_10x_3chemistries": "cell_type_marker", "cellline_mixology_tian2019_5batches": "cell_type"},
 }
+EQUAL_SCHEDULE = "equal_schedule"  # train keyword replaced by vs_scvi.py's equal schedule: E = scvi-tools' epoch
+# heuristic on the training cells, KL warm-up over E epochs, no early stopping, train_size 0.9
 CONFIGS = {  # name -> (CountVAE keyword arguments, train keyword arguments); the first is the reference
     "default": ({}, {}),
     "log1p_cp10k": ({"encoder_input": "log1p_cp10k"}, {}),
     "scvi_schedule": ({}, {"n_epochs_kl_warmup": 400, "early_stopping": False}),  # warm-up over the 400 epochs
     "warmup50": ({}, {"n_epochs_kl_warmup": 50}),
     "warmup100": ({}, {"n_epochs_kl_warmup": 100}),
+    # the learning rate of log theta (30x the rest by default; 1x as scvi-tools; falling from 30x to 1x over the KL
+    # warm-up), each at cellvae's defaults and on the equal schedule of vs_scvi.py (EQUAL_SCHEDULE)
+    "dlr1": ({}, {"dispersion_lr_multiplier": 1.0}),
+    "dlr_decay": ({}, {"dispersion_lr_decay": "warmup"}),
+    "eq_default": ({}, {EQUAL_SCHEDULE: True}),
+    "eq_dlr1": ({}, {EQUAL_SCHEDULE: True, "dispersion_lr_multiplier": 1.0}),
+    "eq_dlr_decay": ({}, {EQUAL_SCHEDULE: True, "dispersion_lr_decay": "warmup"}),
 }
 METRICS = ("heldout_log_px", "heldout_elbo", "kmeans_ari", "kmeans_nmi", "leiden_ari", "leiden_nmi",
            "depth_r2_within_labels", "depth_r2", "epochs", "best_epoch", "seconds")
@@ -60,7 +70,10 @@ def split(n: int, seed: int):
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-def run_one(adata, labels, config: str, seed: int, n_samples: int) -> dict:
+def run_one(adata, labels, config: str, seed: int, n_samples: int, batch_key: str | None = None) -> dict:
+    """One training and evaluation. With ``batch_key`` (the datasets of ``vs_scvi.BATCH_KEYS``) the model gets it,
+    and the held-out metrics are computed as in ``vs_scvi.py`` (per-cell values averaged, ``seed`` passed), so the
+    ``default`` / ``eq_default`` rows at ``--n-samples 1000`` repeat vs_scvi.py's cellvae rows."""
     import numpy as np
     import torch
 
@@ -74,13 +87,19 @@ def run_one(adata, labels, config: str, seed: int, n_samples: int) -> dict:
     full = adata[:, detected].copy()
     train, held = full[tr].copy(), full[ho].copy()
     held = held[np.asarray(held.X.sum(1)).ravel() > 0].copy()
+    train_kw = dict(train_kw)
+    if train_kw.pop(EQUAL_SCHEDULE, False):
+        e = max(1, min(round(20000 / train.n_obs * 400), 400))
+        train_kw.update(max_epochs=e, n_epochs_kl_warmup=e, early_stopping=False, train_size=0.9)
     t0 = time.perf_counter()
-    m = cellvae.CountVAE(train, **model_kw)
+    torch.set_num_threads(1)
+    m = cellvae.CountVAE(train, batch_key=batch_key, **model_kw)
     m.train(seed=seed, progress_bar=False, n_threads=1, **train_kw)
     secs = time.perf_counter() - t0
     torch.manual_seed(seed)
-    elbo = float(m.get_elbo(held))
-    log_px = float(m.get_marginal_ll(held, n_samples=n_samples))
+    elbo = float(np.mean(np.asarray(m.get_elbo(held, return_mean=False, seed=seed), dtype=np.float64)))
+    log_px = float(np.mean(np.asarray(m.get_marginal_ll(held, n_samples=n_samples, return_mean=False, seed=seed),
+                                      dtype=np.float64)))
     z = m.get_latent_representation(full)
     lib = np.asarray(full.X.sum(1)).ravel()
     ev = evaluate_latent(z, labels, library=np.maximum(lib, 1.0), seed=0, heldout_elbo=elbo, heldout_log_px=log_px,
@@ -140,7 +159,11 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--out", required=True, help="path stem: writes STEM.md and STEM.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-batch-key", action="store_true",
+                   help="train the multi-technology sets without their batch key (vs_scvi.BATCH_KEYS)")
     args = p.parse_args(argv)
+    import numpy as np
+
     limit_threads(1)
     datasets = dict(d.split(":") for d in args.datasets) if args.datasets else HALVES[args.half]
     out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
@@ -149,17 +172,24 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     header = {"commit": commit, "date": _dt.date.today().isoformat(), "machine": machine_description(),
-              "half": args.half, "seeds": args.seeds, "held-out log p(x) samples": args.n_samples,
+              "half": args.half, "seeds": args.seeds,
+              "batch keys": "none" if args.no_batch_key else {d: k for d, k in BATCH_KEYS.items() if d in datasets}, "held-out log p(x) samples": args.n_samples,
               "configurations": {c: CONFIGS[c] for c in args.configs}}
     for name, key in datasets.items():
-        adata, labels, info = load_dataset(Path(args.data_dir), name, key)
+        batch_key = None if args.no_batch_key else BATCH_KEYS.get(name)
+        adata, labels, info = load_dataset(Path(args.data_dir), name, key,
+                                           extra_obs=(batch_key,) if batch_key else ())
+        keep = np.asarray(adata.X.sum(1)).ravel() > 0  # as vs_scvi.py: cells without counts are dropped first
+        if not keep.all():
+            adata, labels = adata[keep].copy(), np.asarray(labels)[keep]
         for seed in args.seeds:
             for config in args.configs:
                 if (name, config, seed) in done:
                     continue
                 la0 = loadavg()
-                r = run_one(adata, labels, config, seed, args.n_samples)
-                r.update(dataset=name, config=config, seed=seed, load_start=la0, load_end=loadavg())
+                r = run_one(adata, labels, config, seed, args.n_samples, batch_key)
+                r.update(dataset=name, config=config, seed=seed, batch_key=batch_key, load_start=la0,
+                         load_end=loadavg())
                 rows.append(r)
                 print(f"{name} seed {seed} {config}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)), flush=True)

@@ -12,6 +12,7 @@ import cellvae.train.checkpoint as ck_mod
 import cellvae.train.loop as train_mod
 from cellvae import CellvaeInputError, CountVAE
 from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer
+from cellvae.train.schedule import dispersion_lr_multiplier_at
 
 SMALL = dict(n_hidden=32, n_latent=5)
 TRAIN = dict(batch_size=64, seed=1, progress_bar=False, n_threads=1)
@@ -187,3 +188,42 @@ def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatc
 def test_default_is_30(zeisel_small):
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **TRAIN)
     assert m.history["plan"]["dispersion_lr_multiplier"] == 30.0
+
+
+def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
+    """``dispersion_lr_decay="warmup"``: the multiplier of step i is 1 + (m - 1)(1 - i / warmup_steps), then 1; the
+    other weights keep ``lr``."""
+    seen = optimizer_lrs
+    m = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, n_epochs_kl_warmup=2, dispersion_lr_multiplier=10.0,
+                                             dispersion_lr_decay="warmup", **TRAIN)
+    assert len(seen) == 15  # 5 steps per epoch: a warm-up of 10 steps
+    assert [s[0] for s in seen] == pytest.approx([1e-3] * 15, rel=1e-12)
+    expected = [1e-3 * (1 + 9 * (1 - i / 10)) if i < 10 else 1e-3 for i in range(15)]
+    assert [s[1] for s in seen] == pytest.approx(expected, rel=1e-12)
+    assert m.history["plan"]["dispersion_lr_decay"] == "warmup"
+
+
+def test_warmup_decay_without_warmup_keeps_the_multiplier():
+    plan = TrainingPlan(dispersion_lr_multiplier=30.0, dispersion_lr_decay="warmup")
+    assert [dispersion_lr_multiplier_at(s, 0, plan) for s in (0, 5, 100)] == [30.0, 30.0, 30.0]
+    assert dispersion_lr_multiplier_at(50, 100, plan) == pytest.approx(15.5)
+    assert dispersion_lr_multiplier_at(500, 100, plan) == 1.0
+    none = TrainingPlan(dispersion_lr_multiplier=30.0)
+    assert none.dispersion_lr_decay == "none" and dispersion_lr_multiplier_at(50, 100, none) == 30.0
+
+
+def test_resume_with_decay_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch):
+    kw = {"dispersion_lr_multiplier": 10.0, "dispersion_lr_decay": "warmup"}
+    straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=4, n_epochs_kl_warmup=2, **kw, **TRAIN)
+    resumed = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, kw, kw)
+    a, b = _state(straight), _state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("bad", ["cosine", "", None, 1])
+def test_bad_decay_is_refused_before_training(zeisel_small, bad):
+    m = CountVAE(zeisel_small, **SMALL)
+    with pytest.raises(CellvaeInputError, match="dispersion_lr_decay"):
+        m.train(max_epochs=1, dispersion_lr_decay=bad, **TRAIN)
+    assert not m.is_trained

@@ -30,7 +30,7 @@ from numpy import bool_ as np_bool
 from .errors import CellvaeInputError
 
 __all__ = ["GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "NORM_CHOICES", "ENCODER_INPUTS",
-           "LR_SCHEDULES", "DECODER_BIAS_INITS", "DECODERS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
+           "LR_SCHEDULES", "DISPERSION_LR_DECAYS", "DECODER_BIAS_INITS", "DECODERS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
            "FitJobSettings", "RNAProteinSettings", "PROTEIN_DISPERSIONS", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
            "as_dict", "from_dict", "build", "with_signature"]
 
@@ -40,6 +40,7 @@ ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 NORM_CHOICES = ("both", "encoder", "decoder", "none")
 ENCODER_INPUTS = ("log1p", "log1p_cp10k", "log1p_mean")
 LR_SCHEDULES = ("constant", "cosine")
+DISPERSION_LR_DECAYS = ("none", "warmup")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
 PROTEIN_DISPERSIONS = ("protein", "protein-batch")
@@ -277,6 +278,9 @@ class TrainSettings:
             needs thousands of steps to leave its N(0, 1) start; 30 gave a better best validation ELBO on all five
             datasets of ``benchmarks/results/dispersion_lr.md`` (+0.03 % to +6.8 % in 10 runs). 1 is scvi-tools'
             setting. Other likelihoods ignore it.
+        dispersion_lr_decay: ``"none"``: log theta keeps ``dispersion_lr_multiplier`` throughout; ``"warmup"``: the
+            multiplier falls linearly (per step) from ``dispersion_lr_multiplier`` to 1 over the KL warm-up, and is 1
+            after it (:func:`cellvae.train.schedule.dispersion_lr_multiplier_at`).
         seed: seeds initialisation, split, minibatch order, dropout and sampling.
         progress_bar: show a tqdm bar with epoch, train and validation ELBO.
         n_threads: torch threads while training (None: :func:`cellvae.train.threads.default_n_threads`).
@@ -315,6 +319,9 @@ class TrainSettings:
         "--dispersion-lr-multiplier", "Learning rate of log theta (NB / ZINB with gene or gene-batch dispersion) "
         "relative to --lr (1: as scvi-tools, under which theta barely leaves its random start for tens of epochs; "
         "benchmarks/results/dispersion_lr.md).", min=0.0, min_open=True))
+    dispersion_lr_decay: str = field(default="none", metadata=_opt(
+        "--dispersion-lr-decay", "none: log theta keeps --dispersion-lr-multiplier throughout; warmup: the "
+        "multiplier falls linearly to 1 over the KL warm-up.", choices=DISPERSION_LR_DECAYS))
     seed: int = field(default=0, metadata=_opt("--seed", "Seeds initialisation, split, minibatches and sampling."))
     progress_bar: bool = True
     n_threads: int | None = field(default=None, metadata=_opt(
