@@ -12,7 +12,7 @@ import cellvae.train.checkpoint as ck_mod
 import cellvae.train.loop as train_mod
 from cellvae import CellvaeInputError, CountVAE
 from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer
-from cellvae.train.schedule import dispersion_lr_multiplier_at
+from cellvae.train.schedule import dispersion_decay_steps, dispersion_lr_multiplier_at
 
 SMALL = dict(n_hidden=32, n_latent=5)
 TRAIN = dict(batch_size=64, seed=1, progress_bar=False, n_threads=1)
@@ -203,13 +203,25 @@ def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
     assert m.history["plan"]["dispersion_lr_decay"] == "warmup"
 
 
-def test_warmup_decay_without_warmup_keeps_the_multiplier():
-    plan = TrainingPlan(dispersion_lr_multiplier=30.0, dispersion_lr_decay="warmup")
+def test_decay_over_epochs(zeisel_small, optimizer_lrs):
+    """``dispersion_lr_decay=N``: the same fall over the first N epochs, whatever the warm-up."""
+    seen = optimizer_lrs
+    CountVAE(zeisel_small, **SMALL).train(max_epochs=3, n_epochs_kl_warmup=3, dispersion_lr_multiplier=10.0,
+                                         dispersion_lr_decay=1, **TRAIN)
+    expected = [1e-3 * (1 + 9 * (1 - i / 5)) if i < 5 else 1e-3 for i in range(15)]
+    assert [s[1] for s in seen] == pytest.approx(expected, rel=1e-12)
+
+
+def test_decay_steps_and_multiplier():
+    m30 = dict(dispersion_lr_multiplier=30.0)
+    assert dispersion_decay_steps(TrainingPlan(**m30), 100, 7) == 0  # default: no decay
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 100, 7) == 100
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 0, 7) == 0  # no warm-up
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="20"), 100, 7) == 140  # CLI string
+    plan = TrainingPlan(**m30, dispersion_lr_decay="warmup")
     assert [dispersion_lr_multiplier_at(s, 0, plan) for s in (0, 5, 100)] == [30.0, 30.0, 30.0]
     assert dispersion_lr_multiplier_at(50, 100, plan) == pytest.approx(15.5)
     assert dispersion_lr_multiplier_at(500, 100, plan) == 1.0
-    none = TrainingPlan(dispersion_lr_multiplier=30.0)
-    assert none.dispersion_lr_decay == "none" and dispersion_lr_multiplier_at(50, 100, none) == 30.0
 
 
 def test_resume_with_decay_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch):
@@ -221,7 +233,7 @@ def test_resume_with_decay_equals_uninterrupted(tmp_path, zeisel_small, monkeypa
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("bad", ["cosine", "", None, 1])
+@pytest.mark.parametrize("bad", ["cosine", "", None, 0, -3, 2.5, True, "1.5"])
 def test_bad_decay_is_refused_before_training(zeisel_small, bad):
     m = CountVAE(zeisel_small, **SMALL)
     with pytest.raises(CellvaeInputError, match="dispersion_lr_decay"):

@@ -31,7 +31,7 @@ from .errors import CellvaeInputError
 
 __all__ = ["GENE_LIKELIHOODS", "DISPERSIONS", "ADVERSARIAL_MODES", "NORM_CHOICES", "ENCODER_INPUTS",
            "LR_SCHEDULES", "DISPERSION_LR_DECAYS", "DECODER_BIAS_INITS", "DECODERS", "ACCELERATORS", "DataSettings", "ModelSettings", "TrainSettings",
-           "FitJobSettings", "RNAProteinSettings", "PROTEIN_DISPERSIONS", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "cli_fields",
+           "FitJobSettings", "RNAProteinSettings", "PROTEIN_DISPERSIONS", "TrainingPlan", "default_max_epochs", "parse_dispersion_init", "parse_dispersion_lr_decay", "cli_fields",
            "as_dict", "from_dict", "build", "with_signature"]
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson", "normal", "zip")
@@ -120,6 +120,23 @@ def parse_dispersion_init(value) -> str | float:
     if not math.isfinite(v):
         raise CellvaeInputError(f"dispersion_init must be 'random' or a finite log theta (a number), got {value!r}.")
     return v
+
+
+def parse_dispersion_lr_decay(value) -> str | int:
+    """``"none"``, ``"warmup"`` or a positive whole number of epochs: the values ``dispersion_lr_decay`` accepts (a
+    string of digits from the command line is converted).
+
+    Raises:
+        CellvaeInputError: anything else (booleans, fractions, zero or negative numbers, other words).
+    """
+    if isinstance(value, str) and value in DISPERSION_LR_DECAYS:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise CellvaeInputError(f"dispersion_lr_decay must be 'none', 'warmup' or a positive whole number of epochs, "
+                            f"got {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -280,7 +297,8 @@ class TrainSettings:
             setting. Other likelihoods ignore it.
         dispersion_lr_decay: ``"none"``: log theta keeps ``dispersion_lr_multiplier`` throughout; ``"warmup"``: the
             multiplier falls linearly (per step) from ``dispersion_lr_multiplier`` to 1 over the KL warm-up, and is 1
-            after it (:func:`cellvae.train.schedule.dispersion_lr_multiplier_at`).
+            after it; a whole number N: the same over the first N epochs
+            (:func:`cellvae.train.schedule.dispersion_lr_multiplier_at`).
         seed: seeds initialisation, split, minibatch order, dropout and sampling.
         progress_bar: show a tqdm bar with epoch, train and validation ELBO.
         n_threads: torch threads while training (None: :func:`cellvae.train.threads.default_n_threads`).
@@ -319,9 +337,10 @@ class TrainSettings:
         "--dispersion-lr-multiplier", "Learning rate of log theta (NB / ZINB with gene or gene-batch dispersion) "
         "relative to --lr (1: as scvi-tools, under which theta barely leaves its random start for tens of epochs; "
         "benchmarks/results/dispersion_lr.md).", min=0.0, min_open=True))
-    dispersion_lr_decay: str = field(default="none", metadata=_opt(
+    dispersion_lr_decay: str | int = field(default="none", metadata=_opt(
         "--dispersion-lr-decay", "none: log theta keeps --dispersion-lr-multiplier throughout; warmup: the "
-        "multiplier falls linearly to 1 over the KL warm-up.", choices=DISPERSION_LR_DECAYS))
+        "multiplier falls linearly to 1 over the KL warm-up; a number N: over the first N epochs.",
+        parse=parse_dispersion_lr_decay, metavar="none|warmup|EPOCHS"))
     seed: int = field(default=0, metadata=_opt("--seed", "Seeds initialisation, split, minibatches and sampling."))
     progress_bar: bool = True
     n_threads: int | None = field(default=None, metadata=_opt(
@@ -338,6 +357,7 @@ class TrainSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "dispersion_init", parse_dispersion_init(self.dispersion_init))
+        object.__setattr__(self, "dispersion_lr_decay", parse_dispersion_lr_decay(self.dispersion_lr_decay))
         _check_fields(self)
         if self.train_size > 1.0:
             raise CellvaeInputError(f"train_size must be in (0, 1], got {self.train_size}.")

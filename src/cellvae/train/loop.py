@@ -38,7 +38,7 @@ from .distributed import (allreduce_grads, average_buffers, broadcast_module, is
 from .evaluate import evaluate_elbo, sparse_minibatches
 from .device import DeviceData, skip_nonfinite_step
 from .optim import _regroup_old_state, _transpose_old_states, grads_finite, make_optimizer, set_lr
-from .schedule import dispersion_lr_multiplier_at, lr_at
+from .schedule import dispersion_decay_steps, dispersion_lr_multiplier_at, lr_at
 from .threads import torch_threads
 
 __all__ = ["kl_weight_at", "train_module", "HISTORY_KEYS"]
@@ -179,7 +179,7 @@ class _Run:
         self.warmup_steps = plan.warmup_epochs * steps_per_epoch
         self.lr_steps = plan.max_epochs * steps_per_epoch  # the cosine schedule ends at the last step of max_epochs
         lr_at(0, self.lr_steps, plan)  # an unknown schedule fails here, before any work
-        dispersion_lr_multiplier_at(0, self.warmup_steps, plan)  # as an unknown dispersion decay
+        self.dispersion_decay_steps = dispersion_decay_steps(plan, self.warmup_steps, steps_per_epoch)
         self.history: dict = {k: [] for k in HISTORY_KEYS}
         self.best_elbo, self.best_state, self.best_epoch, self.bad_epochs = -math.inf, None, -1, 0
         self.step_count, self.start_epoch, self.stopped_early = 0, 0, False
@@ -309,9 +309,10 @@ class _Run:
         (0 for a skipped step)."""
         plan, opt = self.plan, self.optimizer
         x, cat, cont = batch
-        decay = plan.dispersion_lr_decay != "none" and len(opt.param_groups) > 1
+        decay = self.dispersion_decay_steps > 0 and len(opt.param_groups) > 1
         if decay:  # log theta's multiplier follows its own schedule (cellvae.train.schedule)
-            opt.param_groups[1]["lr_multiplier"] = dispersion_lr_multiplier_at(self.step_count, self.warmup_steps, plan)
+            opt.param_groups[1]["lr_multiplier"] = dispersion_lr_multiplier_at(self.step_count,
+                                                                               self.dispersion_decay_steps, plan)
         if plan.lr_schedule != "constant" or decay:
             set_lr(opt, lr_at(self.step_count, self.lr_steps, plan))
         if plan.check_finite:

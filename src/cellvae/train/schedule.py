@@ -8,9 +8,9 @@ import math
 
 
 from ..errors import CellvaeInputError
-from ..settings import DISPERSION_LR_DECAYS, LR_SCHEDULES, TrainingPlan
+from ..settings import LR_SCHEDULES, TrainingPlan, parse_dispersion_lr_decay
 
-__all__ = ['LR_SCHEDULES', 'COSINE_FLOOR', 'lr_at', 'dispersion_lr_multiplier_at']
+__all__ = ['LR_SCHEDULES', 'COSINE_FLOOR', 'lr_at', 'dispersion_decay_steps', 'dispersion_lr_multiplier_at']
 
 
 COSINE_FLOOR = 0.01  # last learning rate of the cosine schedule, relative to the peak
@@ -33,21 +33,25 @@ def lr_at(step: int, total_steps: int, plan: TrainingPlan) -> float:
     return plan.lr * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def dispersion_lr_multiplier_at(step: int, warmup_steps: int, plan: TrainingPlan) -> float:
-    """Learning-rate multiplier of log theta at optimizer step ``step`` (0-based), for ``plan.dispersion_lr_decay``.
+def dispersion_decay_steps(plan: TrainingPlan, warmup_steps: int, steps_per_epoch: int) -> int:
+    """Optimizer steps over which log theta's learning-rate multiplier falls to 1 (``plan.dispersion_lr_decay``):
+    0 for ``"none"``, the KL warm-up's ``warmup_steps`` for ``"warmup"``, N epochs of ``steps_per_epoch`` for N."""
+    decay = parse_dispersion_lr_decay(plan.dispersion_lr_decay)
+    if decay == "none":
+        return 0
+    return int(warmup_steps) if decay == "warmup" else int(decay) * int(steps_per_epoch)
 
-    ``"none"``: ``plan.dispersion_lr_multiplier``. ``"warmup"``: ``1 + (m - 1) * (1 - step / warmup_steps)`` with
-    ``m = plan.dispersion_lr_multiplier``, and 1 from ``warmup_steps`` on (the KL warm-up's steps; ``m`` when there
-    is no warm-up). A function of the step alone, so a resumed run follows the uninterrupted one.
 
-    Raises:
-        CellvaeInputError: an unknown ``plan.dispersion_lr_decay``.
+def dispersion_lr_multiplier_at(step: int, decay_steps: int, plan: TrainingPlan) -> float:
+    """Learning-rate multiplier of log theta at optimizer step ``step`` (0-based).
+
+    ``m = plan.dispersion_lr_multiplier`` while ``decay_steps`` is 0 (``dispersion_lr_decay="none"``, or a run
+    without warm-up under ``"warmup"``); otherwise ``1 + (m - 1) * (1 - step / decay_steps)``, and 1 from
+    ``decay_steps`` on (:func:`dispersion_decay_steps`). A function of the step alone, so a resumed run follows the
+    uninterrupted one.
     """
-    if plan.dispersion_lr_decay not in DISPERSION_LR_DECAYS:
-        raise CellvaeInputError(f"Unknown dispersion_lr_decay {plan.dispersion_lr_decay!r}: use one of "
-                                f"{', '.join(DISPERSION_LR_DECAYS)}.")
     m = float(plan.dispersion_lr_multiplier)
-    if plan.dispersion_lr_decay == "none" or warmup_steps <= 0:
+    if decay_steps <= 0:
         return m
-    frac = min(1.0, max(0, step) / warmup_steps)
+    frac = min(1.0, max(0, step) / decay_steps)
     return 1.0 + (m - 1.0) * (1.0 - frac)
