@@ -151,6 +151,24 @@ def report(rows: list[dict], configs: list[str], title: str, header: dict) -> st
     return "\n".join(lines)
 
 
+def rows_from_vs_scvi(paths: list[str], names: list[str], datasets: dict, seeds: list[int]) -> list[dict]:
+    """cellvae rows of ``vs_scvi.py`` JSON files as rows of this study: the rows of ``paths[i]`` become configuration
+    ``f"{names[i]} ({mode})"``. Only rows of ``datasets`` and ``seeds`` with the batch key of ``vs_scvi.BATCH_KEYS``
+    are taken (that script's split and evaluation are this one's, so the numbers are the same computation)."""
+    out = []
+    for path, name in zip(paths, names):
+        for r in json.loads(Path(path).read_text())["rows"]:
+            if (r.get("tool") != "cellvae" or r.get("error") or r["dataset"] not in datasets
+                    or int(r["seed"]) not in seeds or (r.get("batch_key") or None) != BATCH_KEYS.get(r["dataset"])):
+                continue
+            row = {k: r.get(k) for k in METRICS if k != "seconds"}
+            row.update(seconds=r.get("train_seconds"), dataset=r["dataset"], config=f"{name} ({r['mode']})",
+                       seed=int(r["seed"]), batch_key=r.get("batch_key"), commit=r.get("git_commit"),
+                       settings=r.get("cellvae_plan"))
+            out.append(row)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--half", choices=list(HALVES), default="choose")
@@ -161,10 +179,36 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--out", required=True, help="path stem: writes STEM.md and STEM.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--run-configs", nargs="*", default=None, choices=list(CONFIGS),
+                   help="train only these of --configs (the report covers all of --configs; with --resume, rows "
+                        "of the others stay as they are); an empty list only rewrites the report")
     p.add_argument("--no-batch-key", action="store_true",
                    help="train the multi-technology sets without their batch key (vs_scvi.BATCH_KEYS)")
+    p.add_argument("--compare-vs-scvi", nargs=2, metavar=("REFERENCE_JSON", "CANDIDATE_JSON"),
+                   help="no training: compare the cellvae rows of two vs_scvi.py JSON files (the reference defaults "
+                        "and the candidate ones) on the datasets of --half and --seeds, per mode")
+    p.add_argument("--names", nargs=2, default=["reference", "candidate"], help="with --compare-vs-scvi")
     args = p.parse_args(argv)
     import numpy as np
+    if args.compare_vs_scvi:
+        datasets = dict(d.split(":") for d in args.datasets) if args.datasets else HALVES[args.half]
+        rows = rows_from_vs_scvi(list(args.compare_vs_scvi), args.names, datasets, args.seeds)
+        commits = sorted({r["commit"] for r in rows if r["config"].startswith(args.names[1])})
+        header = {"commit": ", ".join(commits) or "?", "date": _dt.date.today().isoformat(),
+                  "half": args.half, "seeds": args.seeds,
+                  "source": f"cellvae rows of {args.compare_vs_scvi[0]} ({args.names[0]}) and "
+                            f"{args.compare_vs_scvi[1]} ({args.names[1]}), benchmarks/vs_scvi.py"}
+        parts = []
+        for mode in ("defaults", "equal-schedule"):
+            configs = [f"{n} ({mode})" for n in args.names]
+            mode_rows = [r for r in rows if r["config"] in configs]
+            if mode_rows:
+                parts.append(report(mode_rows, configs, f"Confirmation ({args.half}), {mode}", header))
+        out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
+        atomic_write_text(out_json, json.dumps({"header": header, "rows": rows}, indent=1))
+        atomic_write_text(out_md, "\n\n".join(parts))
+        print(f"wrote {out_md}")
+        return
 
     limit_threads(1)
     datasets = dict(d.split(":") for d in args.datasets) if args.datasets else HALVES[args.half]
@@ -178,6 +222,8 @@ def main(argv=None) -> None:
               "batch keys": "none" if args.no_batch_key else {d: k for d, k in BATCH_KEYS.items() if d in datasets}, "held-out log p(x) samples": args.n_samples,
               "configurations": {c: CONFIGS[c] for c in args.configs}}
     for name, key in datasets.items():
+        if args.run_configs == []:
+            break
         batch_key = None if args.no_batch_key else BATCH_KEYS.get(name)
         adata, labels, info = load_dataset(Path(args.data_dir), name, key,
                                            extra_obs=(batch_key,) if batch_key else ())
@@ -186,7 +232,7 @@ def main(argv=None) -> None:
             adata, labels = adata[keep].copy(), np.asarray(labels)[keep]
         for seed in args.seeds:
             for config in args.configs:
-                if (name, config, seed) in done:
+                if (name, config, seed) in done or (args.run_configs is not None and config not in args.run_configs):
                     continue
                 la0 = loadavg()
                 r = run_one(adata, labels, config, seed, args.n_samples, batch_key)
@@ -198,6 +244,8 @@ def main(argv=None) -> None:
                 atomic_write_text(out_json, json.dumps({"header": header, "rows": rows}, indent=1))
                 atomic_write_text(out_md, report(rows, args.configs, "Latent defaults study (" + args.half + ")",
                                                  header))
+    if rows:
+        atomic_write_text(out_md, report(rows, args.configs, "Latent defaults study (" + args.half + ")", header))
 
 
 if __name__ == "__main__":

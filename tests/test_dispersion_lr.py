@@ -80,7 +80,7 @@ def test_schedule_scales_both_groups(zeisel_small, optimizer_lrs):
     """Under the cosine schedule, every step's dispersion rate is the multiplier times the other weights' rate."""
     seen = optimizer_lrs
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=3, lr=2e-3, lr_schedule="cosine",
-                                             dispersion_lr_multiplier=10.0, **TRAIN)
+                                             dispersion_lr_multiplier=10.0, dispersion_lr_decay="none", **TRAIN)
     plan = TrainingPlan(lr=2e-3, lr_schedule="cosine")
     assert len(seen) == 15
     assert [s[0] for s in seen] == pytest.approx([lr_at(i, 15, plan) for i in range(15)], rel=1e-12)
@@ -177,17 +177,19 @@ def test_resume_from_a_one_group_checkpoint(tmp_path, zeisel_small, monkeypatch)
 
 def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatch):
     with pytest.warns(UserWarning, match="dispersion_lr_multiplier: 1.0 -> 10.0"):
-        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {"dispersion_lr_multiplier": 1.0},
-                               {"dispersion_lr_multiplier": 10.0})
+        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch,
+                               {"dispersion_lr_multiplier": 1.0, "dispersion_lr_decay": "none"},
+                               {"dispersion_lr_multiplier": 10.0, "dispersion_lr_decay": "none"})
     assert r.history["plan"]["dispersion_lr_multiplier"] == 10.0
     groups = load_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert [g["lr_multiplier"] for g in groups] == [1.0, 10.0]
     assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
 
 
-def test_default_is_30(zeisel_small):
+def test_default_is_30_falling_to_1_over_50_epochs(zeisel_small):
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **TRAIN)
     assert m.history["plan"]["dispersion_lr_multiplier"] == 30.0
+    assert m.history["plan"]["dispersion_lr_decay"] == 50
 
 
 def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
@@ -214,7 +216,8 @@ def test_decay_over_epochs(zeisel_small, optimizer_lrs):
 
 def test_decay_steps_and_multiplier():
     m30 = dict(dispersion_lr_multiplier=30.0)
-    assert dispersion_decay_steps(TrainingPlan(**m30), 100, 7) == 0  # default: no decay
+    assert dispersion_decay_steps(TrainingPlan(**m30), 100, 7) == 350  # default: over the first 50 epochs
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="none"), 100, 7) == 0
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 100, 7) == 100
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 0, 7) == 0  # no warm-up
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="20"), 100, 7) == 140  # CLI string
