@@ -186,10 +186,10 @@ def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatc
     assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
 
 
-def test_default_is_30_falling_to_1_over_50_epochs(zeisel_small):
+def test_default_is_30(zeisel_small):
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **TRAIN)
     assert m.history["plan"]["dispersion_lr_multiplier"] == 30.0
-    assert m.history["plan"]["dispersion_lr_decay"] == 50
+    assert m.history["plan"]["dispersion_lr_decay"] == "none"
 
 
 def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
@@ -205,22 +205,22 @@ def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
     assert m.history["plan"]["dispersion_lr_decay"] == "warmup"
 
 
-def test_decay_over_epochs(zeisel_small, optimizer_lrs):
-    """``dispersion_lr_decay=N``: the same fall over the first N epochs, whatever the warm-up."""
+def test_decay_over_steps(zeisel_small, optimizer_lrs):
+    """``dispersion_lr_decay=N``: the same fall over the first N optimizer steps, whatever the warm-up."""
     seen = optimizer_lrs
     CountVAE(zeisel_small, **SMALL).train(max_epochs=3, n_epochs_kl_warmup=3, dispersion_lr_multiplier=10.0,
-                                         dispersion_lr_decay=1, **TRAIN)
+                                         dispersion_lr_decay=5, **TRAIN)
     expected = [1e-3 * (1 + 9 * (1 - i / 5)) if i < 5 else 1e-3 for i in range(15)]
     assert [s[1] for s in seen] == pytest.approx(expected, rel=1e-12)
 
 
 def test_decay_steps_and_multiplier():
     m30 = dict(dispersion_lr_multiplier=30.0)
-    assert dispersion_decay_steps(TrainingPlan(**m30), 100, 7) == 350  # default: over the first 50 epochs
-    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="none"), 100, 7) == 0
-    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 100, 7) == 100
-    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 0, 7) == 0  # no warm-up
-    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="20"), 100, 7) == 140  # CLI string
+    assert dispersion_decay_steps(TrainingPlan(**m30), 100) == 0  # default
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="none"), 100) == 0
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 100) == 100
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 0) == 0  # no warm-up
+    assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="20"), 100) == 20  # CLI string
     plan = TrainingPlan(**m30, dispersion_lr_decay="warmup")
     assert [dispersion_lr_multiplier_at(s, 0, plan) for s in (0, 5, 100)] == [30.0, 30.0, 30.0]
     assert dispersion_lr_multiplier_at(50, 100, plan) == pytest.approx(15.5)

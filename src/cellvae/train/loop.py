@@ -179,7 +179,7 @@ class _Run:
         self.warmup_steps = plan.warmup_epochs * steps_per_epoch
         self.lr_steps = plan.max_epochs * steps_per_epoch  # the cosine schedule ends at the last step of max_epochs
         lr_at(0, self.lr_steps, plan)  # an unknown schedule fails here, before any work
-        self.dispersion_decay_steps = dispersion_decay_steps(plan, self.warmup_steps, steps_per_epoch)
+        self.dispersion_decay_steps = dispersion_decay_steps(plan, self.warmup_steps)
         self.history: dict = {k: [] for k in HISTORY_KEYS}
         self.best_elbo, self.best_state, self.best_epoch, self.bad_epochs = -math.inf, None, -1, 0
         self.step_count, self.start_epoch, self.stopped_early = 0, 0, False

@@ -33,13 +33,13 @@ def lr_at(step: int, total_steps: int, plan: TrainingPlan) -> float:
     return plan.lr * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def dispersion_decay_steps(plan: TrainingPlan, warmup_steps: int, steps_per_epoch: int) -> int:
+def dispersion_decay_steps(plan: TrainingPlan, warmup_steps: int) -> int:
     """Optimizer steps over which log theta's learning-rate multiplier falls to 1 (``plan.dispersion_lr_decay``):
-    0 for ``"none"``, the KL warm-up's ``warmup_steps`` for ``"warmup"``, N epochs of ``steps_per_epoch`` for N."""
+    0 for ``"none"``, the KL warm-up's ``warmup_steps`` for ``"warmup"``, N for a number N."""
     decay = parse_dispersion_lr_decay(plan.dispersion_lr_decay)
     if decay == "none":
         return 0
-    return int(warmup_steps) if decay == "warmup" else int(decay) * int(steps_per_epoch)
+    return int(warmup_steps) if decay == "warmup" else int(decay)
 
 
 def dispersion_lr_multiplier_at(step: int, decay_steps: int, plan: TrainingPlan) -> float:
