@@ -183,6 +183,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--out", required=True, help="path stem: writes STEM.md and STEM.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--merge", nargs="*", default=[], help="JSON files of other runs of this study whose rows join "
+                                                           "--out's (with --run-configs and no names: report only)")
     p.add_argument("--run-configs", nargs="*", default=None, choices=list(CONFIGS),
                    help="train only these of --configs (the report covers all of --configs; with --resume, rows "
                         "of the others stay as they are); an empty list only rewrites the report")
@@ -218,12 +220,22 @@ def main(argv=None) -> None:
     datasets = dict(d.split(":") for d in args.datasets) if args.datasets else HALVES[args.half]
     out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.exists() else []
+    for path in args.merge:  # rows of other runs of this study (e.g. split over datasets); the later file wins
+        seen = {(r["dataset"], r["config"], r["seed"]): i for i, r in enumerate(rows)}
+        for r in json.loads(Path(path).read_text())["rows"]:
+            k = (r["dataset"], r["config"], r["seed"])
+            if k in seen:
+                rows[seen[k]] = r
+            else:
+                seen[k] = len(rows)
+                rows.append(r)
     done = {(r["dataset"], r["config"], r["seed"]) for r in rows}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     header = {"commit": commit, "date": _dt.date.today().isoformat(), "machine": machine_description(),
               "half": args.half, "seeds": args.seeds,
-              "batch keys": "none" if args.no_batch_key else {d: k for d, k in BATCH_KEYS.items() if d in datasets}, "held-out log p(x) samples": args.n_samples,
+              "batch keys": "none" if args.no_batch_key else {d: k for d, k in BATCH_KEYS.items() if d in datasets},
+              "held-out log p(x) samples": args.n_samples,
               "configurations": {c: CONFIGS[c] for c in args.configs}}
     for name, key in datasets.items():
         if args.run_configs == []:
@@ -240,7 +252,7 @@ def main(argv=None) -> None:
                     continue
                 la0 = loadavg()
                 r = run_one(adata, labels, config, seed, args.n_samples, batch_key)
-                r.update(dataset=name, config=config, seed=seed, batch_key=batch_key, load_start=la0,
+                r.update(dataset=name, config=config, seed=seed, batch_key=batch_key, commit=commit, load_start=la0,
                          load_end=loadavg())
                 rows.append(r)
                 print(f"{name} seed {seed} {config}: " + ", ".join(
@@ -249,6 +261,7 @@ def main(argv=None) -> None:
                 atomic_write_text(out_md, report(rows, args.configs, "Latent defaults study (" + args.half + ")",
                                                  header))
     if rows:
+        atomic_write_text(out_json, json.dumps({"header": header, "rows": rows}, indent=1))
         atomic_write_text(out_md, report(rows, args.configs, "Latent defaults study (" + args.half + ")", header))
 
 

@@ -186,10 +186,10 @@ def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatc
     assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
 
 
-def test_default_is_30(zeisel_small):
+def test_default_is_30_falling_to_1_over_1000_steps(zeisel_small):
     m = CountVAE(zeisel_small, **SMALL).train(max_epochs=1, **TRAIN)
     assert m.history["plan"]["dispersion_lr_multiplier"] == 30.0
-    assert m.history["plan"]["dispersion_lr_decay"] == "none"
+    assert m.history["plan"]["dispersion_lr_decay"] == 1000
 
 
 def test_warmup_decay_falls_to_one_over_the_warmup(zeisel_small, optimizer_lrs):
@@ -216,7 +216,7 @@ def test_decay_over_steps(zeisel_small, optimizer_lrs):
 
 def test_decay_steps_and_multiplier():
     m30 = dict(dispersion_lr_multiplier=30.0)
-    assert dispersion_decay_steps(TrainingPlan(**m30), 100) == 0  # default
+    assert dispersion_decay_steps(TrainingPlan(**m30), 100) == 1000  # default
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="none"), 100) == 0
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 100) == 100
     assert dispersion_decay_steps(TrainingPlan(**m30, dispersion_lr_decay="warmup"), 0) == 0  # no warm-up

@@ -221,7 +221,8 @@ class CountVAE(AnnDataModel):
                 ``batch_size=128``, ``train_size=0.9`` (the rest is the seeded validation set for early stopping),
                 ``early_stopping=True``, ``early_stopping_patience=45``, ``lr=1e-3``, ``lr_schedule="constant"``,
                 ``n_epochs_kl_warmup`` (None: half of ``max_epochs``, at most 400),
-                ``decoder_bias_init="frequency"``, ``dispersion_init="random"``, ``dispersion_lr_multiplier=30``,
+                ``decoder_bias_init="frequency"``, ``dispersion_init="random"``, ``dispersion_lr_multiplier=30``
+                falling to 1 over ``dispersion_lr_decay=1000`` steps,
                 ``seed=0``, ``progress_bar``, ``n_threads``, ``checkpoint_every=10``, ``max_bad_steps=20``,
                 ``accelerator="auto"``. Under ``torchrun`` training is data-parallel over the processes
                 (:mod:`cellvae.train.distributed`).
