@@ -37,7 +37,8 @@ def test_adam_gets_the_scheduled_rate_every_step(zeisel_small, optimizer_lrs):
     m = CountVAE(zeisel_small, n_hidden=32, n_latent=5).train(max_epochs=2, batch_size=64, seed=1,
                                                              progress_bar=False, n_threads=1)
     assert [g[0] for g in seen] == [1e-3] * 10 and m.history["lr"] == [1e-3] * 2  # the default: scvi-tools' 1e-3
-    assert [g[1] for g in seen] == pytest.approx([3e-2] * 10, rel=1e-12)  # log theta: 30 x (dispersion_lr_multiplier)
+    # log theta: 30 x (dispersion_lr_multiplier), falling linearly to 1 x over 1000 steps (dispersion_lr_decay)
+    assert [g[1] for g in seen] == pytest.approx([1e-3 * (1 + 29 * (1 - s / 1000)) for s in range(10)], rel=1e-12)
 
 
 def test_unknown_schedule_is_refused_before_training(zeisel_small):
