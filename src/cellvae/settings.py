@@ -346,7 +346,7 @@ class TrainSettings:
     dispersion_lr_decay: str | int = field(default=1000, metadata=_opt(
         "--dispersion-lr-decay", "Optimizer steps N over which the learning-rate multiplier of log theta falls "
         "linearly to 1 (default 1000); warmup: over the KL warm-up; none: --dispersion-lr-multiplier throughout.",
-        parse=parse_dispersion_lr_decay, metavar="none|warmup|EPOCHS"))
+        parse=parse_dispersion_lr_decay, metavar="none|warmup|STEPS"))
     seed: int = field(default=0, metadata=_opt("--seed", "Seeds initialisation, split, minibatches and sampling."))
     progress_bar: bool = True
     n_threads: int | None = field(default=None, metadata=_opt(
