@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 import cellvae.train.checkpoint as ck_mod
 import cellvae.train.loop as train_mod
 from cellvae import CellvaeInputError, CountVAE
-from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer
+from cellvae.train import TrainingPlan, load_checkpoint, lr_at, make_optimizer, save_checkpoint
 from cellvae.train.schedule import dispersion_decay_steps, dispersion_lr_multiplier_at
 
 SMALL = dict(n_hidden=32, n_latent=5)
@@ -119,9 +121,11 @@ def _state(m):
     return {k: v.clone() for k, v in m.module.state_dict().items()}
 
 
-def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw, first_optimizer=None):
+def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw, first_optimizer=None,
+                       edit_checkpoint=None):
     """Train 4 epochs with ``first_kw`` until a simulated crash after the epoch-2 checkpoint (with
-    ``first_optimizer`` in place of ``make_optimizer`` if given), then resume with ``second_kw`` in a fresh model."""
+    ``first_optimizer`` in place of ``make_optimizer`` if given; ``edit_checkpoint(state)`` then rewrites the
+    checkpoint), then resume with ``second_kw`` in a fresh model."""
     calls = []
 
     def crash_at_second_checkpoint(path):
@@ -139,6 +143,10 @@ def _crash_then_resume(tmp_path, zeisel_small, monkeypatch, first_kw, second_kw,
     monkeypatch.setattr(ck_mod, "_CHECKPOINT_HOOK", None)
     monkeypatch.setattr(train_mod, "make_optimizer", orig)
     assert load_checkpoint(tmp_path)["epoch"] == 2
+    if edit_checkpoint is not None:
+        state = load_checkpoint(tmp_path)
+        edit_checkpoint(state)
+        save_checkpoint(state, tmp_path)
     return CountVAE(zeisel_small, **SMALL).train(resume=True, **kw, **second_kw)
 
 
@@ -184,6 +192,28 @@ def test_resume_with_another_multiplier_warns(tmp_path, zeisel_small, monkeypatc
     groups = load_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert [g["lr_multiplier"] for g in groups] == [1.0, 10.0]
     assert np.isclose(groups[1]["lr"], 10 * groups[0]["lr"])
+
+
+def _as_older_cellvae(state):
+    """A checkpoint as a cellvae without ``dispersion_lr_decay`` wrote it (30x throughout)."""
+    del state["plan"]["dispersion_lr_decay"]
+
+
+def test_resume_of_a_checkpoint_without_the_decay_setting_warns(tmp_path, zeisel_small, monkeypatch):
+    """A checkpoint written before ``dispersion_lr_decay`` existed was trained with ``"none"``: resuming it under
+    the new default says so instead of changing the schedule silently."""
+    with pytest.warns(UserWarning, match=r"dispersion_lr_decay: none \(the behaviour of the older cellvae.*-> 1000"):
+        _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {"dispersion_lr_decay": "none"}, {},
+                           edit_checkpoint=_as_older_cellvae)
+
+
+def test_resume_of_a_checkpoint_without_the_decay_setting_keeps_quiet_on_its_behaviour(tmp_path, zeisel_small,
+                                                                                        monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        r = _crash_then_resume(tmp_path, zeisel_small, monkeypatch, {"dispersion_lr_decay": "none"},
+                               {"dispersion_lr_decay": "none"}, edit_checkpoint=_as_older_cellvae)
+    assert r.history["plan"]["dispersion_lr_decay"] == "none"
 
 
 def test_default_is_30_falling_to_1_over_1000_steps(zeisel_small):

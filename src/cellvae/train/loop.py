@@ -48,6 +48,9 @@ _RESUME_FIXED = ("batch_size", "seed", "train_size")
 # Settings that may change on resume without notice.
 _RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
                 "accelerator", "fused_optimizer", "decoder_bias_init", "dispersion_init")
+# Settings added to TrainSettings after checkpoints were first written, with the value that reproduces the behaviour
+# of a cellvae that did not know them (a checkpoint without the key was trained that way).
+_RESUME_LEGACY = {"dispersion_lr_decay": "none"}
 _FORCE_SYNC_FREE = False  # tests: the accelerator's synchronisation-free step on the CPU (tests/test_device.py)
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
@@ -478,6 +481,16 @@ def _check_resume(ck: dict, plan: TrainSettings, train_t, val_t, meta: dict, war
         )
     changed = [f"{k}: {old[k]} -> {getattr(plan, k)}" for k in old
                if k not in _RESUME_FIXED + _RESUME_FREE and hasattr(plan, k) and old[k] != getattr(plan, k)]
+    if old:  # settings added after the checkpoint was written: compare with the behaviour it was trained under
+        for k in as_dict(plan):
+            if k in old or k in _RESUME_FIXED + _RESUME_FREE:
+                continue
+            if k not in _RESUME_LEGACY:
+                changed.append(f"{k}: not recorded in the checkpoint (written by an older cellvae) -> "
+                               f"{getattr(plan, k)}")
+            elif _RESUME_LEGACY[k] != getattr(plan, k):
+                changed.append(f"{k}: {_RESUME_LEGACY[k]} (the behaviour of the older cellvae that wrote the "
+                               f"checkpoint) -> {getattr(plan, k)}")
     if int(ck.get("warmup_steps", warmup_steps)) != warmup_steps:
         changed.append(f"KL warm-up steps: {ck['warmup_steps']} -> {warmup_steps} (set n_epochs_kl_warmup to keep "
                        "it when changing max_epochs)")
