@@ -469,7 +469,7 @@ def read_json(path: Path) -> dict:
 
 
 class Store:
-    """The rows of --json, merged on every write with what is on disk (another invocation may add rows)."""
+    """The rows of --json, merged on every write with what is on disk (another invocation may add or drop rows)."""
 
     def __init__(self, json_path: Path, md_path: Path, invocation: dict | None):
         self.json_path, self.md_path = json_path, md_path
@@ -496,11 +496,15 @@ class Store:
         self.dropped.discard(k)
 
     def write(self) -> None:
+        on_disk = self.json_path.exists()
         disk = read_json(self.json_path)
         merged = {row_key(r): r for r in disk["rows"] if row_key(r) not in self.dropped}
         merged.update(self.own)
-        for k, r in self.rows.items():  # rows read at start (kept unless dropped)
-            merged.setdefault(k, r)
+        if not on_disk:  # the file went away: keep the rows this invocation read
+            for k, r in self.rows.items():
+                merged.setdefault(k, r)
+        # Otherwise the file is the truth beside this invocation's own rows and drops: a row read at start that is
+        # gone from it was dropped by a concurrent invocation (--rerun-tool) and must not come back.
         self.rows = merged
         meta = dict(self.meta)
         invs: dict[str, dict] = {}  # one record per invocation id (the latest written), whoever wrote it
