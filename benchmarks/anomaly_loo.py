@@ -39,6 +39,8 @@ from cellvae.analysis.anomaly import anomaly_score, calibrate_threshold  # noqa:
 from cellvae.data import select_highly_variable_genes  # noqa: E402
 from cellvae.data.fileio import write_text_atomic  # noqa: E402
 
+from _common import run_record_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CELLVAE_DATA_DIR") or ROOT.parent / "shared" / "data")
 DEFAULT_DATASETS = [  # every dataset in ../shared/data with obs['cell_type']
@@ -97,6 +99,7 @@ def run_type(a: ad.AnnData, types: np.ndarray, t: str, epochs: int, seed: int = 
 def write_md(results: dict, path: Path, args) -> None:
     names = list(SCORES)
     lines = [
+        *run_record_header(results),
         "# Leave-one-cell-type-out novelty detection (cellvae.anomaly)",
         "",
         "Produced by `benchmarks/anomaly_loo.py` "
@@ -151,6 +154,14 @@ def write_md(results: dict, path: Path, args) -> None:
     write_text_atomic(path, "\n".join(lines))
 
 
+def run_record_header(results: dict) -> list[str]:
+    """The ``commit ..., date, load`` line of the newest dataset run (and of the first, when they differ)."""
+    records = [res["info"]["run_record"] for res in results.values() if res["info"].get("run_record")]
+    if not records:
+        return []
+    return [records[-1] + (f" (the first dataset: {records[0]})" if records[0] != records[-1] else ""), ""]
+
+
 def results_runtime(results: dict) -> float:
     return sum(r["info"]["seconds"] for r in results.values())
 
@@ -172,6 +183,7 @@ def main() -> None:
     results = {}
     for ds in args.datasets:
         t0 = time.perf_counter()
+        record = run_record_line()
         shape_file = ad.read_h5ad(DATA / f"{ds}.h5ad", backed="r").shape
         a = load(ds, args.max_cells)
         types = a.obs["cell_type"].astype(str).to_numpy()
@@ -184,7 +196,7 @@ def main() -> None:
             res.append(r)
         results[ds] = {"info": {"n_cells": a.n_obs, "n_genes": a.n_vars, "n_cells_file": shape_file[0],
                                 "subsampled": a.n_obs < shape_file[0], "hvg": a.n_vars < shape_file[1],
-                                "seconds": time.perf_counter() - t0},
+                                "seconds": time.perf_counter() - t0, "run_record": record},
                        "types": res}
         print(ds, "mean", {k: round(float(np.mean([r["auroc"][k] for r in res])), 3) for k in SCORES}, flush=True)
         out = Path(args.out)  # written after every dataset, so that a stopped run keeps what it measured
