@@ -28,12 +28,13 @@ minus its prediction from a quadratic in log library size fitted on reference ce
 small-library cells as normal whatever their type). Measured on leave-one-cell-type-out benchmarks
 (``benchmarks/anomaly_loo.py``, ``benchmarks/results/anomaly_loo.md``; mean AUROC over the left-out types of
 each of the 9 labelled datasets in ``../shared/data``): ``latent_knn`` (the default, chosen on Zeisel, 10x PBMC
-4k and Kang) averages 0.831 over the datasets (Zeisel 0.927, PBMC 4k 0.815, Kang 0.723, three-technology PBMCs
-0.985, kidney 0.779, bladder 0.782, worm neurons 0.722, CBMC 0.804, mESC 0.941); ``latent_knn_gene`` 0.851
-(0.918, 0.768, 0.830, 0.954, 0.844, 0.806, 0.768, 0.822, 0.955): better on 5 of the 7 datasets not used to
-design it, worse on Zeisel and the three-technology PBMCs (both >= 0.92 either way); ``gene_surprise`` alone 0.818; the whole-cell
-likelihoods 0.58-0.77 (``elbo`` + ``regress`` 0.772). Left-out types that are close relatives of a trained
-type (e.g. CD4 vs CD8 T cells, kidney or worm neuron subtypes) remain hard to tell apart.
+4k and Kang) averages 0.837 over the datasets (Zeisel 0.883, PBMC 4k 0.798, Kang 0.736, three-technology PBMCs
+0.986, kidney 0.788, bladder 0.807, worm neurons 0.755, CBMC 0.803, mESC 0.982); ``latent_knn_gene`` 0.857
+(0.936, 0.761, 0.813, 0.949, 0.859, 0.825, 0.783, 0.822, 0.968): better on 5 of the 7 datasets not used to
+design it, worse on the three-technology PBMCs and mESC (both >= 0.94 either way); ``gene_surprise`` alone 0.828;
+the whole-cell likelihoods 0.61-0.81 (``elbo`` + ``regress`` 0.811; rerun of 2026-12-06 at the current
+defaults). Left-out types that are close relatives of a trained type (e.g. CD4 vs CD8 T cells, kidney or worm
+neuron subtypes) remain hard to tell apart.
 
 Reference cells (``reference=``) are cells known to be normal: by default the model's own training cells
 (``model.adata[model.train_indices]``, or every cell of ``model.adata`` when the split is unknown). When the
