@@ -420,7 +420,9 @@ def _v(rows, sub, key):
 
 def render(rows: list[dict], meta: dict) -> str:
     eps = meta["epochs"]
-    out = ["# Imputation of hidden counts: cellvae vs scvi-tools (scVI paper protocol)", ""]
+    out = [f"commit {meta.get('git', '?')}, {meta['date']}, load {meta.get('loadavg_start', '?')} (the run that "
+           "wrote the newest rows; earlier rows: see 'Earlier (resumed) run' below)", "",
+           "# Imputation of hidden counts: cellvae vs scvi-tools (scVI paper protocol)", ""]
     out.append(f"Generated {meta['date']} by `benchmarks/imputation.py` ({meta['command']}).")
     out.append("")
     v = meta["versions"]
