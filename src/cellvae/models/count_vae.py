@@ -241,6 +241,12 @@ class CountVAE(AnnDataModel):
             CellvaeTrainingError: ``max_bad_steps`` consecutive non-finite steps. The model then keeps the best
                 weights so far (``self.history`` up to the failure); with ``checkpoint_dir`` they are also in the
                 checkpoint.
+
+        Warns:
+            UserWarning: ``resume`` with settings other than the checkpoint's (e.g. ``max_epochs``), including a
+                setting that a checkpoint of an older cellvae did not record and whose current default trains
+                differently (``dispersion_lr_decay``: such a checkpoint was trained with ``"none"``). The run
+                continues under the current settings; ``docs/inputs.md`` R9 and R9b.
         """
         s = build(TrainSettings, settings, train_settings, "training settings")
         if self._train_cells is None:  # a loaded model: train on the attached cells that have counts
