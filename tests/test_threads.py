@@ -81,3 +81,66 @@ def test_training_with_another_thread_count_agrees(pbmc_small):
         if v.is_floating_point():
             torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-5, msg=k)
     np.testing.assert_allclose(a.get_latent_representation(), b.get_latent_representation(), rtol=1e-5, atol=1e-5)
+
+
+class _FakeClock:
+    """A clock whose steps take the seconds given per thread count."""
+
+    def __init__(self, seconds_per_count):
+        self.t, self.per = 0.0, seconds_per_count
+
+    def __call__(self):
+        return self.t
+
+    def run_step(self, trial):
+        n = trial.before_step()
+        self.t += self.per(n)
+        trial.after_step()
+        return n
+
+
+def test_thread_trial_keeps_the_faster_count_and_restarts(threads):
+    from cellvae.train.threads import ThreadTrial
+
+    threads(1)
+    speed = {1: 0.010, 2: 0.006}
+    clock = _FakeClock(lambda n: speed[n])
+    trial = ThreadTrial([2, 1], rounds=3, every_seconds=1.0, clock=clock)
+    used = [clock.run_step(trial) for _ in range(8)]  # warm-up 1, 2, then 2 1 1 2 2 1 ... (3 timed each)
+    assert sorted(used[:2]) == [1, 2] and used.count(1) == 4 and used.count(2) == 4
+    assert not trial.active and trial.chosen == 2 and torch.get_num_threads() == 2
+    assert trial.trials == [{1: 0.010, 2: 0.006}]
+    speed[2] = 0.030  # load arrives: 2 threads now slower
+    while clock.t - 0.064 < 1.0:  # steps at the chosen count until the next trial is due
+        assert clock.run_step(trial) == 2
+    for _ in range(8):
+        clock.run_step(trial)
+    assert trial.chosen == 1 and torch.get_num_threads() == 1 and len(trial.trials) == 2
+
+
+def test_thread_trial_prefers_fewer_threads_within_the_margin(threads):
+    from cellvae.train.threads import ThreadTrial
+
+    clock = _FakeClock(lambda n: 0.010 if n == 1 else 0.0098)  # 2 % faster: not worth a second core
+    trial = ThreadTrial([1, 2], clock=clock)
+    for _ in range(8):
+        clock.run_step(trial)
+    assert trial.chosen == 1
+    with pytest.raises(ValueError):
+        ThreadTrial([0, 2])
+    assert ThreadTrial([4]).active is False  # one count: nothing to time
+
+
+def test_default_training_times_thread_counts(pbmc_small, threads, monkeypatch):
+    import cellvae.train.loop as loop
+
+    threads(2)
+    monkeypatch.setattr(loop, "thread_candidates", lambda: [1, 2])
+    m = CountVAE(pbmc_small, n_hidden=32, n_latent=5)
+    m.train(max_epochs=3, batch_size=32, seed=3, progress_bar=False)
+    h = m.history
+    assert len(h["thread_trials"]) >= 1 and set(h["thread_trials"][0]) == {"1", "2"}
+    assert h["n_threads"] in (1, 2) and torch.get_num_threads() == 2  # the caller's count is restored
+    fixed = CountVAE(pbmc_small, n_hidden=32, n_latent=5)
+    fixed.train(max_epochs=1, batch_size=32, seed=3, progress_bar=False, n_threads=1)
+    assert "thread_trials" not in fixed.history and fixed.history["n_threads"] == 1

@@ -307,7 +307,10 @@ class TrainSettings:
             held-out log p(x) at the default schedule than a multiplier of 1, but a worse one at scvi-tools'.
         seed: seeds initialisation, split, minibatch order, dropout and sampling.
         progress_bar: show a tqdm bar with epoch, train and validation ELBO.
-        n_threads: torch threads while training (None: :func:`cellvae.train.threads.default_n_threads`).
+        n_threads: torch threads while training. None: on the CPU, chosen by timing a few training steps at the
+            idle-core count of :func:`cellvae.train.threads.default_n_threads` and at all physical cores, again every
+            30 s (:class:`cellvae.train.threads.ThreadTrial`); results are then not bit-identical between runs. A
+            number fixes the count: the same seed, data and count give bit-identical weights on the CPU.
         checkpoint_every: with a checkpoint directory, epochs between checkpoints (and always at the end).
         max_bad_steps: stop with :class:`cellvae.CellvaeTrainingError` after this many consecutive minibatches
             with a non-finite loss or gradients (each is skipped).
@@ -350,8 +353,8 @@ class TrainSettings:
     seed: int = field(default=0, metadata=_opt("--seed", "Seeds initialisation, split, minibatches and sampling."))
     progress_bar: bool = True
     n_threads: int | None = field(default=None, metadata=_opt(
-        "--n-threads", "CPU threads for training (default: the cores idle at the start; fix it for bit-identical "
-        "reruns).", min=1, max=1024))
+        "--n-threads", "CPU threads for training (default: chosen by timing training steps at the idle cores and at "
+        "all cores; fix it for bit-identical reruns).", min=1, max=1024))
     checkpoint_every: int = field(default=10, metadata=_opt(
         "--checkpoint-every", "Epochs between training checkpoints in --out/checkpoints (a crash loses at most this "
         "many).", min=1))

@@ -39,7 +39,7 @@ from .evaluate import evaluate_elbo, sparse_minibatches
 from .device import DeviceData, skip_nonfinite_step
 from .optim import _regroup_old_state, _transpose_old_states, grads_finite, make_optimizer, set_lr
 from .schedule import dispersion_decay_steps, dispersion_lr_multiplier_at, lr_at
-from .threads import torch_threads
+from .threads import ThreadTrial, thread_candidates, torch_threads
 
 __all__ = ["kl_weight_at", "train_module", "HISTORY_KEYS"]
 
@@ -109,7 +109,9 @@ def train_module(
         step), ``train_loss`` (weighted, the optimised quantity), ``train_elbo``, ``validation_elbo``,
         ``validation_reconstruction_loss``, ``validation_kl_local`` (nats per cell), ``skipped_steps``, ``seconds``;
         plus ``best_epoch``, ``stopped_early``, ``n_skipped_steps``, ``train_cells_per_second``,
-        ``resumed_from_epoch`` (0 for a fresh run), ``n_threads`` (the threads used) and ``plan`` (the settings,
+        ``resumed_from_epoch`` (0 for a fresh run), ``n_threads`` (the threads used at the end; with ``n_threads=None``
+        on the CPU they are chosen by timing steps, :class:`cellvae.train.threads.ThreadTrial`, whose trials are in
+        ``thread_trials``: ``{count: median step seconds}`` each) and ``plan`` (the settings,
         ``max_epochs`` resolved); a module with a label classifier adds ``validation_classification_loss``
         (:data:`OPTIONAL_HISTORY_KEYS`). Early stopping and the best weights follow :func:`validation_score`.
 
@@ -130,6 +132,8 @@ def train_module(
             run = _Run(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta, device)
             history = run.fit()
             history["n_threads"] = torch.get_num_threads()
+            if run.thread_trial is not None:
+                history["thread_trials"] = [{str(k): v for k, v in t.items()} for t in run.thread_trial.trials]
             return history
     finally:
         module.cpu()
@@ -197,6 +201,10 @@ class _Run:
         if not sparse:  # dense steps select rows of one dense copy, not CSR per batch
             data.densify()
         self.minibatches = data.iterate_sparse if sparse else data.iterate
+        # n_threads=None on the CPU in one process: the thread count is chosen by timing steps (ThreadTrial)
+        candidates = thread_candidates() if plan.n_threads is None and device.type == "cpu" and self.n_ranks == 1 \
+            else []
+        self.thread_trial = ThreadTrial(candidates) if len(candidates) > 1 else None
         on_device = None if sparse else DeviceData.maybe(data, device)  # accelerators: the data copied once
         if on_device is not None:
             self.minibatches = on_device.iterate
@@ -290,9 +298,14 @@ class _Run:
         # torchrun: a new split of the training cells between the processes every epoch (as DistributedSampler
         # does), so the len % n_ranks cells left out change; a single process keeps its cells (shard_indices).
         cells = shard_indices(self.train_all, self.plan.seed + epoch) if self.n_ranks > 1 else self.train_t
+        trial = self.thread_trial
         for batch in self.minibatches(cells, self.batch_size, shuffle=True, generator=self.gen):
             kl_w = kl_weight_at(self.step_count, self.warmup_steps, self.max_kl)
+            if trial is not None:
+                trial.before_step()
             n = self.step(to_device(batch, self.device), kl_w, sums, epoch)
+            if trial is not None:
+                trial.after_step()
             n_ok += n
             skipped += n == 0
         if self.sync_free:  # the device-side counts, read once per epoch
