@@ -105,7 +105,7 @@ def test_thread_trial_keeps_the_faster_count_and_restarts(threads):
     threads(1)
     speed = {1: 0.010, 2: 0.006}
     clock = _FakeClock(lambda n: speed[n])
-    trial = ThreadTrial([2, 1], rounds=3, every_seconds=1.0, clock=clock)
+    trial = ThreadTrial([2, 1], rounds=3, every_seconds=1.0, first_seconds=1.0, clock=clock)
     used = [clock.run_step(trial) for _ in range(8)]  # warm-up 1, 2, then 2 1 1 2 2 1 ... (3 timed each)
     assert sorted(used[:2]) == [1, 2] and used.count(1) == 4 and used.count(2) == 4
     assert not trial.active and trial.chosen == 2 and torch.get_num_threads() == 2
@@ -132,10 +132,11 @@ def test_thread_trial_prefers_fewer_threads_within_the_margin(threads):
 
 
 def test_default_training_times_thread_counts(pbmc_small, threads, monkeypatch):
-    import cellvae.train.loop as loop
+    import cellvae.train.threads as th
 
-    threads(2)
-    monkeypatch.setattr(loop, "thread_candidates", lambda: [1, 2])
+    threads(2)  # the caller's count: the cap of the trial (read before training sets the idle-core count)
+    monkeypatch.setattr(th, "default_n_threads", lambda: 1)  # one core idle
+    monkeypatch.setattr(th, "_available_cpus", lambda: 2)
     m = CountVAE(pbmc_small, n_hidden=32, n_latent=5)
     m.train(max_epochs=3, batch_size=32, seed=3, progress_bar=False)
     h = m.history

@@ -128,8 +128,12 @@ def train_module(
     device = resolve_device(plan.accelerator)
     module.to(device)
     try:
+        # n_threads=None on the CPU in one process: the count is chosen by timing steps (ThreadTrial) between the
+        # idle cores and the caller's count (read before torch_threads sets the idle-core count)
+        candidates = thread_candidates() if plan.n_threads is None and device.type == "cpu" and world()[1] == 1 \
+            else []
         with torch_threads(plan.n_threads):
-            run = _Run(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta, device)
+            run = _Run(module, data, train_idx, val_idx, plan, checkpoint_dir, resume, meta, device, candidates)
             history = run.fit()
             history["n_threads"] = torch.get_num_threads()
             if run.thread_trial is not None:
@@ -144,7 +148,8 @@ class _Run:
     :meth:`fit` (the epochs), :meth:`epoch` (one pass), :meth:`step` (one minibatch), :meth:`end_of_epoch` (history,
     validation, early stopping, checkpoint)."""
 
-    def __init__(self, module, data, train_idx, val_idx, plan: TrainSettings, checkpoint_dir, resume, meta, device):
+    def __init__(self, module, data, train_idx, val_idx, plan: TrainSettings, checkpoint_dir, resume, meta, device,
+                 thread_counts=()):
         self.rank, self.n_ranks = world()
         if self.n_ranks > 1 and resume:
             raise CellvaeInputError("Resuming a multi-process run is not supported yet: resume it in one process "
@@ -201,10 +206,7 @@ class _Run:
         if not sparse:  # dense steps select rows of one dense copy, not CSR per batch
             data.densify()
         self.minibatches = data.iterate_sparse if sparse else data.iterate
-        # n_threads=None on the CPU in one process: the thread count is chosen by timing steps (ThreadTrial)
-        candidates = thread_candidates() if plan.n_threads is None and device.type == "cpu" and self.n_ranks == 1 \
-            else []
-        self.thread_trial = ThreadTrial(candidates) if len(candidates) > 1 else None
+        self.thread_trial = ThreadTrial(thread_counts) if len(set(thread_counts)) > 1 else None
         on_device = None if sparse else DeviceData.maybe(data, device)  # accelerators: the data copied once
         if on_device is not None:
             self.minibatches = on_device.iterate

@@ -37,6 +37,14 @@ def _idle_cpus(seconds: float = IDLE_SAMPLE_SECONDS) -> float | None:
     return (i1 - i0) / (t1 - t0) * (os.cpu_count() or 1)
 
 
+def _available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_n_threads() -> int:
     """Threads for training: the cores that are idle now, at most torch's default (its count of physical cores).
 
@@ -50,10 +58,7 @@ def default_n_threads() -> int:
     on a busy one only the idle cores. Load that starts after training has begun is not followed: pass
     ``n_threads`` to fix the count.
     """
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
+    available = _available_cpus()
     cap = max(1, min(torch.get_num_threads(), available))
     now = time.monotonic()
     if _last_idle and now - _last_idle[0] < IDLE_REUSE_SECONDS:  # (calls in a row: one measurement)
@@ -81,7 +86,8 @@ def torch_threads(n: int | None):
 
 
 THREAD_TRIAL_ROUNDS = 3  # timed steps per candidate thread count in one trial (after one untimed warm-up step each)
-THREAD_TRIAL_EVERY_SECONDS = 30.0  # a new trial starts at the first step this long after the last one ended
+THREAD_TRIAL_FIRST_SECONDS = 2.0  # the second trial starts this long after the first ended; the gap then doubles
+THREAD_TRIAL_EVERY_SECONDS = 30.0  # ... up to this
 THREAD_TRIAL_MARGIN = 0.05  # more threads are chosen only when their median step is this much faster
 
 
@@ -89,11 +95,7 @@ def thread_candidates() -> list[int]:
     """The thread counts a default run (``n_threads=None``) times against each other: the idle-core count of
     :func:`default_n_threads` and the cap (torch's count of physical cores, at most the CPUs available to this
     process); when they agree, the cap and half of it. One count (a single core) means no trial."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
-    cap = max(1, min(torch.get_num_threads(), available))
+    cap = max(1, min(torch.get_num_threads(), _available_cpus()))
     idle = min(default_n_threads(), cap)
     return sorted({idle, cap} if idle != cap else {max(1, cap // 2), cap})
 
@@ -104,8 +106,9 @@ class ThreadTrial:
     A trial runs each candidate count for one untimed warm-up step, then for ``rounds`` timed steps each, in
     alternating order (``1 2 2 1 1 2`` for two candidates), and keeps the count with the shortest median step; more
     threads win only when they are at least ``margin`` faster, because an idle core taken by another process later
-    stalls a larger thread team. A new trial starts when ``every_seconds`` have passed since the last one ended, so
-    load that starts or stops during training is followed. Why timing and not a rule: on the shared 2-core machine
+    stalls a larger thread team. The next trial starts ``first_seconds`` after the first one ended, and the gap
+    doubles up to ``every_seconds``, so a trial spoiled by a burst of other work is soon redone and load that starts
+    or stops during training is followed. Why timing and not a rule: on the shared 2-core machine
     of ``benchmarks/results/throughput.md``, with about 0.3 cores taken by other processes, the idle-core rule chose
     1 thread where 2 trained 1.6x faster (kang2018), while with a whole core taken 2 threads are 2-3x slower than 1.
 
@@ -121,11 +124,12 @@ class ThreadTrial:
     """
 
     def __init__(self, candidates, rounds: int = THREAD_TRIAL_ROUNDS, every_seconds: float = THREAD_TRIAL_EVERY_SECONDS,
-                 margin: float = THREAD_TRIAL_MARGIN, clock=None):
+                 margin: float = THREAD_TRIAL_MARGIN, clock=None, first_seconds: float = THREAD_TRIAL_FIRST_SECONDS):
         self.candidates = sorted({int(c) for c in candidates})
         if not self.candidates or self.candidates[0] < 1:
             raise ValueError(f"thread counts must be >= 1, got {candidates!r}")
         self.rounds, self.every, self.margin = int(rounds), float(every_seconds), float(margin)
+        self.gap = min(float(first_seconds), self.every)
         self.clock = clock or time.perf_counter
         self.chosen = self.candidates[-1]
         self.trials: list[dict] = []
@@ -149,7 +153,8 @@ class ThreadTrial:
 
     def before_step(self) -> int:
         """Set torch's thread count for the next step and start its clock; returns the count."""
-        if not self._queue and self._ended is not None and self.clock() - self._ended >= self.every:
+        if not self._queue and self._ended is not None and self.clock() - self._ended >= self.gap:
+            self.gap = min(2.0 * self.gap, self.every)
             self._start()
         n = self._queue[0][0] if self._queue else self.chosen
         if torch.get_num_threads() != n:
