@@ -46,7 +46,9 @@ def _available_cpus() -> int:
 
 
 def default_n_threads() -> int:
-    """Threads for training: the cores that are idle now, at most torch's default (its count of physical cores).
+    """Threads for analyses (``torch_threads(None)``), and one of the two counts a default training run times against
+    each other (:class:`ThreadTrial`): the cores that are idle now, at most torch's default (its count of physical
+    cores).
 
     Rule: ``max(1, min(torch.get_num_threads(), cpus available to this process, floor(idle CPUs + 0.25)))``, with
     the idle CPUs measured over 0.2 s from ``/proc/stat`` (Linux; elsewhere the 1-minute load average stands in
