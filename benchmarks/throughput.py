@@ -219,7 +219,8 @@ def report(payload: dict, quiet_load: float) -> str:
     if tq:
         lines += ["## Time to scvi-tools' default-trained held-out ELBO (each tool's default threads)", "",
                   "| dataset | scvi-tools: epochs, s, held-out ELBO | cellvae: budget epochs (run), s, held-out ELBO | "
-                  "time ratio | per-step (cells/s) ratio | epoch ratio | loads |", "|---|---|---|---|---|---|---|"]
+                  "time ratio | per-step (cells/s) ratio | epoch ratio | loads | commit, date |",
+                  "|---|---|---|---|---|---|---|---|"]
         for ds in sorted({r["dataset"] for r in tq}):
             s = next((r for r in tq if r["dataset"] == ds and r["tool"] == "scvi"), None)
             cs = sorted((r for r in tq if r["dataset"] == ds and r["tool"] == "cellvae"), key=lambda r: r["budget"])
@@ -228,13 +229,15 @@ def report(payload: dict, quiet_load: float) -> str:
             hit = next((r for r in cs if r["heldout_elbo"] >= s["heldout_elbo"]), None)
             if hit is None:
                 lines.append(f"| {ds} | {s['epochs']}, {s['seconds']:.0f}, {s['heldout_elbo']:.1f} | not reached "
-                             f"(best {max(r['heldout_elbo'] for r in cs):.1f}) | - | - | - | |")
+                             f"(best {max(r['heldout_elbo'] for r in cs):.1f}) | - | - | - | | {s.get('commit', '?')}, "
+                             f"{s.get('date', '?')[:10]} |")
                 continue
             lines.append(f"| {ds} | {s['epochs']}, {s['seconds']:.0f}, {s['heldout_elbo']:.1f} | {hit['budget']} "
                          f"({hit['epochs']}), {hit['seconds']:.1f}, {hit['heldout_elbo']:.1f} | "
                          f"{s['seconds'] / hit['seconds']:.2f}x | "
                          f"{hit['cells_per_second'] / s['cells_per_second']:.2f}x | "
-                         f"{s['epochs'] / hit['epochs']:.2f}x | {s['load_start']:.2f}, {hit['load_start']:.2f} |")
+                         f"{s['epochs'] / hit['epochs']:.2f}x | {s['load_start']:.2f}, {hit['load_start']:.2f} | "
+                         f"{hit.get('commit', '?')}, {hit.get('date', '?')[:10]} |")
     return "\n".join(lines) + "\n"
 
 
