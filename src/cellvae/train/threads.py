@@ -57,8 +57,8 @@ def default_n_threads() -> int:
     a thread whose core is taken by another process stalls all of them. Measured on a 2-core machine
     (``benchmarks/results/throughput.md``, pbmc4k, ZINB, batch 128): quiet, 2 threads train 1.4x faster than 1;
     with one other busy process, 2 threads are 2-3x slower than 1. On a quiet machine every physical core is used;
-    on a busy one only the idle cores. Load that starts after training has begun is not followed: pass
-    ``n_threads`` to fix the count.
+    on a busy one only the idle cores. The rule sees only the 0.2 s it samples; a default training run therefore
+    times both counts and repeats the trial (:class:`ThreadTrial`).
     """
     available = _available_cpus()
     cap = max(1, min(torch.get_num_threads(), available))
@@ -106,18 +106,30 @@ class ThreadTrial:
     """Chooses the training thread count by timing training steps (for ``n_threads=None``).
 
     A trial runs each candidate count for one untimed warm-up step, then for ``rounds`` timed steps each, in
-    alternating order (``1 2 2 1 1 2`` for two candidates), and keeps the count with the shortest median step; more
-    threads win only when they are at least ``margin`` faster, because an idle core taken by another process later
-    stalls a larger thread team. The next trial starts ``first_seconds`` after the first one ended, and the gap
-    doubles up to ``every_seconds``, so a trial spoiled by a burst of other work is soon redone and load that starts
-    or stops during training is followed. Why timing and not a rule: on the shared 2-core machine
-    of ``benchmarks/results/throughput.md``, with about 0.3 cores taken by other processes, the idle-core rule chose
-    1 thread where 2 trained 1.6x faster (kang2018), while with a whole core taken 2 threads are 2-3x slower than 1.
+    alternating order (``2 1 1 2 2 1`` after the warm-up ``1 2``, for two candidates), and keeps the count with the
+    shortest median step; more threads win only when they are at least ``margin`` faster, because an idle core
+    taken by another process later stalls a larger thread team. The next trial starts ``first_seconds`` after the
+    first one ended, and the gap doubles up to ``every_seconds``, so a trial spoiled by a burst of other work is
+    soon redone and load that starts or stops during training is followed. Why timing and not a rule: on the shared
+    2-core machine of ``benchmarks/results/throughput.md``, with about 0.3 cores taken by other processes, the
+    idle-core rule chose 1 thread where 2 trained 1.6x faster (kang2018), while with a whole core taken 2 threads
+    are 2-3x slower than 1.
 
     Usage (the training loop, :mod:`cellvae.train.loop`): ``before_step()`` sets the count for the next step,
     ``after_step()`` records its time. Results are bit-identical only for a fixed thread count: pass
     ``n_threads`` for reproducible runs (another count agrees within about 1e-5 after one epoch,
     ``tests/test_threads.py``).
+
+    Args:
+        candidates: thread counts to compare (each >= 1; duplicates dropped; one count: no trial).
+        rounds: timed steps per count in one trial.
+        every_seconds: the longest gap (wall seconds) between the end of a trial and the start of the next.
+        margin: the fraction by which more threads must shorten the median step to be chosen.
+        clock: a function returning seconds (default :func:`time.perf_counter`; tests pass a fake one).
+        first_seconds: the gap before the second trial (then doubled up to ``every_seconds``).
+
+    Raises:
+        ValueError: no candidate, or a count below 1.
 
     Attributes:
         candidates: the counts compared (ascending).
