@@ -493,3 +493,25 @@ def test_cli_fit_protein_key_and_h5mu(citeseq, tmp_path):
     r = CliRunner().invoke(main, ["fit", str(mu), "--out", str(tmp_path / "o2"), "--semi-supervised",
                                   "--labels-key", "cell_type", *args])
     assert r.exit_code == 2 and "joint RNA + protein model" in r.output
+
+
+def test_default_kl_warmup_is_capped_at_50_epochs(citeseq, monkeypatch):
+    """RNAProteinVAE's default warm-up is half of max_epochs, at most KL_WARMUP_CAP (50); CountVAE keeps its 400;
+    an explicit n_epochs_kl_warmup is kept."""
+    import cellvae.models.count_vae as cv
+
+    seen = []
+
+    def capture(module, data, tr, va, settings, **kw):
+        seen.append(settings)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(cv, "train_module", capture)
+    cases = [(cellvae.RNAProteinVAE, {"max_epochs": 400}, 50), (cellvae.RNAProteinVAE, {"max_epochs": 60}, 30),
+             (cellvae.RNAProteinVAE, {"max_epochs": 400, "n_epochs_kl_warmup": 120}, 120),
+             (cellvae.CountVAE, {"max_epochs": 400}, 200)]
+    for cls, kw, want in cases:
+        with pytest.raises(RuntimeError, match="captured"):
+            cls(citeseq.copy(), **FAST).train(progress_bar=False, **kw)
+        assert seen[-1].warmup_epochs == want, (cls.__name__, kw)
+    assert cellvae.RNAProteinVAE.KL_WARMUP_CAP == 50 and cellvae.CountVAE.KL_WARMUP_CAP is None

@@ -277,7 +277,8 @@ class TrainSettings:
             (``benchmarks/results/lr_schedule.md``), hence the default.
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to ``beta``. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever its
-            length (scvi-tools' fixed 400 epochs never complete in a shorter run).
+            length (scvi-tools' fixed 400 epochs never complete in a shorter run); a model class can lower the cap
+            (``RNAProteinVAE.KL_WARMUP_CAP``: 50).
         early_stopping: stop when the validation ELBO has not improved by ``early_stopping_min_delta`` nats per cell
             for ``early_stopping_patience`` epochs, counted after the warm-up; the best weights are restored. For a
             model with a label classifier (``LabelTransferVAE``) the ELBO minus ``classification_ratio`` times the

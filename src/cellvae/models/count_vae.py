@@ -91,6 +91,9 @@ class CountVAE(AnnDataModel):
 
     FORMAT_VERSION = FORMAT_VERSION
     MIGRATIONS = {0: _migrate_0_to_1}  # from version k to k + 1; see docs/model_format.md
+    #: Longest default KL warm-up in epochs when ``n_epochs_kl_warmup`` is None: half of ``max_epochs``, at most this
+    #: (None: the cap of :attr:`cellvae.settings.TrainSettings.warmup_epochs`, 400).
+    KL_WARMUP_CAP: int | None = None
 
     @with_signature(ModelSettings, keep=8)
     def __init__(
@@ -220,7 +223,8 @@ class CountVAE(AnnDataModel):
                 default and why: ``max_epochs`` (None: ``min(400, round(20000 / n_cells * 400))``),
                 ``batch_size=128``, ``train_size=0.9`` (the rest is the seeded validation set for early stopping),
                 ``early_stopping=True``, ``early_stopping_patience=45``, ``lr=1e-3``, ``lr_schedule="constant"``,
-                ``n_epochs_kl_warmup`` (None: half of ``max_epochs``, at most 400),
+                ``n_epochs_kl_warmup`` (None: half of ``max_epochs``, at most 400, or at most the class's
+                :attr:`KL_WARMUP_CAP`),
                 ``decoder_bias_init="frequency"``, ``dispersion_init="random"``, ``dispersion_lr_multiplier=30``
                 falling to 1 over ``dispersion_lr_decay=1000`` steps,
                 ``seed=0``, ``progress_bar``, ``n_threads``, ``checkpoint_every=10``, ``max_bad_steps=20``,
@@ -269,6 +273,8 @@ class CountVAE(AnnDataModel):
                 "cells.")
         if s.max_epochs is None:
             s = build(TrainSettings, s, {"max_epochs": default_max_epochs(len(cells))})
+        if s.n_epochs_kl_warmup is None and self.KL_WARMUP_CAP is not None:
+            s = build(TrainSettings, s, {"n_epochs_kl_warmup": min(self.KL_WARMUP_CAP, s.warmup_epochs)})
         first_fit = not self._has_weights
         if first_fit:  # initialise the weights from the seed, for reproducibility
             torch.manual_seed(s.seed)

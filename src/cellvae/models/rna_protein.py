@@ -81,6 +81,11 @@ class RNAProteinVAE(CountVAE):
 
     FORMAT_VERSION = 1
     MIGRATIONS: dict = {}
+    #: Default KL warm-up: half of ``max_epochs``, at most 50 epochs (CountVAE: at most 400). With the 200-epoch
+    #: warm-up of a 400-epoch run the best validation ELBO came right after the warm-up, and a 50-epoch warm-up gave
+    #: a better held-out RNA and protein log p on every seed of CBMC (chosen there against 100 and 200) and of
+    #: pbmc10k (confirmed there): ``benchmarks/results/rna_protein_default_trials.md``.
+    KL_WARMUP_CAP = 50
 
     @with_signature(RNAProteinSettings, keep=11)
     def __init__(self, adata, protein_key: str = PROTEIN_KEY, layer: str | None = None,
