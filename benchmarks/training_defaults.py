@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (atomic_write_text, cluster_scores, default_data_dir, limit_threads, load_dataset,  # noqa: E402
-                     loadavg, machine_description)
+from _common import (atomic_write_text, cluster_scores, default_data_dir, git_commit, limit_threads,  # noqa: E402
+                     load_dataset, loadavg, machine_description, newest_commit)
 
 DATASETS = ("zeisel2015_cortex_subset_1464cells", "kang2018_ifnb_pbmc_muscat", "human_kidney_top2000genes",
             "mouse_bladder_mca_2100cells", "worm_neuron_cao2017")
@@ -70,6 +70,13 @@ STUDIES = {  # study -> (title, {configuration name -> CountVAE.train keyword ar
         "log theta lr x 100": {"dispersion_lr_multiplier": 100.0},
     }),
 }
+
+
+def _now() -> str:
+    """UTC now as ISO text to the minute (the ``date`` of a row)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="minutes")
 
 
 def run_one(adata, labels, train_kwargs: dict, seed: int) -> dict:
@@ -123,12 +130,17 @@ def main(argv=None) -> int:
                     ref = r["best"]
                 v = np.asarray(r["val_elbo"])
                 r.update(dataset=name, n_cells=adata.n_obs, n_genes=adata.n_vars, seed=seed, config=cname,
-                         epochs_to_reference=int(np.argmax(v >= ref)) + 1 if (v >= ref).any() else None)
+                         epochs_to_reference=int(np.argmax(v >= ref)) + 1 if (v >= ref).any() else None,
+                         commit=git_commit("src")["commit"], date=_now())
                 rows.append(r)
                 print(f"{name} seed {seed} {cname}: best {r['best']:.2f} (epoch {r['best_epoch']}), reference at "
                       f"{r['epochs_to_reference']}, {r['epochs']} epochs, {r['seconds']:.0f} s, ARI {r['ari']:.3f}",
                       flush=True)
-    md = [f"# {title}", "",
+    dated = [r for r in rows if r.get("date")]
+    stamp = (f"commit {newest_commit(dated)}, {max(r['date'] for r in dated)[:10]} (the newest row; rows "
+             f"{min(r['date'] for r in dated)} … {max(r['date'] for r in dated)}, commits "
+             f"{', '.join(sorted({r['commit'] for r in dated}))})" if dated else "commit ?, date ?")
+    md = [stamp, "", f"# {title}", "",
           f"Machine: {machine_description()}; load average {loadavg()} at the end. "
           + ", then ".join(f"`{c}`" for c in commands), "",
           *[para.replace("\n", " ") + "\n" for para in __doc__.split("\n\n")[2:4]],
