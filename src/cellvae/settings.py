@@ -273,7 +273,7 @@ class TrainSettings:
         lr_schedule: ``"constant"`` (``lr`` throughout, as scvi-tools) or ``"cosine"``: per step from ``lr`` down to
             ``COSINE_FLOOR * lr`` at the last step of ``max_epochs`` (Loshchilov & Hutter 2017, SGDR, eq. 5;
             :func:`cellvae.train.schedule.lr_at`). With ``lr=2e-3`` it reached a given validation ELBO in fewer
-            epochs on some datasets, but its best validation ELBO was 0.25 % lower on average over five datasets
+            epochs on some datasets, but its best validation ELBO was 0.30 % lower on average over five datasets
             (``benchmarks/results/lr_schedule.md``), hence the default.
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to ``beta``. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever its
