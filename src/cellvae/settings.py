@@ -294,8 +294,8 @@ class TrainSettings:
         dispersion_lr_multiplier: the learning rate of log theta (scVI's ``px_r``) is ``lr`` times this (its own
             Adam parameter group). Adam moves a weight by at most about ``lr`` per step, so at lr 1e-3 log theta
             needs thousands of steps to leave its N(0, 1) start; 30 gave a better best validation ELBO on all five
-            datasets of ``benchmarks/results/dispersion_lr.md`` (+0.03 % to +6.8 % in 10 runs). 1 is scvi-tools'
-            setting. Other likelihoods ignore it.
+            datasets of ``benchmarks/results/dispersion_lr.md`` (+0.20 % to +5.6 % in 10 runs, with the 1000-step
+            decay below). 1 is scvi-tools' setting. Other likelihoods ignore it.
         dispersion_lr_decay: a whole number N (default 1000): the multiplier falls linearly (per step) from
             ``dispersion_lr_multiplier`` to 1 over the first N optimizer steps (minibatches), whatever the data size,
             and is 1 after them, as in scvi-tools: log theta leaves its random start fast, then learns at the rate
