@@ -260,6 +260,15 @@ def write_json_and_md(out: Path, payload: dict, markdown: str) -> None:
     print(markdown)
 
 
+def rows_stamp(rows) -> str:
+    """``commit <newest row's commit>, <its date> (the newest row; rows <first> … <last>, commits <all>)``: the first
+    line of a results file whose rows carry ``commit`` and ``date`` (ISO text)."""
+    dates = sorted(r["date"] for r in rows if r.get("date"))
+    return (f"commit {newest_commit(rows)}, {dates[-1][:10] if dates else '?'} (the newest row; rows "
+            f"{dates[0][:16] if dates else '?'} … {dates[-1][:16] if dates else '?'}, commits "
+            f"{', '.join(sorted({r.get('commit', '?') for r in rows}))})")
+
+
 def newest_commit(rows) -> str:
     """The ``commit`` of the row with the latest ``date`` (ISO text) among result rows ("?" when none has one)."""
     dated = [r for r in rows if r.get("commit") and r.get("date")]

@@ -64,8 +64,8 @@ from _common import (  # noqa: E402
     loadavg,
     machine_description,
     mean_sd,
-    newest_commit,
     package_version,
+    rows_stamp,
     write_json_and_md,
 )
 
@@ -186,10 +186,7 @@ def run(args) -> dict:
 
 def render(payload: dict) -> str:
     meta, rows = payload["meta"], payload["rows"]
-    dates = sorted(r["date"] for r in rows if r.get("date"))
-    lines = [f"commit {newest_commit(rows)}, {dates[-1][:10] if dates else '?'} (the newest row; rows "
-             f"{dates[0][:16] if dates else '?'} … {dates[-1][:16] if dates else '?'}, commits "
-             f"{', '.join(sorted({r.get('commit', '?') for r in rows}))})", "",
+    lines = [rows_stamp(rows), "",
              "# Batch integration: cellvae vs scvi-tools SCVI vs unintegrated PCA (scib-metrics)", "",
              "Batch keys (no biology in them): " + ", ".join(
                  f"{d} `{b}`" for d, b in dict.fromkeys((r["dataset"], r.get("batch_key", "?")) for r in rows)) + ".",

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (atomic_write_text, cluster_scores, default_data_dir, git_commit, limit_threads,  # noqa: E402
-                     load_dataset, loadavg, machine_description, newest_commit)
+                     load_dataset, loadavg, machine_description, rows_stamp)
 
 DATASETS = ("zeisel2015_cortex_subset_1464cells", "kang2018_ifnb_pbmc_muscat", "human_kidney_top2000genes",
             "mouse_bladder_mca_2100cells", "worm_neuron_cao2017")
@@ -120,6 +120,8 @@ def main(argv=None) -> int:
             rows += part["rows"]
             commands += part.get("commands", [])
     commands.append(" ".join(sys.argv))
+    gc = git_commit("src")  # the code the rows below run (uncommitted src is named in the commit)
+    commit = gc["commit"] + (" (+uncommitted src)" if gc["dirty"] else "")
     for name in ([] if args.merge else args.datasets.split(",")):
         adata, labels, _info = load_dataset(Path(args.data_dir), name, "cell_type")
         for seed in seeds:
@@ -131,16 +133,12 @@ def main(argv=None) -> int:
                 v = np.asarray(r["val_elbo"])
                 r.update(dataset=name, n_cells=adata.n_obs, n_genes=adata.n_vars, seed=seed, config=cname,
                          epochs_to_reference=int(np.argmax(v >= ref)) + 1 if (v >= ref).any() else None,
-                         commit=git_commit("src")["commit"], date=_now())
+                         commit=commit, date=_now())
                 rows.append(r)
                 print(f"{name} seed {seed} {cname}: best {r['best']:.2f} (epoch {r['best_epoch']}), reference at "
                       f"{r['epochs_to_reference']}, {r['epochs']} epochs, {r['seconds']:.0f} s, ARI {r['ari']:.3f}",
                       flush=True)
-    dated = [r for r in rows if r.get("date")]
-    stamp = (f"commit {newest_commit(dated)}, {max(r['date'] for r in dated)[:10]} (the newest row; rows "
-             f"{min(r['date'] for r in dated)} … {max(r['date'] for r in dated)}, commits "
-             f"{', '.join(sorted({r['commit'] for r in dated}))})" if dated else "commit ?, date ?")
-    md = [stamp, "", f"# {title}", "",
+    md = [rows_stamp(rows), "", f"# {title}", "",
           f"Machine: {machine_description()}; load average {loadavg()} at the end. "
           + ", then ".join(f"`{c}`" for c in commands), "",
           *[para.replace("\n", " ") + "\n" for para in __doc__.split("\n\n")[2:4]],

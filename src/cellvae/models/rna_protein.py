@@ -70,6 +70,8 @@ class RNAProteinVAE(CountVAE):
     Attributes:
         spec: a :class:`cellvae.data.protein.ProteinSpec` (genes, proteins, covariates).
         protein_info: the background prior method used, the isotype controls, and the masked (batch, protein) pairs.
+        KL_WARMUP_CAP: 50, the longest default KL warm-up in epochs of :meth:`train` (``n_epochs_kl_warmup=None``:
+            half of ``max_epochs``, at most this; ``CountVAE``: at most 400).
         As :class:`cellvae.CountVAE` otherwise.
 
     Raises:
