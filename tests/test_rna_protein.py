@@ -107,12 +107,17 @@ def test_nb_mixture_closed_form_gradient_equals_autograd():
     assert torch.autograd.gradcheck(lambda *a: log_nb_mixture(y[1:], *[t[1:] if t.dim() == 2 else t for t in a]), ps)
 
 
-def test_fused_protein_elbo_terms_equal_the_composed_form():
-    """Training's fused protein node (:func:`protein_elbo_terms`) gives protein_terms' log p(y | z, beta) and KL,
-    and the same gradients for every parameter, within float tolerance: per-protein and per-batch dispersion, a
-    masked protein, counts up to 1e5. Its backward passes torch's gradcheck in float64."""
+def test_fused_protein_elbo_terms_equal_the_composed_form(monkeypatch):
+    """Training's fused protein node (:func:`protein_elbo_terms`) and its C kernel (``protein_elbo_terms_native``)
+    give protein_terms' log p(y | z, beta) and KL, and the same gradients for every parameter, within float
+    tolerance: per-protein and per-batch dispersion, a masked protein, counts up to 1e5. The PyTorch node's backward
+    passes torch's gradcheck in float64."""
+    import cellvae.vae.totalvi as totalvi_module
+    from cellvae.native import available
     from cellvae.vae.nb_mixture import protein_elbo_terms
 
+    native = totalvi_module.protein_elbo_terms_native
+    paths = ("composed", "fused", "native") if available() else ("composed", "fused")
     for dispersion in ("protein", "protein-batch"):
         torch.manual_seed(0)
         mask = np.ones((2, 5), np.float32)
@@ -127,18 +132,22 @@ def test_fused_protein_elbo_terms_equal_the_composed_form():
         y[0] = torch.tensor([0.0, 1.0, 1e5, 3e4, 7.0])
         z = torch.randn(len(y), m.n_latent)
         outs, grads = [], []
-        for fused in (False, True):
+        for path in paths:
+            monkeypatch.setattr(totalvi_module, "protein_elbo_terms_native",
+                                native if path == "native" else (lambda *a, **k: None))
             m.zero_grad()
             torch.manual_seed(3)
-            ll, kl = m._protein_loss_terms(y, z, cat, None) if fused else m.protein_terms(y, z, cat)[:2]
+            ll, kl = m.protein_terms(y, z, cat)[:2] if path == "composed" else m._protein_loss_terms(y, z, cat, None)
             (torch.linspace(0.5, 2.0, len(y)) * (kl - ll)).sum().backward()
             outs.append((ll, kl))
             grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
-        assert grads[0].keys() == grads[1].keys() and "py_r" in grads[0] and "background_prior_mean" in grads[0]
-        for k in grads[0]:
-            torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-4, msg=k)
+        for other, other_grads in zip(outs[1:], grads[1:]):
+            for a, b in zip(outs[0], other):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-3)
+            assert other_grads.keys() == grads[0].keys() and "py_r" in grads[0]
+            assert "background_prior_mean" in grads[0] and "background_prior_log_scale" in grads[0]
+            for k in grads[0]:
+                torch.testing.assert_close(other_grads[k], grads[0][k], rtol=1e-4, atol=1e-4, msg=k)
 
     g = torch.Generator().manual_seed(1)
     n, P = 6, 3
@@ -152,6 +161,33 @@ def test_fused_protein_elbo_terms_equal_the_composed_form():
     mask[2, 1] = 0
     assert torch.autograd.gradcheck(lambda h, t, a, b: protein_elbo_terms(y, h, eps, t, a, b, mask, 1e-4),
                                     (heads, lt, pm, pls))
+
+
+def test_native_protein_kernel_refuses_bad_input_before_touching_memory():
+    """The C kernel of the protein terms checks batch codes, counts and shapes first and raises a clear error."""
+    from cellvae.native import available, ops
+
+    if not available():
+        pytest.skip("native kernels not built on this machine")
+    n, P, nb = 4, 3, 2
+    args = dict(y=torch.ones(n, P), heads=torch.zeros(n, 4 * P), eps=torch.zeros(n, P), log_theta=torch.zeros(P),
+                batch=torch.zeros(n, dtype=torch.int64), prior_mean=torch.zeros(nb, P),
+                prior_log_scale=torch.zeros(nb, P), mask=torch.ones(nb, P), scale_eps=1e-4)
+    ll, kl, deriv = ops.protein_mixture(**args)
+    assert ll.shape == kl.shape == (n,) and deriv is None and torch.isfinite(ll).all()
+    for key, bad, match in (("batch", torch.tensor([0, 1, 2, 0]), "batch code of cell 2"),
+                            ("batch", torch.tensor([0, -1, 0, 0]), "batch code of cell 1"),
+                            ("y", torch.tensor([[1.0, 2.0, -1.0]] * n), "non-negative integers: cell 0, protein 2"),
+                            ("y", torch.tensor([[1.0, 2.5, 1.0]] * n), "non-negative integers: cell 0, protein 1"),
+                            ("y", torch.full((n, P), float("nan")), "non-negative integers"),
+                            ("heads", torch.zeros(n, 3 * P), "heads has shape"),
+                            ("log_theta", torch.zeros(3, P), "log_theta has 3 rows"),
+                            ("mask", torch.ones(nb, P, dtype=torch.float64), "mask must be a contiguous")):
+        with pytest.raises(CellvaeInputError, match=match):
+            ops.protein_mixture(**{**args, key: bad})
+    deriv = ops.protein_mixture(**args, derivatives=True)[2]
+    with pytest.raises(CellvaeInputError, match="batch code of cell 0"):
+        ops.protein_mixture_backward(torch.full((n,), 5), deriv, torch.ones(n), torch.ones(n), 1, nb)
 
 
 # ---------------------------------------------------------------------------------------------------- module

@@ -19,6 +19,9 @@
  *    2015, Algorithm 1 and its backward pass; running statistics as torch.nn.BatchNorm1d), ReLU and inverted
  *    dropout (Srivastava et al. 2014) in one pass over a (n, C) hidden layer instead of six operators; the
  *    dropout mask is a counter-based hash of (seed, element index).
+ * 5. cv_protein_mixture / cv_protein_mixture_backward: totalVI's protein NB-mixture log-likelihood and background KL
+ *    of a minibatch with their derivatives (the joint RNA + protein model), one call each instead of about fifty
+ *    small PyTorch operators (section 5 below).
  *
  * Everything is float32 with float64 accumulation where sums run over genes; indices are int64. The loops over
  * genes are written branch-free (exp and log1p below are polynomial) so that the compiler vectorises them
@@ -621,4 +624,151 @@ void cv_bn_relu_dropout_backward(int64_t n, int64_t C, const float *x, const flo
 /* The dropout keep flags of cv_bn_relu_dropout for n elements from index 0 (1 kept, 0 dropped), for tests. */
 void cv_dropout_keep(int64_t n, uint32_t drop_threshold, uint32_t s0, uint32_t s1, uint8_t *keep) {
     for (int64_t j = 0; j < n; ++j) keep[j] = (uint8_t)keep_element((uint32_t)j, s0, s1, drop_threshold);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * 5. cv_protein_mixture: totalVI's protein part of the ELBO for one draw of log beta (Gayoso et al. 2021, Nat.
+ *    Methods 18:272, Methods), the algebra of cellvae.vae.nb_mixture.protein_elbo_terms in one pass per element,
+ *    in double. Per cell i (batch b = batch[i]) and protein t, with the four heads [a, s, f, w] of heads (n, 4P):
+ *        sd = softplus(s) + scale_eps, log beta = a + sd eps, log alpha = log1p(softplus(f)), theta = exp(lt),
+ *        d1 = log beta - lt, d2 = d1 + log alpha,
+ *        A = -theta softplus(d1) - y softplus(-d1) - softplus(-w), B = the same with d2 and softplus(w),
+ *        ll_i = sum_t m_bt [T(y, theta) + logaddexp(A, B)], T = lgamma(y + theta) - lgamma(theta) - lgamma(y + 1),
+ *        kl_i = sum_t m_bt [pls_bt - log sd + (sd^2 + (a - pm_bt)^2) / (2 exp(2 pls_bt)) - 1/2],
+ *    lt = log_theta[r, t] with r = batch[i] when R > 1 (per-batch dispersion), else row 0. It writes ll and kl
+ *    (n,), and with `deriv` (n, P, PROTEIN_DERIVS) the element-wise derivatives the backward pass needs (0 where
+ *    m_bt = 0): d ll / d (a, s, f, w, lt) and d kl / d (a, s, pls) (d kl / d pm = -d kl / d a). Returns 0, or
+ *    before reading any table or writing any output: 1 when a batch code lies outside [0, nb) (cell *where), 2 when
+ *    a count is negative, not finite or not an integer (element *where); 3 without memory. The heads' transforms
+ *    (softplus, sigmoid, log alpha, log sd) are float32 as in the PyTorch path; the mixture and lgamma terms double.
+ * 6. cv_protein_mixture_backward: the gradients of cv_protein_mixture's inputs from its `deriv` and the upstream
+ *    gradients g_ll, g_kl (n,): g_heads (n, 4P), g_lt (R, P), g_pm and g_pls (nb, P) (sums over the cells of each
+ *    row, in double). Returns 0, or 1 for a batch code outside [0, nb) (cell *where), 3 without memory. */
+#define PROTEIN_DERIVS 8
+
+/* softplus(x) = log1p(exp(x)) and sigmoid(x) = 1 / (1 + exp(-x)) from one exp, in double. */
+static inline double softplus_sig(double x, double *sig) {
+    const double e = exp(-fabs(x)), inv = 1.0 / (1.0 + e);
+    *sig = x >= 0.0 ? inv : e * inv;
+    return (x > 0.0 ? x : 0.0) + log1p(e);
+}
+
+static void ensure_log_factorial(void) {
+    if (!log_factorial_ready) {
+        for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
+        log_factorial_ready = 1;
+    }
+}
+
+int32_t cv_protein_mixture(int64_t n, int64_t P, int64_t R, int64_t nb, const float *y, const float *heads,
+                           const float *eps, const float *log_theta, const int64_t *batch, const float *pm,
+                           const float *pls, const float *mask, double scale_eps, float *ll, float *kl,
+                           float *deriv, int64_t *where) {
+    for (int64_t i = 0; i < n; ++i)
+        if (batch[i] < 0 || batch[i] >= nb) { *where = i; return 1; }
+    for (int64_t j = 0; j < n * P; ++j) {
+        const float v = y[j];
+        if (!(v >= 0.0f) || !isfinite(v) || v != floorf(v)) { *where = j; return 2; }
+    }
+    ensure_log_factorial();
+    /* per (row, protein) tables: theta = exp(lt) and the prior variance; per cell, 8 float rows of length P */
+    double *tab = (double *)malloc(sizeof(double) * (size_t)(R * P + nb * P));
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(8 * P));
+    if (tab == NULL || buf == NULL) { free(tab); free(buf); return 3; }
+    double *theta_tab = tab, *pbv_tab = tab + R * P;
+    for (int64_t j = 0; j < R * P; ++j) theta_tab[j] = exp((double)log_theta[j]);
+    for (int64_t j = 0; j < nb * P; ++j) pbv_tab[j] = exp(2.0 * (double)pls[j]);
+    float *sd_ = buf, *sig_s_ = buf + P, *sp_f_ = buf + 2 * P, *sig_f_ = buf + 3 * P, *la_ = buf + 4 * P,
+          *sp_w_ = buf + 5 * P, *sig_w_ = buf + 6 * P, *log_sd_ = buf + 7 * P;
+    const float seps = (float)scale_eps;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = batch[i], r = R > 1 ? b : 0;
+        const float *h = heads + i * 4 * P;
+        /* the heads' transforms in float32 (as the PyTorch path), vectorised over the proteins */
+#pragma omp simd
+        for (int64_t t = 0; t < P; ++t) {
+            float sp, sg, sn;
+            softplus_sigmoid(h[P + t], &sp, &sg, &sn);
+            sd_[t] = sp + seps;
+            sig_s_[t] = sg;
+            log_sd_[t] = log_pos(sp + seps);
+            softplus_sigmoid(h[2 * P + t], &sp, &sg, &sn);
+            sp_f_[t] = sp;
+            sig_f_[t] = sg;
+            la_[t] = sp <= 1.0f ? log1p_01(sp) : log_pos(1.0f + sp);
+            softplus_sigmoid(h[3 * P + t], &sp, &sg, &sn);
+            sp_w_[t] = sp;
+            sig_w_[t] = sg;
+        }
+        double lli = 0.0, kli = 0.0;
+        for (int64_t t = 0; t < P; ++t) {
+            float *D = deriv ? deriv + (i * P + t) * PROTEIN_DERIVS : NULL;
+            const double m = mask[b * P + t];
+            if (m == 0.0) {
+                if (D) for (int k = 0; k < PROTEIN_DERIVS; ++k) D[k] = 0.0f;
+                continue;
+            }
+            const double yv = y[i * P + t], a = h[t], w = h[3 * P + t], e = eps[i * P + t];
+            const double lt = log_theta[r * P + t], theta = theta_tab[r * P + t];
+            const double pb_v = pbv_tab[b * P + t], diff = a - pm[b * P + t];
+            const double sd = sd_[t], sp_w = sp_w_[t];
+            const double d1 = (double)(float)(h[t] + sd_[t] * eps[i * P + t]) - lt, d2 = d1 + (double)la_[t];
+            double sig1, sig2;
+            const double sp1 = softplus_sig(d1, &sig1), sp2 = softplus_sig(d2, &sig2);
+            const double A = -theta * sp1 - yv * (sp1 - d1) - (sp_w - w); /* softplus(-w) = softplus(w) - w */
+            const double B = -theta * sp2 - yv * (sp2 - d2) - sp_w;
+            const double ed = exp(-fabs(A - B)), inv = 1.0 / (1.0 + ed);
+            double dT = 0.0;
+            const double T = yv >= 1.0 ? count_term(yv, theta, &dT) : 0.0;
+            const double ssq = sd * sd + diff * diff;
+            lli += m * (T + (A > B ? A : B) + log1p(ed));
+            kli += m * ((double)pls[b * P + t] - (double)log_sd_[t] + 0.5 * ssq / pb_v - 0.5);
+            if (!D) continue;
+            const double r1 = A >= B ? inv : ed * inv, r2 = 1.0 - r1; /* r1 = sigmoid(A - B) */
+            const double e1 = yv - (theta + yv) * sig1, e2 = yv - (theta + yv) * sig2;
+            const double g_beta = r1 * e1 + r2 * e2;
+            D[0] = (float)(m * g_beta);
+            D[1] = (float)(m * g_beta * e * sig_s_[t]);
+            D[2] = (float)(m * r2 * e2 * sig_f_[t] / (1.0 + sp_f_[t]));
+            D[3] = (float)(m * (r1 - sig_w_[t]));
+            D[4] = (float)(m * (dT - (r1 * (theta * sp1 + e1) + r2 * (theta * sp2 + e2))));
+            D[5] = (float)(m * diff / pb_v);
+            D[6] = (float)(m * (sd / pb_v - 1.0 / sd) * sig_s_[t]);
+            D[7] = (float)(m * (1.0 - ssq / pb_v));
+        }
+        ll[i] = (float)lli;
+        kl[i] = (float)kli;
+    }
+    free(tab);
+    free(buf);
+    return 0;
+}
+
+int32_t cv_protein_mixture_backward(int64_t n, int64_t P, int64_t R, int64_t nb, const int64_t *batch,
+                                    const float *deriv, const float *g_ll, const float *g_kl, float *g_heads,
+                                    float *g_lt, float *g_pm, float *g_pls, int64_t *where) {
+    for (int64_t i = 0; i < n; ++i)
+        if (batch[i] < 0 || batch[i] >= nb) { *where = i; return 1; }
+    double *acc = (double *)calloc((size_t)(R * P + 2 * nb * P), sizeof(double));
+    if (acc == NULL) return 3;
+    double *acc_lt = acc, *acc_pm = acc + R * P, *acc_pls = acc + R * P + nb * P;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = batch[i], r = R > 1 ? b : 0;
+        const float gl = g_ll[i], gk = g_kl[i];
+        float *gh = g_heads + i * 4 * P;
+        for (int64_t t = 0; t < P; ++t) {
+            const float *D = deriv + (i * P + t) * PROTEIN_DERIVS;
+            gh[t] = gl * D[0] + gk * D[5];
+            gh[P + t] = gl * D[1] + gk * D[6];
+            gh[2 * P + t] = gl * D[2];
+            gh[3 * P + t] = gl * D[3];
+            acc_lt[r * P + t] += (double)gl * D[4];
+            acc_pm[b * P + t] -= (double)gk * D[5];
+            acc_pls[b * P + t] += (double)gk * D[7];
+        }
+    }
+    for (int64_t j = 0; j < R * P; ++j) g_lt[j] = (float)acc_lt[j];
+    for (int64_t j = 0; j < nb * P; ++j) { g_pm[j] = (float)acc_pm[j]; g_pls[j] = (float)acc_pls[j]; }
+    free(acc);
+    return 0;
 }

@@ -12,7 +12,9 @@ The kernels (``fastpath.c``; :mod:`.build` compiles it):
 - :func:`nb_loglik`: log-softmax + NB / ZINB log-likelihood of a minibatch and all its derivatives, one pass;
 - :func:`csr_linear`, :func:`csr_linear_wgrad`: the sparse first encoder layer and its weight gradient;
 - :func:`bn_relu_dropout`, :func:`bn_relu_dropout_backward`, :func:`dropout_keep`: batch norm + ReLU + dropout;
-- :func:`all_finite`: whether every gradient element is finite.
+- :func:`all_finite`: whether every gradient element is finite;
+- :func:`protein_mixture`, :func:`protein_mixture_backward`: totalVI's protein likelihood and background KL of a
+  minibatch, and their gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..errors import CellvaeInputError
 from .build import library, usable
 
 __all__ = ["applies", "check_csr", "nb_loglik", "csr_linear", "csr_linear_wgrad", "all_finite", "bn_relu_dropout",
-           "bn_relu_dropout_backward", "dropout_keep", "CSR_PROBLEMS"]
+           "bn_relu_dropout_backward", "dropout_keep", "protein_mixture", "protein_mixture_backward",
+           "CSR_PROBLEMS"]
 
 CSR_PROBLEMS = {
     1: "crow_indices does not start at 0",
@@ -262,3 +265,83 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     ptrs = (ctypes.c_int64 * k)(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * k)(*[t.numel() for t in tensors])
     return bool(library().cv_all_finite(k, ptrs, sizes))
+
+
+# ------------------------------------------------------------------------------------------- proteins
+def protein_mixture(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log_theta: torch.Tensor,
+                    batch: torch.Tensor, prior_mean: torch.Tensor, prior_log_scale: torch.Tensor, mask: torch.Tensor,
+                    scale_eps: float, derivatives: bool = False) -> tuple:
+    """``cv_protein_mixture``: totalVI's protein log-likelihood (the two-component NB mixture, in float64) and the
+    KL of ``q(log beta)`` per cell (:func:`cellvae.vae.nb_mixture.protein_elbo_terms` for the algebra).
+
+    Args:
+        y: (n, P) float32 integer counts; heads: (n, 4P) float32 ``[a, s, f, w]``; eps: (n, P) float32 draws.
+        log_theta: (P,) or (R, P) float32 (R > 1: row ``batch[i]`` for cell i).
+        batch: (n,) int64 batch codes in [0, nb); prior_mean, prior_log_scale, mask: (nb, P) float32 tables.
+        scale_eps: floor of the standard deviation of ``q(log beta)``.
+        derivatives: also return the element-wise derivatives for :func:`protein_mixture_backward`.
+
+    Returns:
+        ``(ll (n,), kl (n,), derivatives (n, P, 8) or None)``, nats.
+
+    Raises:
+        CellvaeInputError: dtypes or shapes, a batch code out of range, a negative, non-finite or non-integer count.
+    """
+    _need("y", y, torch.float32, (-1, -1))
+    n, P = y.shape
+    _need("heads", heads, torch.float32, (n, 4 * P))
+    _need("eps", eps, torch.float32, (n, P))
+    lt = log_theta.reshape(-1, P) if isinstance(log_theta, torch.Tensor) and log_theta.dim() in (1, 2) else log_theta
+    _need("log_theta", lt, torch.float32, (-1, P))
+    _need("batch", batch, torch.int64, (n,))
+    _need("prior_mean", prior_mean, torch.float32, (-1, P))
+    nb, R = prior_mean.shape[0], lt.shape[0]
+    _need("prior_log_scale", prior_log_scale, torch.float32, (nb, P))
+    _need("mask", mask, torch.float32, (nb, P))
+    if R not in (1, nb):
+        raise CellvaeInputError(f"native kernel: log_theta has {R} rows: it needs 1 or one per batch ({nb}).")
+    ll, kl = y.new_empty(n), y.new_empty(n)
+    deriv = y.new_empty(n, P, 8) if derivatives else None
+    where = ctypes.c_int64(-1)
+    code = library().cv_protein_mixture(n, P, R, nb, _ptr(y), _ptr(heads), _ptr(eps), _ptr(lt), _ptr(batch),
+                                        _ptr(prior_mean), _ptr(prior_log_scale), _ptr(mask), float(scale_eps),
+                                        _ptr(ll), _ptr(kl), _ptr(deriv), ctypes.byref(where))
+    if code == 1:
+        raise CellvaeInputError(f"native kernel: the batch code of cell {where.value} is outside [0, {nb}).")
+    if code:
+        i, t = divmod(where.value, P)
+        raise CellvaeInputError(f"Protein counts must be non-negative integers: cell {i}, protein {t} has "
+                                f"{float(y[i, t])!r}. Pass the raw antibody counts.")
+    return ll, kl, deriv
+
+
+def protein_mixture_backward(batch: torch.Tensor, deriv: torch.Tensor, g_ll: torch.Tensor, g_kl: torch.Tensor,
+                             n_theta_rows: int, n_batch: int) -> tuple:
+    """``cv_protein_mixture_backward``: the gradients of :func:`protein_mixture`'s inputs from its derivatives and
+    the upstream gradients ``g_ll``, ``g_kl`` (n,) float32.
+
+    Returns:
+        ``(g_heads (n, 4P), g_log_theta (n_theta_rows, P), g_prior_mean (n_batch, P), g_prior_log_scale (n_batch,
+        P))``, float32.
+
+    Raises:
+        CellvaeInputError: dtypes or shapes, a batch code out of range.
+    """
+    _need("derivatives", deriv, torch.float32, (-1, -1, 8))
+    n, P = deriv.shape[:2]
+    _need("batch", batch, torch.int64, (n,))
+    _need("g_ll", g_ll, torch.float32, (n,))
+    _need("g_kl", g_kl, torch.float32, (n,))
+    R, nb = int(n_theta_rows), int(n_batch)
+    if nb < 1 or R not in (1, nb):
+        raise CellvaeInputError(f"native kernel: {R} log theta rows for {nb} batches (needs 1 or {nb}).")
+    gh, glt = deriv.new_empty(n, 4 * P), deriv.new_empty(R, P)
+    gpm, gpls = deriv.new_empty(nb, P), deriv.new_empty(nb, P)
+    where = ctypes.c_int64(-1)
+    code = library().cv_protein_mixture_backward(n, P, R, nb, _ptr(batch), _ptr(deriv), _ptr(g_ll), _ptr(g_kl),
+                                                 _ptr(gh), _ptr(glt), _ptr(gpm), _ptr(gpls), ctypes.byref(where))
+    if code == 1:
+        raise CellvaeInputError(f"native kernel: the batch code of cell {where.value} is outside [0, {nb}).")
+    if code:
+        raise MemoryError("native kernel: no memory for the protein gradient sums.")
+    return gh, glt, gpm, gpls

@@ -26,9 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..native import ops
 from .distributions import lgamma_ratio
 
-__all__ = ["log_nb_log_mu", "log_nb_mixture", "protein_elbo_terms", "NegativeBinomialMixture", "MU_MAX"]
+__all__ = ["log_nb_log_mu", "log_nb_mixture", "protein_elbo_terms", "protein_elbo_terms_native",
+           "NegativeBinomialMixture", "MU_MAX"]
 
 MU_MAX = 1e8  # means are capped here only when they are exponentiated (``mean``, ``sample``), never in log_prob
 
@@ -184,6 +186,61 @@ class _ProteinHeads(torch.autograd.Function):
         g_heads = torch.cat([g_a, g_sd * torch.sigmoid(qb_s), g_alpha * torch.sigmoid(fg_s) / (1.0 + sp_f), g_w], -1)
         return (None, g_heads, None, g_lt.sum_to_size(ctx.lt_shape), -gk * diff / pb_v, gk * (1.0 - ssq / pb_v),
                 None, None)
+
+
+def protein_elbo_terms_native(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log_theta: torch.Tensor,
+                              batch: torch.Tensor, prior_mean: torch.Tensor, prior_log_scale: torch.Tensor,
+                              mask: torch.Tensor, scale_eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`protein_elbo_terms` through the C kernel :func:`cellvae.native.ops.protein_mixture` (forward and
+    backward each one call instead of about fifty small operators; the same values within float32 rounding,
+    tests/test_rna_protein.py), or None when the kernel does not apply (no compiler, not float32 CPU tensors).
+
+    Args:
+        y: (n_cells, n_proteins) counts; heads: (n_cells, 4 n_proteins); eps: (n_cells, n_proteins) draws.
+        log_theta: (n_proteins,) or (n_batch, n_proteins) log inverse dispersion (per batch: row of the cell's
+            batch).
+        batch: (n_cells,) int64 batch codes.
+        prior_mean, prior_log_scale, mask: (n_batch, n_proteins) the prior of ``log beta`` and the protein mask of
+            each batch (gathered for each cell inside the kernel; the gradients reach the tables).
+        scale_eps: floor added to ``softplus(s)``.
+
+    Returns:
+        ``(log p(y | z, beta), KL)``, each (n_cells,) float32 nats, or None.
+
+    Raises:
+        CellvaeInputError: a batch code out of range, or a negative, non-finite or non-integer count.
+    """
+    batch = batch.contiguous()
+    if not ops.applies(y, heads, eps, log_theta, batch, prior_mean, prior_log_scale, mask):
+        return None
+    return _ProteinHeadsNative.apply(heads, log_theta, prior_mean, prior_log_scale, y, eps, batch, mask,
+                                     float(scale_eps))
+
+
+class _ProteinHeadsNative(torch.autograd.Function):
+    """:func:`protein_elbo_terms_native` as one autograd node: the kernel's forward (with its element-wise
+    derivatives when a gradient is needed) and its backward call."""
+
+    @staticmethod
+    def forward(ctx, heads, log_theta, prior_mean, prior_log_scale, y, eps, batch, mask, scale_eps):
+        need = any(ctx.needs_input_grad[:4])
+        ll, kl, deriv = ops.protein_mixture(y, heads, eps, log_theta, batch, prior_mean, prior_log_scale, mask,
+                                            scale_eps, derivatives=need)
+        if need:
+            ctx.save_for_backward(batch, deriv)
+            ctx.shapes = (log_theta.shape, prior_mean.shape[0])
+        return ll, kl
+
+    @staticmethod
+    def backward(ctx, g_ll, g_kl):
+        batch, deriv = ctx.saved_tensors
+        n = deriv.shape[0]
+        g_ll = deriv.new_zeros(n) if g_ll is None else g_ll.float().contiguous()
+        g_kl = deriv.new_zeros(n) if g_kl is None else g_kl.float().contiguous()
+        lt_shape, nb = ctx.shapes
+        n_rows = lt_shape[0] if len(lt_shape) == 2 else 1
+        gh, glt, gpm, gpls = ops.protein_mixture_backward(batch, deriv, g_ll, g_kl, n_rows, nb)
+        return gh, glt.reshape(lt_shape), gpm, gpls, None, None, None, None, None
 
 
 class NegativeBinomialMixture:

@@ -42,7 +42,7 @@ from ..errors import CellvaeInputError
 from ..settings import PROTEIN_DISPERSIONS, ModelSettings, build
 from .likelihoods import get_likelihood
 from .module import LossOutput, VAEModule, _row_sums
-from .nb_mixture import NegativeBinomialMixture, log_nb_mixture, protein_elbo_terms
+from .nb_mixture import NegativeBinomialMixture, log_nb_mixture, protein_elbo_terms, protein_elbo_terms_native
 from .nn import Encoder, FCLayers
 
 __all__ = ["RNAProteinModule", "RNAProteinLossOutput"]
@@ -342,9 +342,13 @@ class RNAProteinModule(VAEModule):
                             cont: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first two outputs of :meth:`protein_terms` for z of shape (n_cells, n_latent), through the fused
         :func:`cellvae.vae.nb_mixture.protein_elbo_terms` (one autograd node after the heads; the same draws of
-        ``log beta``)."""
+        ``log beta``), or its C kernel :func:`cellvae.vae.nb_mixture.protein_elbo_terms_native` where that applies."""
         h, b, log_theta = self._heads(z, cat, cont)
         eps = torch.randn(h.shape[0], self.n_proteins, dtype=h.dtype, device=h.device)
+        fast = protein_elbo_terms_native(y, h, eps, self.py_r, b, self.background_prior_mean,
+                                         self.background_prior_log_scale, self.protein_batch_mask, _SCALE_EPS)
+        if fast is not None:
+            return fast
         return protein_elbo_terms(y, h, eps, log_theta, self.background_prior_mean[b],
                                   self.background_prior_log_scale[b], self.protein_mask(cat), _SCALE_EPS)
 
