@@ -49,7 +49,8 @@ test-native-sanitize: install
 	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_malformed_csr.py tests/test_threads.py \
 		tests/test_sparse_path.py tests/test_fast_path.py \
 		tests/test_rna_protein.py::test_fused_protein_elbo_terms_equal_the_composed_form \
-		tests/test_rna_protein.py::test_native_protein_kernel_refuses_bad_input_before_touching_memory
+		tests/test_rna_protein.py::test_native_protein_kernel_refuses_bad_input_before_touching_memory \
+		tests/test_rna_protein.py::test_module_sparse_minibatch_equals_dense
 
 # Peer benchmark (scvi-tools 1.5.1, which needs Python >= 3.12) in a separate environment so the
 # package's own stays lean. BENCH_PYTHON may be a path or a command; if it is neither there nor on

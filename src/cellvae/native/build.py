@@ -225,6 +225,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cv_protein_mixture.restype = ctypes.c_int32
     lib.cv_protein_mixture_backward.argtypes = [i64, i64, i64, i64] + [p] * 9
     lib.cv_protein_mixture_backward.restype = ctypes.c_int32
+    lib.cv_joint_split.argtypes = [i64, i64, i64, i64, p, p, p, p, i64, p, ctypes.c_int32] + [p] * 8
+    lib.cv_joint_split.restype = ctypes.c_int32
 
 
 def library() -> ctypes.CDLL | None:

@@ -772,3 +772,53 @@ int32_t cv_protein_mixture_backward(int64_t n, int64_t P, int64_t R, int64_t nb,
     free(acc);
     return 0;
 }
+
+/* 7. cv_joint_split: one minibatch of the joint RNA + protein model, a canonical CSR matrix x (n, G + P) of counts
+ *    (genes first), taken apart in one pass (cellvae.vae.totalvi.RNAProteinModule): the genes as a CSR matrix
+ *    (g_crow (n + 1), the first *nnz_genes entries of g_col, g_val), the proteins dense (y (n, P), zeros where
+ *    nothing is stored), the RNA library sizes max(sum_g x_ng, 1) (lib (n,)) and the encoder's input as values
+ *    on x's own sparsity structure (enc (nnz,)):
+ *        genes: log1p(x * c_n), c_n = 1 (scale_mode 0, scVI), 1e4 / lib_n (1, "log1p_cp10k"),
+ *               1 / (1 + lib_n / G) (2, "log1p_mean");
+ *        proteins: m_bt log1p(y / (1 + mean_t(m_bt y_nt))), the mean over the measured proteins (totalVI).
+ *    Returns 0, or before writing anything: the cv_csr_check code (1-5) of an invalid structure with *where, 6 when
+ *    a batch code lies outside [0, nb) (cell *where). */
+int32_t cv_joint_split(int64_t n, int64_t G, int64_t P, int64_t nnz, const int64_t *crow, const int64_t *col,
+                       const float *val, const int64_t *batch, int64_t nb, const float *mask, int32_t scale_mode,
+                       int64_t *g_crow, int64_t *g_col, float *g_val, float *y, float *lib, float *enc,
+                       int64_t *nnz_genes, int64_t *where) {
+    const int32_t bad = cv_csr_check(n, G + P, nnz, crow, col, where);
+    if (bad) return bad;
+    for (int64_t i = 0; i < n; ++i)
+        if (batch[i] < 0 || batch[i] >= nb) { *where = i; return 6; }
+    memset(y, 0, sizeof(float) * (size_t)(n * P));
+    int64_t k_out = 0;
+    g_crow[0] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = batch[i];
+        double s = 0.0, ys = 0.0, ms = 0.0;
+        int64_t k = crow[i];
+        for (; k < crow[i + 1] && col[k] < G; ++k) { /* the gene entries are a prefix of the row */
+            g_col[k_out] = col[k];
+            g_val[k_out++] = val[k];
+            s += val[k];
+        }
+        const int64_t k_prot = k;
+        for (; k < crow[i + 1]; ++k) y[i * P + (col[k] - G)] = val[k];
+        g_crow[i + 1] = k_out;
+        const double L = s > 1.0 ? s : 1.0;
+        lib[i] = (float)L;
+        const float c = scale_mode == 1 ? (float)(1e4 / L) : scale_mode == 2 ? (float)(1.0 / (1.0 + L / (double)G))
+                                                                              : 1.0f;
+        for (int64_t j = crow[i]; j < k_prot; ++j) enc[j] = log1pf(scale_mode ? val[j] * c : val[j]);
+        for (int64_t t = 0; t < P; ++t) { ys += (double)(y[i * P + t] * mask[b * P + t]); ms += mask[b * P + t]; }
+        const double mean = ys / (ms > 1.0 ? ms : 1.0);
+        const float den = (float)(1.0 + mean);
+        for (int64_t j = k_prot; j < crow[i + 1]; ++j) {
+            const float m = mask[b * P + (col[j] - G)];
+            enc[j] = log1pf(val[j] * m / den) * m;
+        }
+    }
+    *nnz_genes = k_out;
+    return 0;
+}

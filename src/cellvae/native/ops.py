@@ -14,7 +14,8 @@ The kernels (``fastpath.c``; :mod:`.build` compiles it):
 - :func:`bn_relu_dropout`, :func:`bn_relu_dropout_backward`, :func:`dropout_keep`: batch norm + ReLU + dropout;
 - :func:`all_finite`: whether every gradient element is finite;
 - :func:`protein_mixture`, :func:`protein_mixture_backward`: totalVI's protein likelihood and background KL of a
-  minibatch, and their gradients.
+  minibatch, and their gradients;
+- :func:`joint_split`: a CSR minibatch of genes and proteins taken apart, with the encoder's input.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .build import library, usable
 
 __all__ = ["applies", "check_csr", "nb_loglik", "csr_linear", "csr_linear_wgrad", "all_finite", "bn_relu_dropout",
            "bn_relu_dropout_backward", "dropout_keep", "protein_mixture", "protein_mixture_backward",
-           "CSR_PROBLEMS"]
+           "joint_split", "CSR_PROBLEMS"]
 
 CSR_PROBLEMS = {
     1: "crow_indices does not start at 0",
@@ -345,3 +346,47 @@ def protein_mixture_backward(batch: torch.Tensor, deriv: torch.Tensor, g_ll: tor
     if code:
         raise MemoryError("native kernel: no memory for the protein gradient sums.")
     return gh, glt, gpm, gpls
+
+
+def joint_split(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_genes: int, n_proteins: int,
+                batch: torch.Tensor, mask: torch.Tensor, scale_mode: int) -> tuple:
+    """``cv_joint_split``: a CSR minibatch (n, n_genes + n_proteins) of the joint RNA + protein model taken apart in
+    one pass (see ``fastpath.c``, section 7).
+
+    Args:
+        crow, col, val: the CSR parts (int64, int64, float32) of x, genes first.
+        batch: (n,) int64 batch codes; mask: (n_batch, n_proteins) float32 protein mask of each batch.
+        scale_mode: 0 (``log1p`` encoder input), 1 (``log1p_cp10k``) or 2 (``log1p_mean``).
+
+    Returns:
+        ``(g_crow, g_col, g_val, y (n, n_proteins), lib (n, 1), enc (nnz,))``: the genes' CSR parts, the dense
+        proteins, the RNA library sizes (at least 1) and the encoder's input values on x's structure.
+
+    Raises:
+        CellvaeInputError: dtypes or shapes, an invalid CSR structure, a batch code out of range.
+    """
+    G, P = int(n_genes), int(n_proteins)
+    n = crow.numel() - 1
+    _need("x.crow_indices", crow, torch.int64, (n + 1,))
+    _need("x.col_indices", col, torch.int64, (-1,))
+    nnz = col.numel()
+    _need("x.values", val, torch.float32, (nnz,))
+    _need("batch", batch, torch.int64, (n,))
+    _need("mask", mask, torch.float32, (-1, P))
+    if scale_mode not in (0, 1, 2) or G < 0 or P < 1:
+        raise CellvaeInputError(f"native kernel: scale_mode {scale_mode}, {G} genes, {P} proteins.")
+    nb = mask.shape[0]
+    g_crow, g_col, g_val = crow.new_empty(n + 1), col.new_empty(nnz), val.new_empty(nnz)
+    y, lib, enc = val.new_empty(n, P), val.new_empty(n, 1), val.new_empty(nnz)
+    nnz_g, where = ctypes.c_int64(0), ctypes.c_int64(-1)
+    code = library().cv_joint_split(n, G, P, nnz, _ptr(crow), _ptr(col), _ptr(val), _ptr(batch), nb, _ptr(mask),
+                                    int(scale_mode), _ptr(g_crow), _ptr(g_col), _ptr(g_val), _ptr(y), _ptr(lib),
+                                    _ptr(enc), ctypes.byref(nnz_g), ctypes.byref(where))
+    if code == 6:
+        raise CellvaeInputError(f"native kernel: the batch code of cell {where.value} is outside [0, {nb}).")
+    if code:
+        problem = CSR_PROBLEMS[code].format(where=where.value, n_cols=G + P)
+        raise CellvaeInputError(f"x is not a valid CSR matrix of shape ({n}, {G + P}): {problem}. Sort the column "
+                                "indices and sum duplicates (scipy: m.sum_duplicates()).")
+    k = nnz_g.value
+    return g_crow, g_col[:k], g_val[:k], y, lib, enc

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..data.sparse import csr_rows, csr_tensor
 from ..errors import CellvaeInputError
+from ..native import ops
 from ..settings import PROTEIN_DISPERSIONS, ModelSettings, build
 from .likelihoods import get_likelihood
 from .module import LossOutput, VAEModule, _row_sums
@@ -252,6 +253,12 @@ class RNAProteinModule(VAEModule):
                 val = val * scale.view(-1).take(rows)
             val = torch.log1p(val).index_copy(0, p_idx, pin.reshape(-1).take(flat))
             x_in = csr_tensor(x.crow_indices(), x.col_indices(), val, x.shape)
+        return self._encode(x_in, lib, cat, cont, n_samples)
+
+    def _encode(self, x_in: torch.Tensor, lib: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None,
+                n_samples: int = 1) -> dict:
+        """The encoder on its input ``x_in`` (n, n_genes + n_proteins) and the (n, 1) RNA library sizes ``lib``:
+        :meth:`inference`'s dict."""
         ecat = cat if self.encode_covariates else None
         econt = cont if self.encode_covariates else None
         qz_m, qz_v = self.z_encoder(x_in, ecat, econt)
@@ -261,6 +268,25 @@ class RNAProteinModule(VAEModule):
         if n_samples > 1:
             library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "library": library}
+
+    def _native_split(self, x: torch.Tensor, cat: torch.Tensor) -> tuple | None:
+        """``(rna CSR, protein (n, n_proteins), encoder input CSR, lib (n, 1))`` of a CSR minibatch by the C kernel
+        :func:`cellvae.native.ops.joint_split` (one call instead of about fifty small operators; the same values
+        as :meth:`_blocks` and :meth:`_inference`'s input within float32 rounding), or None where it does not
+        apply (dense x, no compiler, not float32 / int64 CPU tensors)."""
+        if x.layout != torch.sparse_csr or x.shape[-1] != self.n_genes + self.n_proteins:
+            return None
+        crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+        batch = cat[:, 0].contiguous()
+        if crow.dtype != torch.int64 or not ops.applies(crow, col, val, batch, self.protein_batch_mask):
+            return None
+        mode = {"log1p": 0, "log1p_cp10k": 1, "log1p_mean": 2}.get(self.encoder_input)
+        if mode is None:
+            return None
+        g_crow, g_col, g_val, y, lib, enc = ops.joint_split(crow, col, val, self.n_genes, self.n_proteins, batch,
+                                                            self.protein_batch_mask, mode)
+        return (csr_tensor(g_crow, g_col, g_val, (x.shape[0], self.n_genes)), y,
+                csr_tensor(crow, col, enc, x.shape), lib)
 
     # ------------------------------------------------------------------------------------------- generative
     def _heads(self, z: torch.Tensor, cat: torch.Tensor, cont: torch.Tensor | None) -> tuple:
@@ -362,8 +388,13 @@ class RNAProteinModule(VAEModule):
         """
         if x.layout == torch.sparse_csr and not self.sparse_input:
             x = x.to_dense()
-        rna, y, joint = self._blocks(x)
-        inf = self._inference(rna, y, joint, cat, cont)
+        fast = self._native_split(x, cat)
+        if fast is not None:
+            rna, y, x_in, lib = fast
+            inf = self._encode(x_in, lib, cat, cont)
+        else:
+            rna, y, joint = self._blocks(x)
+            inf = self._inference(rna, y, joint, cat, cont)
         recon_rna = self.reconstruction(rna, inf, cat, cont)
         ll_prot, kl_b = self._protein_loss_terms(y, inf["z"], cat, cont)
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
