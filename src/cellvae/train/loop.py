@@ -334,8 +334,7 @@ class _Run:
         if plan.lr_schedule != "constant" or decay:
             set_lr(opt, lr_at(self.step_count, self.lr_steps, plan))
         if plan.check_finite:
-            for dst, src in zip(self.buffer_backup, self.buffers):
-                dst.copy_(src)
+            _copy_all(self.buffer_backup, self.buffers)
         out = self.module(x, cat, cont, kl_weight=kl_w)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -515,3 +514,16 @@ def _check_resume(ck: dict, plan: TrainSettings, train_t, val_t, meta: dict, war
     if changed:
         warnings.warn("Resuming with changed settings (the result will differ from an uninterrupted run): "
                       + "; ".join(changed), UserWarning, stacklevel=5)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for each pair: one ``torch._foreach_copy_`` call (one dispatched operator instead of one per
+    tensor; the module's buffers are copied before every step) where this torch has it."""
+    if not dst:
+        return
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dst, src)
+    else:
+        for d, s_ in zip(dst, src):
+            d.copy_(s_)
