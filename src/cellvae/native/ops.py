@@ -272,8 +272,9 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 def protein_mixture(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log_theta: torch.Tensor,
                     batch: torch.Tensor, prior_mean: torch.Tensor, prior_log_scale: torch.Tensor, mask: torch.Tensor,
                     scale_eps: float, derivatives: bool = False) -> tuple:
-    """``cv_protein_mixture``: totalVI's protein log-likelihood (the two-component NB mixture, in float64) and the
-    KL of ``q(log beta)`` per cell (:func:`cellvae.vae.nb_mixture.protein_elbo_terms` for the algebra).
+    """``cv_protein_mixture``: totalVI's protein log-likelihood (the two-component NB mixture of Gayoso et al. 2021,
+    Nat. Methods 18:272, Methods; in float64) and the KL of ``q(log beta)`` per cell
+    (:func:`cellvae.vae.nb_mixture.protein_elbo_terms` for the algebra).
 
     Args:
         y: (n, P) float32 integer counts; heads: (n, 4P) float32 ``[a, s, f, w]``; eps: (n, P) float32 draws.
@@ -287,6 +288,7 @@ def protein_mixture(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log
 
     Raises:
         CellvaeInputError: dtypes or shapes, a batch code out of range, a negative, non-finite or non-integer count.
+        MemoryError: the kernel's small per-call tables could not be allocated.
     """
     _need("y", y, torch.float32, (-1, -1))
     n, P = y.shape
@@ -309,10 +311,12 @@ def protein_mixture(y: torch.Tensor, heads: torch.Tensor, eps: torch.Tensor, log
                                         _ptr(ll), _ptr(kl), _ptr(deriv), ctypes.byref(where))
     if code == 1:
         raise CellvaeInputError(f"native kernel: the batch code of cell {where.value} is outside [0, {nb}).")
-    if code:
+    if code == 2:
         i, t = divmod(where.value, P)
         raise CellvaeInputError(f"Protein counts must be non-negative integers: cell {i}, protein {t} has "
                                 f"{float(y[i, t])!r}. Pass the raw antibody counts.")
+    if code:
+        raise MemoryError("native kernel: no memory for the protein tables.")
     return ll, kl, deriv
 
 
@@ -327,6 +331,7 @@ def protein_mixture_backward(batch: torch.Tensor, deriv: torch.Tensor, g_ll: tor
 
     Raises:
         CellvaeInputError: dtypes or shapes, a batch code out of range.
+        MemoryError: the gradient sums could not be allocated.
     """
     _need("derivatives", deriv, torch.float32, (-1, -1, 8))
     n, P = deriv.shape[:2]
@@ -359,8 +364,9 @@ def joint_split(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_gene
         scale_mode: 0 (``log1p`` encoder input), 1 (``log1p_cp10k``) or 2 (``log1p_mean``).
 
     Returns:
-        ``(g_crow, g_col, g_val, y (n, n_proteins), lib (n, 1), enc (nnz,))``: the genes' CSR parts, the dense
-        proteins, the RNA library sizes (at least 1) and the encoder's input values on x's structure.
+        ``(g_crow, g_col, g_val, y (n, n_proteins), lib (n, 1), enc (nnz,))``: the genes' CSR parts (counts), the
+        dense protein counts, the RNA library sizes (counts summed over the genes, at least 1) and the encoder's
+        input values on x's structure (log1p units; totalVI's protein scaling, Gayoso et al. 2021).
 
     Raises:
         CellvaeInputError: dtypes or shapes, an invalid CSR structure, a batch code out of range.

@@ -50,6 +50,7 @@ __all__ = ["RNAProteinModule", "RNAProteinLossOutput"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _SCALE_EPS = 1e-4  # floor of the standard deviation of q(log beta | z)
+_NATIVE_INPUT_MODES = {"log1p": 0, "log1p_cp10k": 1, "log1p_mean": 2}  # encoder_input -> cv_joint_split's scale_mode
 
 
 @dataclass
@@ -236,6 +237,9 @@ class RNAProteinModule(VAEModule):
             dict with ``qz_m``, ``qz_v`` (n_cells, n_latent), ``z`` ((n_samples,) n_cells, n_latent) and ``library``
             ((n_samples,) n_cells, 1), the log RNA library size.
         """
+        fast = self._native_split(x, cat)
+        if fast is not None:
+            return self._encode(fast[2], fast[3], cat, cont, n_samples)
         return self._inference(*self._blocks(x), cat, cont, n_samples)
 
     def _inference(self, rna: torch.Tensor, y: torch.Tensor, joint: tuple | None, cat: torch.Tensor,
@@ -280,7 +284,7 @@ class RNAProteinModule(VAEModule):
         batch = cat[:, 0].contiguous()
         if crow.dtype != torch.int64 or not ops.applies(crow, col, val, batch, self.protein_batch_mask):
             return None
-        mode = {"log1p": 0, "log1p_cp10k": 1, "log1p_mean": 2}.get(self.encoder_input)
+        mode = _NATIVE_INPUT_MODES.get(self.encoder_input)
         if mode is None:
             return None
         g_crow, g_col, g_val, y, lib, enc = ops.joint_split(crow, col, val, self.n_genes, self.n_proteins, batch,
