@@ -101,5 +101,14 @@ def test_native_boundary_checks_its_own_arguments():
         ops.csr_linear(torch.tensor(GOOD[0]), torch.tensor(GOOD[1]), torch.ones(4), torch.randn(G, 5), None)
     with pytest.raises(CellvaeInputError, match="at least 2 rows"):
         ops.bn_relu_dropout(torch.randn(1, 3), None, None, None, None, 1e-5, 0.1, 0, 1.0, (0, 0))
+    with pytest.raises(CellvaeInputError, match="at least 1 column"):
+        ops.ln_relu_dropout(torch.randn(3, 0), 1e-5, 0, 1.0, (0, 0))
+    with pytest.raises(CellvaeInputError, match="contiguous torch.float32"):
+        ops.ln_relu_dropout(torch.randn(8, 3).t(), 1e-5, 0, 1.0, (0, 0))
+    y, mean, invstd = ops.ln_relu_dropout(torch.randn(4, 3), 1e-5, 0, 1.0, (0, 0))
+    with pytest.raises(CellvaeInputError, match="has shape"):
+        ops.ln_relu_dropout_backward(torch.randn(4, 3), y, torch.randn(4, 3), mean[:3], invstd, 1.0)
+    with pytest.raises(CellvaeInputError, match="has shape"):
+        ops.ln_relu_dropout_backward(torch.randn(4, 3), y, torch.randn(4, 2), mean, invstd, 1.0)
     with pytest.raises(CellvaeInputError, match="contiguous torch.float32"):
         ops.all_finite([torch.ones(3, dtype=torch.float64)])

@@ -351,6 +351,53 @@ def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
         assert abs(keep.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / x.numel()) ** 0.5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_ln_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
+    """The fused layer norm + ReLU + dropout of FCLayers with ``use_layer_norm`` (native or its torch fallback) gives
+    the outputs and input gradients of the three torch modules for the same dropout mask, a constant row (zero
+    variance) and a row ReLU zeroes almost entirely included."""
+    from cellvae.vae.nn import _fusable_post, dropout_keep, ln_relu_dropout
+
+    if not use_native:
+        monkeypatch.setitem(native._state, "lib", None)
+    ln = torch.nn.LayerNorm(96, elementwise_affine=False)
+    fused = torch.nn.Sequential(ln, torch.nn.ReLU(), *([torch.nn.Dropout(p)] if p else [])).train()
+    ref = torch.nn.Sequential(torch.nn.LayerNorm(96, elementwise_affine=False), torch.nn.ReLU())
+    torch.manual_seed(0)
+    x = torch.randn(70, 96) * 3 + 1
+    x[3] = 2.0
+    x[4, 1:] = -1.0
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    found = _fusable_post(fused, x1)
+    assert found is not None and found[0] is ln and found[1] == p
+    torch.manual_seed(5)
+    y1 = ln_relu_dropout(x1, *found)
+    torch.manual_seed(5)
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p else [0, 0]
+    keep = dropout_keep(x.numel(), p, seeds).view(x.shape)
+    y2 = torch.where(keep, ref(x2) / (1 - p), 0.0)
+    g = torch.randn(70, 96)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    # not fused: an affine layer norm, a norm over another width, evaluation mode
+    assert _fusable_post(torch.nn.Sequential(torch.nn.LayerNorm(96), torch.nn.ReLU()).train(), x1) is None
+    assert _fusable_post(torch.nn.Sequential(torch.nn.LayerNorm(95, elementwise_affine=False),
+                                             torch.nn.ReLU()).train(), x1) is None
+    assert _fusable_post(fused.eval(), x1) is None
+
+
+def test_layer_norm_training_with_and_without_native_kernels_same_elbo(train_pbmc_small, monkeypatch):
+    """scArches' layer-norm settings (layer norm, no batch norm, dropout 0.2, 2 layers) train to the same ELBO
+    history with the fused native layer norm as with its torch fallback (the same dropout masks)."""
+    kw = dict(use_layer_norm="both", use_batch_norm="none", dropout_rate=0.2, n_layers=2)
+    with_native = train_pbmc_small(**kw)
+    monkeypatch.setitem(native._state, "lib", None)
+    assert_same_training(with_native, train_pbmc_small(**kw))
+
+
 def test_dropout_keep_flags_native_equal_torch_and_are_fair():
     """The keep flags of the C kernel equal the torch fallback's bit for bit; over many seeds the kept fraction of
     every element and the correlation between elements are those of independent Bernoulli(1 - p) draws."""

@@ -217,6 +217,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cv_bn_relu_dropout.restype = None
     lib.cv_bn_relu_dropout_backward.argtypes = [i64, i64, p, p, p, p, p, p, f, p, p, p, p]
     lib.cv_bn_relu_dropout_backward.restype = None
+    lib.cv_ln_relu_dropout.argtypes = [i64, i64, p, d, u32, f, u32, u32, p, p, p]
+    lib.cv_ln_relu_dropout.restype = None
+    lib.cv_ln_relu_dropout_backward.argtypes = [i64, i64, p, p, p, p, p, f, p]
+    lib.cv_ln_relu_dropout_backward.restype = None
     lib.cv_dropout_keep.argtypes = [i64, u32, u32, u32, p]
     lib.cv_dropout_keep.restype = None
     lib.cv_csr_check.argtypes = [i64, i64, i64, p, p, p]

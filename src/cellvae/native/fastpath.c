@@ -18,7 +18,8 @@
  * 4. cv_bn_relu_dropout / cv_bn_relu_dropout_backward: batch normalisation with batch statistics (Ioffe & Szegedy
  *    2015, Algorithm 1 and its backward pass; running statistics as torch.nn.BatchNorm1d), ReLU and inverted
  *    dropout (Srivastava et al. 2014) in one pass over a (n, C) hidden layer instead of six operators; the
- *    dropout mask is a counter-based hash of (seed, element index).
+ *    dropout mask is a counter-based hash of (seed, element index). cv_ln_relu_dropout / _backward: the same with
+ *    layer normalisation over each row (no affine transform) in place of batch normalisation.
  * 5. cv_protein_mixture / cv_protein_mixture_backward: totalVI's protein NB-mixture log-likelihood and background KL
  *    of a minibatch with their derivatives (the joint RNA + protein model), one call each instead of about fifty
  *    small PyTorch operators (section 5 below).
@@ -617,6 +618,61 @@ void cv_bn_relu_dropout_backward(int64_t n, int64_t C, const float *x, const flo
             const float xh = (xi[c] - mean[c]) * invstd[c];
             const float wc = w ? w[c] : 1.0f;
             di[c] = wc * invstd[c] / (float)n * ((float)n * g - (float)sg[c] - xh * (float)sgx[c]);
+        }
+    }
+}
+
+/* Training forward of y = dropout(relu(layernorm(x))) for x (n, C) row-major, layer normalisation over each row
+ * without an affine transform (torch.nn.LayerNorm(C, elementwise_affine=False); Ba et al. 2016): mean_i and the
+ * biased variance var_i of row i (double), invstd_i = 1 / sqrt(var_i + eps), y = max(0, (x - mean_i) invstd_i)
+ * * keep * scale, with the keep flags of cv_bn_relu_dropout (element index i C + c). Outputs y (n, C), mean and
+ * invstd (n each). */
+void cv_ln_relu_dropout(int64_t n, int64_t C, const float *x, double eps, uint32_t drop_threshold, float scale,
+                        uint32_t s0, uint32_t s1, float *y, float *mean, float *invstd) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float *RESTRICT xi = x + i * C;
+        float *RESTRICT yi = y + i * C;
+        double s = 0.0, q = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < C; ++c) s += xi[c];
+        const double mu = s / (double)C;
+#pragma omp simd reduction(+ : q)
+        for (int64_t c = 0; c < C; ++c) { const double d = (double)xi[c] - mu; q += d * d; }
+        const float m = (float)mu, is = (float)(1.0 / sqrt(q / (double)C + eps));
+        mean[i] = m;
+        invstd[i] = is;
+        const uint32_t j0 = (uint32_t)(i * C);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            float v = (xi[c] - m) * is;
+            v = v > 0.0f ? v : 0.0f;
+            const int keep = drop_threshold == 0 || keep_element(j0 + (uint32_t)c, s0, s1, drop_threshold);
+            yi[c] = keep ? v * scale : 0.0f;
+        }
+    }
+}
+
+/* Backward of cv_ln_relu_dropout given its input x, output y, mean, invstd (n) and dL/dy (gy): with g = gy * scale
+ * where y > 0 (else 0) and xhat = (x - mean_i) invstd_i, per row dx = invstd_i (g - mean_c(g) - xhat
+ * mean_c(g xhat)). dx (n, C). */
+void cv_ln_relu_dropout_backward(int64_t n, int64_t C, const float *x, const float *y, const float *gy,
+                                 const float *mean, const float *invstd, float scale, float *dx) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float *RESTRICT xi = x + i * C, *RESTRICT yi = y + i * C, *RESTRICT gi = gy + i * C;
+        float *RESTRICT di = dx + i * C;
+        const float m = mean[i], is = invstd[i];
+        double sg = 0.0, sgx = 0.0;
+#pragma omp simd reduction(+ : sg, sgx)
+        for (int64_t c = 0; c < C; ++c) {
+            const float g = yi[c] > 0.0f ? gi[c] * scale : 0.0f;
+            sg += g;
+            sgx += g * ((xi[c] - m) * is);
+        }
+        const float a = (float)(sg / (double)C), b = (float)(sgx / (double)C);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            const float g = yi[c] > 0.0f ? gi[c] * scale : 0.0f;
+            di[c] = is * (g - a - ((xi[c] - m) * is) * b);
         }
     }
 }

@@ -12,6 +12,7 @@ The kernels (``fastpath.c``; :mod:`.build` compiles it):
 - :func:`nb_loglik`: log-softmax + NB / ZINB log-likelihood of a minibatch and all its derivatives, one pass;
 - :func:`csr_linear`, :func:`csr_linear_wgrad`: the sparse first encoder layer and its weight gradient;
 - :func:`bn_relu_dropout`, :func:`bn_relu_dropout_backward`, :func:`dropout_keep`: batch norm + ReLU + dropout;
+- :func:`ln_relu_dropout`, :func:`ln_relu_dropout_backward`: the same with layer norm;
 - :func:`all_finite`: whether every gradient element is finite;
 - :func:`protein_mixture`, :func:`protein_mixture_backward`: totalVI's protein likelihood and background KL of a
   minibatch, and their gradients;
@@ -28,8 +29,8 @@ from ..errors import CellvaeInputError
 from .build import library, usable
 
 __all__ = ["applies", "check_csr", "nb_loglik", "csr_linear", "csr_linear_wgrad", "all_finite", "bn_relu_dropout",
-           "bn_relu_dropout_backward", "dropout_keep", "protein_mixture", "protein_mixture_backward",
-           "joint_split", "CSR_PROBLEMS"]
+           "bn_relu_dropout_backward", "ln_relu_dropout", "ln_relu_dropout_backward", "dropout_keep",
+           "protein_mixture", "protein_mixture_backward", "joint_split", "CSR_PROBLEMS"]
 
 CSR_PROBLEMS = {
     1: "crow_indices does not start at 0",
@@ -241,6 +242,44 @@ def bn_relu_dropout_backward(x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor,
     library().cv_bn_relu_dropout_backward(n, C, _ptr(x), _ptr(y), _ptr(gy), _ptr(weight), _ptr(mean), _ptr(invstd),
                                           float(scale), _ptr(dx), _ptr(dw), _ptr(db), _ptr(work))
     return dx, dw, db
+
+
+def ln_relu_dropout(x: torch.Tensor, eps: float, threshold: int, scale: float, seeds) -> tuple:
+    """Training-mode ``dropout(relu(layer_norm(x)))`` for x (n, C) float32, layer normalisation over each row without
+    an affine transform (``torch.nn.LayerNorm(C, elementwise_affine=False)``), the dropout mask of
+    :func:`bn_relu_dropout`. Returns ``(y (n, C), mean (n,), invstd (n,))``.
+
+    Raises:
+        CellvaeInputError: dtypes, shapes, no columns.
+    """
+    _need("x", x, torch.float32, (-1, -1))
+    n, C = x.shape
+    if C < 1:
+        raise CellvaeInputError("native kernel: layer norm needs at least 1 column.")
+    y = torch.empty_like(x)
+    mean, invstd = x.new_empty(n), x.new_empty(n)
+    library().cv_ln_relu_dropout(n, C, _ptr(x), float(eps), int(threshold), float(scale), int(seeds[0]) & 0xFFFFFFFF,
+                                 int(seeds[1]) & 0xFFFFFFFF, _ptr(y), _ptr(mean), _ptr(invstd))
+    return y, mean, invstd
+
+
+def ln_relu_dropout_backward(x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, mean: torch.Tensor,
+                             invstd: torch.Tensor, scale: float) -> torch.Tensor:
+    """The backward pass of :func:`ln_relu_dropout`: dx (n, C).
+
+    Raises:
+        CellvaeInputError: dtypes or shapes.
+    """
+    _need("x", x, torch.float32, (-1, -1))
+    n, C = x.shape
+    for name, t in (("y", y), ("grad", gy)):
+        _need(name, t, torch.float32, (n, C))
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        _need(name, t, torch.float32, (n,))
+    dx = torch.empty_like(x)
+    library().cv_ln_relu_dropout_backward(n, C, _ptr(x), _ptr(y), _ptr(gy), _ptr(mean), _ptr(invstd), float(scale),
+                                          _ptr(dx))
+    return dx
 
 
 def dropout_keep(n: int, threshold: int, seeds) -> torch.Tensor:

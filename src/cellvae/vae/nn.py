@@ -18,7 +18,7 @@ from ..data.sparse import check_csr_tensor, csr_parts
 from ..native import ops
 
 __all__ = ["CovariateLinear", "FCLayers", "Encoder", "DecoderSCVI", "LinearDecoderSCVI", "sparse_linear",
-           "bn_relu_dropout", "dropout_keep"]
+           "bn_relu_dropout", "ln_relu_dropout", "dropout_keep"]
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -124,24 +124,58 @@ def dropout_keep(n: int, p: float, seeds: Sequence[int]) -> torch.Tensor:
     return h >= threshold
 
 
+class _LNReLUDropout(torch.autograd.Function):
+    """``dropout(relu(layer_norm(x)))`` in training mode for x (n, C), layer norm over each row without an affine
+    transform, by the native kernels ``cv_ln_relu_dropout`` / ``cv_ln_relu_dropout_backward``; the dropout keep
+    flags come from a hash of the element index and ``seeds`` (as :class:`_BNReLUDropout`)."""
+
+    @staticmethod
+    def forward(ctx, x, eps, p, seeds):
+        scale = 1.0 / (1.0 - p)
+        y, mean, invstd = ops.ln_relu_dropout(x, eps, _drop_threshold(p), scale, seeds)
+        ctx.save_for_backward(x, y, mean, invstd)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, y, mean, invstd = ctx.saved_tensors
+        return ops.ln_relu_dropout_backward(x, y, gy.contiguous(), mean, invstd, ctx.scale), None, None, None
+
+
 def _fusable_post(post: nn.Module, x: torch.Tensor):
-    """``(batch_norm, dropout_p)`` when ``post`` is ``BatchNorm1d -> ReLU [-> Dropout]`` in training mode and ``x``
-    a 2-D float32 CPU tensor with more than one row (the case :func:`bn_relu_dropout` covers), else None."""
+    """``(norm, dropout_p)`` when ``post`` is ``BatchNorm1d -> ReLU [-> Dropout]`` or ``LayerNorm (without affine
+    transform, over the last dimension) -> ReLU [-> Dropout]`` in training mode and ``x`` a 2-D float32 CPU tensor
+    (with more than one row for batch norm): the cases :func:`bn_relu_dropout` and :func:`ln_relu_dropout` cover;
+    else None."""
     if not (post.training and isinstance(post, nn.Sequential) and len(post) in (2, 3) and x.dim() == 2
-            and x.shape[0] > 1 and x.dtype == torch.float32 and x.device.type == "cpu"):
+            and x.dtype == torch.float32 and x.device.type == "cpu"):
         return None
-    bn, act = post[0], post[1]
-    if not (type(bn) is nn.BatchNorm1d and type(act) is nn.ReLU and bn.training and bn.momentum is not None):
+    norm, act = post[0], post[1]
+    if type(act) is not nn.ReLU:
+        return None
+    if type(norm) is nn.BatchNorm1d:
+        if not (norm.training and norm.momentum is not None and x.shape[0] > 1):
+            return None
+        if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
+               for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)):
+            return None
+    elif type(norm) is nn.LayerNorm:
+        if norm.weight is not None or norm.bias is not None or tuple(norm.normalized_shape) != (x.shape[1],):
+            return None
+    else:
         return None
     p = 0.0
     if len(post) == 3:
         if type(post[2]) is not nn.Dropout or not post[2].training or not 0.0 <= post[2].p < 1.0:
             return None
         p = float(post[2].p)
-    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu")
-           for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
-        return None
-    return bn, p
+    return norm, p
+
+
+def _fused_post(x: torch.Tensor, norm: nn.Module, p: float) -> torch.Tensor:
+    """The fused function of ``norm -> ReLU [-> Dropout(p)]`` that :func:`_fusable_post` found."""
+    return bn_relu_dropout(x, norm, p) if type(norm) is nn.BatchNorm1d else ln_relu_dropout(x, norm, p)
 
 
 def bn_relu_dropout(x: torch.Tensor, bn: nn.BatchNorm1d, p: float) -> torch.Tensor:
@@ -169,6 +203,27 @@ def bn_relu_dropout(x: torch.Tensor, bn: nn.BatchNorm1d, p: float) -> torch.Tens
         y = torch.where(dropout_keep(x.numel(), p, seeds).view(x.shape), y * (1.0 / (1.0 - p)), 0.0)
     return y
 
+
+
+def ln_relu_dropout(x: torch.Tensor, ln: nn.LayerNorm, p: float) -> torch.Tensor:
+    """``Dropout(p)(ReLU()(ln(x)))`` in training mode for a ``LayerNorm`` over the last dimension without an affine
+    transform (scArches' ``use_layer_norm`` layers); x (n, C) float32 on the CPU; returns (n, C).
+
+    With the native kernels, one pass forward and one backward instead of the three modules' operators (and
+    torch's Bernoulli draw, about 3-7 ns per element on the CPU); without them, the same function from torch
+    operators with the same mask. Layer normalisation as Ba et al. 2016 (biased variance, ``ln.eps`` added to it);
+    inverted dropout with the hashed keep flags of :func:`dropout_keep` (two 32-bit seeds drawn from torch's global
+    generator), not the mask ``nn.Dropout`` would draw. Equal outputs and input gradients to float rounding for the
+    same mask (tests/test_native.py).
+    """
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p > 0 else [0, 0]
+    x = x.contiguous()
+    if ops.applies(x):
+        return _LNReLUDropout.apply(x, float(ln.eps), p, seeds)
+    y = torch.relu(nn.functional.layer_norm(x, (x.shape[1],), None, None, float(ln.eps)))
+    if p > 0:
+        y = torch.where(dropout_keep(x.numel(), p, seeds).view(x.shape), y * (1.0 / (1.0 - p)), 0.0)
+    return y
 
 class InputMajorLinear(nn.Module):
     """``torch.nn.Linear`` whose weight is held as its transpose: the parameter ``weight_t`` is a contiguous
@@ -274,8 +329,8 @@ class CovariateLinear(nn.Module):
 
 
 class FCLayers(nn.Module):
-    """A stack of ``CovariateLinear -> BatchNorm -> ReLU -> Dropout`` layers (in training on the CPU, the last three
-    run fused, :func:`bn_relu_dropout`).
+    """A stack of ``CovariateLinear -> BatchNorm (or LayerNorm) -> ReLU -> Dropout`` layers (in training on the CPU,
+    the last three run fused, :func:`bn_relu_dropout` and :func:`ln_relu_dropout`).
 
     Args:
         n_in: input features.
@@ -328,8 +383,8 @@ class FCLayers(nn.Module):
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         for lin, post in zip(self.linears, self.post):
             x = lin(x, cat, cont)
-            fused = _fusable_post(post, x)  # training on the CPU: batch norm, ReLU and dropout fused
-            x = bn_relu_dropout(x, *fused) if fused is not None else post(x)
+            fused = _fusable_post(post, x)  # training on the CPU: batch / layer norm, ReLU and dropout fused
+            x = _fused_post(x, *fused) if fused is not None else post(x)
         return x
 
 
