@@ -164,10 +164,10 @@ def _scores(truth, probs, labels, unknown_score, left_out, unscored, z_ref, z_qu
     return out
 
 
-def train_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
+def train_cellvae(ref, query, lk, bk, seed, label_kwargs=None, map_kwargs=None):
     """cellvae's reference training and query mapping, each at its defaults (module docstring): ``(CountVAE,
-    LabelTransferVAE, mapped model, reference seconds, query seconds)``. ``label_kwargs``: extra settings of the
-    label phase (default studies only)."""
+    LabelTransferVAE, mapped model, reference seconds, query seconds)``. ``label_kwargs``, ``map_kwargs``: extra
+    settings of the label phase and of ``map_query`` (default studies only)."""
     import cellvae
 
     t0 = time.perf_counter()
@@ -176,18 +176,19 @@ def train_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
     lt.train(seed=seed, progress_bar=False, n_threads=1, **(label_kwargs or {}))
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mapped = lt.map_query(query, batch_key=bk, seed=seed, progress_bar=False, n_threads=1)
+    mapped = lt.map_query(query, batch_key=bk, seed=seed, progress_bar=False, n_threads=1, **(map_kwargs or {}))
     return m, lt, mapped, t_ref, time.perf_counter() - t0
 
 
-def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None):
+def run_cellvae(ref, query, lk, bk, seed, label_kwargs=None, map_kwargs=None):
     import cellvae
 
-    m, lt, mapped, t_ref, t_query = train_cellvae(ref, query, lk, bk, seed, label_kwargs)
+    m, lt, mapped, t_ref, t_query = train_cellvae(ref, query, lk, bk, seed, label_kwargs, map_kwargs)
     table = mapped.predict_table()
     probs = mapped.predict(soft=True).to_numpy()
     extra = {"temperature": lt.temperature, "reference_epochs": len(m.history["epoch"]),
              "label_epochs": len(lt.history["epoch"]), "query_epochs": len(mapped.history["epoch"]),
+             "query_best_validation_elbo": float(max(mapped.history["validation_elbo"])),
              "flagged_unknown": table["unknown"].to_numpy(), "uncertainty": 1.0 - probs.max(1),
              "version": cellvae.__version__}
     return (lt.labels, probs, table["unknown_score"].to_numpy(), mapped.get_latent_representation(ref),
@@ -265,8 +266,10 @@ def _child(task: dict) -> dict:
     warnings.filterwarnings("ignore")
     os.nice(max(0, 5 - os.nice(0)))
     ref, query, truth, lk, bk, unscored = prepare(task["data_dir"], task["split"])
-    kw = {"label_kwargs": task["cellvae_label_kwargs"]} if task["tool"] == "cellvae" and task.get(
-        "cellvae_label_kwargs") else {}
+    kw = {}
+    if task["tool"] == "cellvae":
+        kw = {k: task[t] for k, t in (("label_kwargs", "cellvae_label_kwargs"), ("map_kwargs", "cellvae_map_kwargs"))
+              if task.get(t)}
     labels, probs, unk, z_ref, z_query, t_ref, t_query, extra = RUNNERS[task["tool"]](ref, query, lk, bk,
                                                                                        task["seed"], **kw)
     row = _scores(truth, probs, labels, unk, task["split"]["left_out"], unscored, z_ref, z_query)
@@ -411,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--cellvae-label-train-kwargs", type=json.loads, default=None,
                    help="JSON dict of extra LabelTransferVAE.train() settings (default studies; use with --json)")
+    p.add_argument("--cellvae-map-kwargs", type=json.loads, default=None,
+                   help="JSON dict of extra map_query() settings (default studies; use with --json)")
     args = p.parse_args(argv)
     path = Path(args.json)
     meta = {"machine": machine_description(), "command": "python benchmarks/label_transfer.py " +
@@ -435,13 +440,16 @@ def main(argv=None) -> int:
                        **{k: v for k, v in git_commit("src").items()}}
                 if tool == "cellvae" and args.cellvae_label_train_kwargs:
                     row["cellvae_label_train_kwargs"] = args.cellvae_label_train_kwargs
+                if tool == "cellvae" and args.cellvae_map_kwargs:
+                    row["cellvae_map_kwargs"] = args.cellvae_map_kwargs
                 print(f"{tool} {s['split']} seed {seed}: start {row['date']} load {row['loadavg_start']}", flush=True)
                 t0 = time.perf_counter()
                 try:
                     with ctx.Pool(1) as pool:
                         row.update(pool.apply(_child, ({"data_dir": args.data_dir, "split": s, "tool": tool,
                                                         "seed": seed,
-                                                        "cellvae_label_kwargs": args.cellvae_label_train_kwargs},)))
+                                                        "cellvae_label_kwargs": args.cellvae_label_train_kwargs,
+                                                        "cellvae_map_kwargs": args.cellvae_map_kwargs},)))
                 except Exception:  # noqa: BLE001 - recorded in the row
                     row["error"] = traceback.format_exc()
                 row["child_wall_seconds"] = round(time.perf_counter() - t0, 1)
