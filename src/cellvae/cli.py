@@ -341,7 +341,7 @@ def fit_images(data, out_dir, quiet, **kwargs):
 @click.option("--batch-key", default=None, help="obs column of the query's batches (default: the reference's batch "
               "key if the query has it, else the query is one new batch).")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None,
-              help="Epochs of query training (default: min(100, the usual heuristic)).")
+              help="Epochs of query training (default: min(30, the usual heuristic)).")
 @click.option("--max-missing-genes", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
               help="Largest fraction of the reference's genes the query may lack (they are zero-filled).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -565,7 +565,7 @@ class CountVAE(AnnDataModel):
             batch_key: obs column of the query's batches (None: the reference's batch key if the query has it,
                 else the query is one new batch). New batch categories, and new categories of every other
                 categorical covariate, get new embedding rows.
-            max_epochs: epochs of query training (None: ``min(100, default)``).
+            max_epochs: epochs of query training (None: ``min(30, default)``).
             max_missing_genes: largest fraction of the reference's genes the query may lack (0.2).
             seed, progress_bar, **train_settings: as :meth:`train`.
 
