@@ -323,7 +323,10 @@ def report(payload: dict) -> str:
     lines = ["# Label transfer and reference mapping: cellvae vs scvi-tools SCANVI vs kNN (issue 24)", "",
              f"commit {newest_commit(rows)}, {dates[-1]} (the newest row; all rows: commits {', '.join(commits)}, "
              f"dates {', '.join(dates)}); machine: {meta.get('machine')}", "",
-             f"- command: `{meta.get('command')}`",
+             *([f"- invocations recorded (rows older than the first of them were made by unrecorded ones): "
+                + "; ".join(f"{i['started'][:16]} at {i['commit']}, nice {i.get('niceness', '?')}: `{i['command']}`"
+                            for i in meta["invocations"])]
+               if meta.get("invocations") else [f"- command: `{meta.get('command')}`"]),
              f"- 1-minute load average at the start of runs: {min(loads) if loads else '?'} to "
              f"{max(loads) if loads else '?'} (2-core shared machine; one thread per tool; tool order alternates)",
              f"- tools: {', '.join(sorted({r['tool'] + ' ' + str(r.get('version', '')) for r in rows}))}",
@@ -427,10 +430,15 @@ def main(argv=None) -> int:
     path = Path(args.json)
     meta = {"machine": machine_description(), "command": "python benchmarks/label_transfer.py " +
             " ".join(sys.argv[1:] if argv is None else argv)}
+    old_meta = json.loads(path.read_text())["meta"] if path.exists() else {}
     if args.report_only:
-        _save(path, [], json.loads(path.read_text())["meta"] if path.exists() else meta)
+        _save(path, [], old_meta or meta)
         print(path.with_suffix(".md").read_text())
         return 0
+    commit = git_commit("src")
+    meta["invocations"] = [*old_meta.get("invocations", []),
+                           {"started": _now(), "commit": commit["commit"] + (" (src dirty)" if commit["dirty"] else ""),
+                            "command": meta["command"], "niceness": os.nice(0)}]
     todo = [s for s in splits(args.data_dir) if s["dataset"] in args.datasets]
     done = {_key(r) for r in _load(path) if not r.get("error")} if args.resume else set()
     ctx = mp.get_context("spawn")
