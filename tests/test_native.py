@@ -349,6 +349,13 @@ def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
         torch.testing.assert_close(getattr(fused[0], name), getattr(ref[0], name), rtol=1e-6, atol=1e-6)
     if p:
         assert abs(keep.float().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / x.numel()) ** 0.5)
+    xn = x.clone()
+    xn[5, 7] = float("nan")  # NaN propagates through the column's statistics and ReLU keeps it, as the modules
+    found_n = _fusable_post(_post(p), xn)
+    torch.manual_seed(5)
+    yn = bn_relu_dropout(xn, *found_n)
+    with torch.no_grad():
+        assert torch.equal(torch.isnan(yn), torch.isnan(torch.where(keep, _post(0.0)(xn) / (1 - p), 0.0)))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -382,10 +389,18 @@ def test_ln_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
     (y2 * g).sum().backward()
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    # not fused: an affine layer norm, a norm over another width, evaluation mode
+    xn = x.clone()
+    xn[5, 7] = float("nan")  # a NaN stays NaN (ReLU keeps it, as torch.relu) where the mask keeps it
+    torch.manual_seed(5)
+    yn = ln_relu_dropout(xn, *found)
+    with torch.no_grad():
+        assert torch.equal(torch.isnan(yn), torch.isnan(torch.where(keep, ref(xn) / (1 - p), 0.0)))
+    # not fused: an affine layer norm, a norm over another width, no columns, evaluation mode
     assert _fusable_post(torch.nn.Sequential(torch.nn.LayerNorm(96), torch.nn.ReLU()).train(), x1) is None
     assert _fusable_post(torch.nn.Sequential(torch.nn.LayerNorm(95, elementwise_affine=False),
                                              torch.nn.ReLU()).train(), x1) is None
+    assert _fusable_post(torch.nn.Sequential(torch.nn.LayerNorm(0, elementwise_affine=False),
+                                             torch.nn.ReLU()).train(), torch.ones(3, 0)) is None
     assert _fusable_post(fused.eval(), x1) is None
 
 

@@ -567,7 +567,8 @@ class CountVAE(AnnDataModel):
                 categorical covariate, get new embedding rows.
             max_epochs: epochs of query training (None: ``min(30, default)``).
             max_missing_genes: largest fraction of the reference's genes the query may lack (0.2).
-            seed, progress_bar, **train_settings: as :meth:`train`.
+            seed, progress_bar, **train_settings: as :meth:`train`, except that ``lr`` defaults to 1e-2
+                (:data:`cellvae.models.query.QUERY_LR`) and weight decay is 0.
 
         Returns:
             A new model of this class attached to the query (its genes in the reference's order), trained;

@@ -36,7 +36,7 @@ __all__ = ["map_query", "align_genes", "QUERY_BATCH_KEY", "MAX_QUERY_EPOCHS", "Q
 
 QUERY_BATCH_KEY = "cellvae_query_batch"  # the batch column added to a query given without a batch key
 MAX_QUERY_EPOCHS = 30  # query training: at most this many epochs by default (only a few weights move)
-QUERY_LR = 1e-2  # query training: Adam's default learning rate (10x the reference's: only the new rows move)
+QUERY_LR = 1e-2  # query training's learning rate by default (torch Adam's and the reference's: 1e-3)
 
 
 def align_genes(query: ad.AnnData, genes: list[str], layer: str | None, max_missing: float) -> ad.AnnData:
@@ -115,8 +115,9 @@ def map_query(model, query: ad.AnnData, batch_key: str | None = None, max_epochs
             weight is 1 from the start: the encoder is the reference's; ``lr`` defaults to :data:`QUERY_LR`, 1e-2:
             only the query's new embedding rows move, and at scvi-tools' 1e-3 for 100 epochs the query's validation
             ELBO ends lower than at 1e-2 for 30, at equal label-transfer quality,
-            ``benchmarks/results/label_transfer_query_lr.md``). A query with fewer training cells than the default
-            ``batch_size`` is trained in one minibatch per epoch.
+            ``benchmarks/results/label_transfer_query_lr.md``; with 30 epochs and the default patience of 45, early
+            stopping does not stop query training, but the best validation epoch's weights are kept). A query with
+            fewer training cells than the default ``batch_size`` is trained in one minibatch per epoch.
 
     Returns:
         A model of the same class, attached to the query (aligned to the reference's genes), trained; its

@@ -581,7 +581,7 @@ void cv_bn_relu_dropout(int64_t n, int64_t C, const float *x, const float *w, co
         for (int64_t c = 0; c < C; ++c) {
             const float wc = w ? w[c] : 1.0f, bc = b ? b[c] : 0.0f;
             float v = (xi[c] - mean[c]) * invstd[c] * wc + bc;
-            v = v > 0.0f ? v : 0.0f;
+            v = (v > 0.0f || v != v) ? v : 0.0f; /* ReLU that keeps NaN, as torch.relu */
             const int keep = drop_threshold == 0 || keep_element(j0 + (uint32_t)c, s0, s1, drop_threshold);
             yi[c] = keep ? v * scale : 0.0f;
         }
@@ -645,7 +645,7 @@ void cv_ln_relu_dropout(int64_t n, int64_t C, const float *x, double eps, uint32
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
             float v = (xi[c] - m) * is;
-            v = v > 0.0f ? v : 0.0f;
+            v = (v > 0.0f || v != v) ? v : 0.0f; /* ReLU that keeps NaN, as torch.relu */
             const int keep = drop_threshold == 0 || keep_element(j0 + (uint32_t)c, s0, s1, drop_threshold);
             yi[c] = keep ? v * scale : 0.0f;
         }

@@ -161,7 +161,8 @@ def _fusable_post(post: nn.Module, x: torch.Tensor):
                for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)):
             return None
     elif type(norm) is nn.LayerNorm:
-        if norm.weight is not None or norm.bias is not None or tuple(norm.normalized_shape) != (x.shape[1],):
+        if (norm.weight is not None or norm.bias is not None or tuple(norm.normalized_shape) != (x.shape[1],)
+                or x.shape[1] == 0):
             return None
     else:
         return None
@@ -209,7 +210,7 @@ def ln_relu_dropout(x: torch.Tensor, ln: nn.LayerNorm, p: float) -> torch.Tensor
     """``Dropout(p)(ReLU()(ln(x)))`` in training mode for a ``LayerNorm`` over the last dimension without an affine
     transform (scArches' ``use_layer_norm`` layers); x (n, C) float32 on the CPU; returns (n, C).
 
-    With the native kernels, one pass forward and one backward instead of the three modules' operators (and
+    With the native kernels, one call forward and one backward instead of the three modules' operators (and
     torch's Bernoulli draw, about 3-7 ns per element on the CPU); without them, the same function from torch
     operators with the same mask. Layer normalisation as Ba et al. 2016 (biased variance, ``ln.eps`` added to it);
     inverted dropout with the hashed keep flags of :func:`dropout_keep` (two 32-bit seeds drawn from torch's global
