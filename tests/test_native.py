@@ -316,33 +316,43 @@ def _post(p: float, seed: int = 0):
     return post.train()
 
 
+def _fused_equals_modules(fused_fn, found, ref, x: torch.Tensor, p: float):
+    """Run ``fused_fn(x, *found)`` and the modules ``ref`` (norm -> ReLU, no dropout) times the fused path's keep
+    flags, rescaled, on copies of x with the same seed; assert equal outputs and input gradients (1e-5) and return
+    the keep flags (x's shape)."""
+    from cellvae.vae.nn import dropout_keep
+
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(5)
+    y1 = fused_fn(x1, *found)
+    torch.manual_seed(5)
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p else [0, 0]
+    keep = dropout_keep(x.numel(), p, seeds).view(x.shape)
+    y2 = torch.where(keep, ref(x2) / (1 - p), 0.0)
+    g = torch.randn(x.shape)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    return keep
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("use_native", [True, False])
 def test_bn_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
     """The fused batch norm + ReLU + dropout of FCLayers (native or its torch fallback) gives the outputs, input and
     parameter gradients, running statistics and batch count of the three torch modules, for the same dropout mask
     (the modules' output times the fused path's keep flags, rescaled)."""
-    from cellvae.vae.nn import _fusable_post, bn_relu_dropout, dropout_keep
+    from cellvae.vae.nn import _fusable_post, bn_relu_dropout
 
     if not use_native:
         monkeypatch.setitem(native._state, "lib", None)
     fused, ref = _post(p), _post(0.0)
     x = torch.randn(70, 96) * 3 + 1
     x[:, 0] = -5.0  # a channel that ReLU zeroes after normalisation only where below its mean (all equal: 0)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    found = _fusable_post(fused, x1)
+    found = _fusable_post(fused, x)
     assert found is not None and found[0] is fused[0] and found[1] == p
-    torch.manual_seed(5)
-    y1 = bn_relu_dropout(x1, *found)
-    torch.manual_seed(5)
-    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p else [0, 0]
-    keep = dropout_keep(x.numel(), p, seeds).view(x.shape)
-    y2 = torch.where(keep, ref(x2) / (1 - p), 0.0)
-    g = torch.randn(70, 96)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    keep = _fused_equals_modules(bn_relu_dropout, found, ref, x, p)
     for name in ("weight", "bias"):
         torch.testing.assert_close(getattr(fused[0], name).grad, getattr(ref[0], name).grad, rtol=1e-5, atol=1e-4)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -364,7 +374,7 @@ def test_ln_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
     """The fused layer norm + ReLU + dropout of FCLayers with ``use_layer_norm`` (native or its torch fallback) gives
     the outputs and input gradients of the three torch modules for the same dropout mask, a constant row (zero
     variance) and a row ReLU zeroes almost entirely included."""
-    from cellvae.vae.nn import _fusable_post, dropout_keep, ln_relu_dropout
+    from cellvae.vae.nn import _fusable_post, ln_relu_dropout
 
     if not use_native:
         monkeypatch.setitem(native._state, "lib", None)
@@ -375,20 +385,10 @@ def test_ln_relu_dropout_equals_the_modules(p, use_native, monkeypatch):
     x = torch.randn(70, 96) * 3 + 1
     x[3] = 2.0
     x[4, 1:] = -1.0
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1 = x.clone().requires_grad_()
     found = _fusable_post(fused, x1)
     assert found is not None and found[0] is ln and found[1] == p
-    torch.manual_seed(5)
-    y1 = ln_relu_dropout(x1, *found)
-    torch.manual_seed(5)
-    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p else [0, 0]
-    keep = dropout_keep(x.numel(), p, seeds).view(x.shape)
-    y2 = torch.where(keep, ref(x2) / (1 - p), 0.0)
-    g = torch.randn(70, 96)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    keep = _fused_equals_modules(ln_relu_dropout, found, ref, x, p)
     xn = x.clone()
     xn[5, 7] = float("nan")  # a NaN stays NaN (ReLU keeps it, as torch.relu) where the mask keeps it
     torch.manual_seed(5)

@@ -221,6 +221,18 @@ def bn_relu_dropout(x: torch.Tensor, weight, bias, running_mean, running_var, ep
     return y, mean, invstd
 
 
+def _need_norm_backward(x, y, gy, mean, invstd, per_row: bool) -> tuple[int, int]:
+    """Check the inputs of a fused norm + ReLU + dropout backward pass: x, y, gy (n, C) float32 and the statistics
+    mean, invstd (n,) per row (layer norm) or (C,) per column (batch norm); returns ``(n, C)``."""
+    _need("x", x, torch.float32, (-1, -1))
+    n, C = x.shape
+    for name, t in (("y", y), ("grad", gy)):
+        _need(name, t, torch.float32, (n, C))
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        _need(name, t, torch.float32, (n,) if per_row else (C,))
+    return n, C
+
+
 def bn_relu_dropout_backward(x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, weight, mean: torch.Tensor,
                              invstd: torch.Tensor, scale: float, need_weight: bool, need_bias: bool) -> tuple:
     """The backward pass of :func:`bn_relu_dropout`: ``(dx, dweight or None, dbias or None)``.
@@ -228,12 +240,7 @@ def bn_relu_dropout_backward(x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor,
     Raises:
         CellvaeInputError: dtypes or shapes.
     """
-    _need("x", x, torch.float32, (-1, -1))
-    n, C = x.shape
-    for name, t in (("y", y), ("grad", gy)):
-        _need(name, t, torch.float32, (n, C))
-    for name, t in (("mean", mean), ("invstd", invstd)):
-        _need(name, t, torch.float32, (C,))
+    n, C = _need_norm_backward(x, y, gy, mean, invstd, per_row=False)
     _need("weight", weight, torch.float32, (C,), optional=True)
     dx = torch.empty_like(x)
     dw = x.new_empty(C) if weight is not None and need_weight else None
@@ -270,12 +277,7 @@ def ln_relu_dropout_backward(x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor,
     Raises:
         CellvaeInputError: dtypes or shapes.
     """
-    _need("x", x, torch.float32, (-1, -1))
-    n, C = x.shape
-    for name, t in (("y", y), ("grad", gy)):
-        _need(name, t, torch.float32, (n, C))
-    for name, t in (("mean", mean), ("invstd", invstd)):
-        _need(name, t, torch.float32, (n,))
+    n, C = _need_norm_backward(x, y, gy, mean, invstd, per_row=True)
     dx = torch.empty_like(x)
     library().cv_ln_relu_dropout_backward(n, C, _ptr(x), _ptr(y), _ptr(gy), _ptr(mean), _ptr(invstd), float(scale),
                                           _ptr(dx))

@@ -216,6 +216,9 @@ def ln_relu_dropout(x: torch.Tensor, ln: nn.LayerNorm, p: float) -> torch.Tensor
     inverted dropout with the hashed keep flags of :func:`dropout_keep` (two 32-bit seeds drawn from torch's global
     generator), not the mask ``nn.Dropout`` would draw. Equal outputs and input gradients to float rounding for the
     same mask (tests/test_native.py).
+
+    Raises:
+        CellvaeInputError: x without columns where the native kernel runs (:func:`_fusable_post` never passes one).
     """
     seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p > 0 else [0, 0]
     x = x.contiguous()
