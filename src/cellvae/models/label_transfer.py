@@ -32,6 +32,14 @@ Beyond scANVI:
   combination was chosen on five splits of ``benchmarks/label_transfer.py`` (seed 0; mean AUROC 0.937 against
   0.882 for the distance alone) and is confirmed on the rest in ``benchmarks/results/label_transfer.md``.
 
+  *Limitation:* the threshold comes from reference cells. A query much deeper than the reference, or from another
+  technology, scores higher on every signal, so the flag can mark many cells of known types: 13 % of them on
+  average over the 12 splits of ``benchmarks/label_transfer.py``, and 76 % on one cell-line split whose query is
+  1.8x deeper. On such a query, rank cells by ``unknown_score`` and look at the flagged fraction per predicted
+  label. Scoring against the query's own per-gene statistics cut those false calls to 2-3 %, but it lost half of the
+  left-out-type calls on the PBMC splits, so it was not adopted
+  (``benchmarks/results/label_transfer_defaults.md``).
+
 The reference's latent means (at most :data:`MAX_REFERENCE_CELLS` training cells, a seeded sample) and their
 labels are saved with the model (``label_reference.npz``) and carried into mapped models, so a mapped model scores
 query cells without the reference data.
