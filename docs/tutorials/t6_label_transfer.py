@@ -60,7 +60,10 @@ pd.crosstab(table["true"], table["predicted_label"])
 # The B cells have no reference label, so each is forced onto some known type; the unknown flag is what should
 # catch them. It marks cells unlike the reference, not only new types: a query with a biological shift the
 # reference lacks (for example stimulated cells mapped onto a control-only reference) is flagged as well, which is
-# worth knowing before reading the flag as "new cell type".
+# worth knowing before reading the flag as "new cell type". A technical shift does the same: a query much deeper
+# than the reference, or from another technology, can have most of its cells flagged (the threshold comes from
+# reference cells). When the flagged fraction is high for every predicted label, rank the cells by `unknown_score`
+# within the query rather than reading the flag.
 
 # %%
 pd.DataFrame({"flagged unknown": table.groupby("true")["unknown"].mean(),
