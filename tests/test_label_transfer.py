@@ -124,6 +124,23 @@ def test_predict_keeps_known_labels(reference):
     assert table["label_known"].all() and (table["label_confidence"] == 1.0).all() and not table["unknown"].any()
 
 
+def test_predict_table_warns_when_much_of_the_data_is_flagged_unknown(reference):
+    """Cells like the reference (labels hidden) are flagged at about the calibrated rate, without a warning; the same
+    cells sequenced 8x deeper (a technical shift) are flagged far more often, and predict_table says why."""
+    _, lt = reference
+    like = lt.adata.copy()
+    like.obs["cell_type"] = "Unknown"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = lt.predict_table(like)
+    assert table["unknown"].mean() < 0.25
+    deep = like.copy()
+    deep.X = deep.X * 8
+    with pytest.warns(UserWarning, match=r"predicted cells are flagged unknown.*differ technically"):
+        flagged = lt.predict_table(deep)["unknown"].mean()
+    assert flagged > 0.25
+
+
 def test_label_transfer_refusals():
     adata = _toy(60)
     with pytest.raises(CellvaeInputError, match="not an obs column"):

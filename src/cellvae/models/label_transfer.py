@@ -35,9 +35,10 @@ Beyond scANVI:
   *Limitation:* the threshold comes from reference cells. A query much deeper than the reference, or from another
   technology, scores higher on every signal, so the flag can mark many cells of known types: 13 % of them on
   average over the 12 splits of ``benchmarks/label_transfer.py``, and 76 % on one cell-line split whose query is
-  1.8x deeper. On such a query, rank cells by ``unknown_score`` and look at the flagged fraction per predicted
-  label. Scoring against the query's own per-gene statistics cut those false calls to 2-3 %, but it lost half of the
-  left-out-type calls on the PBMC splits, so it was not adopted
+  1.8x deeper. :meth:`LabelTransferVAE.predict_table` warns when more than a quarter of the cells it predicts are
+  flagged. On such a query, rank cells by ``unknown_score`` and look at the flagged fraction per predicted label.
+  Scoring the gene surprise against the query's own per-gene statistics cut those false calls to 2-3 %, but it lost
+  40 % of the left-out-type calls on the PBMC splits, so it was not adopted
   (``benchmarks/results/label_transfer_defaults.md``).
 
 The reference's latent means (at most :data:`MAX_REFERENCE_CELLS` training cells, a seeded sample) and their
@@ -51,6 +52,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -66,7 +68,8 @@ from ..vae.module import VAEModule
 from ..vae.scanvi import LabelTransferModule
 from .count_vae import CountVAE
 
-__all__ = ["LabelTransferVAE", "MAX_REFERENCE_CELLS", "UNKNOWN_LABEL", "PRETRAINED_MAX_EPOCHS"]
+__all__ = ["LabelTransferVAE", "MAX_REFERENCE_CELLS", "UNKNOWN_LABEL", "PRETRAINED_MAX_EPOCHS", "UNKNOWN_WARN_FRACTION",
+           "UNKNOWN_WARN_MIN_CELLS"]
 
 MAX_REFERENCE_CELLS = 20_000  # reference latent means kept for the unknown score (a seeded sample)
 UNKNOWN_LABEL = "unknown"  # predict_table's label of cells flagged unknown (with unknown_as_label=True)
@@ -75,6 +78,8 @@ REFERENCE_FILE = "label_reference.npz"
 UNKNOWN_N_NEIGHBORS = 10  # neighbours of the latent kNN distance of the unknown score
 UNKNOWN_N_TOP_GENES = 50  # genes of the gene surprise of the unknown score
 MAX_HELDOUT_CELLS = 5_000  # held-out reference values kept per signal (a seeded sample)
+UNKNOWN_WARN_FRACTION = 0.25  # predict_table warns when more of its predicted cells than this are flagged unknown
+UNKNOWN_WARN_MIN_CELLS = 50  # ... and it predicted at least this many cells
 
 
 class LabelTransferVAE(CountVAE):
@@ -380,6 +385,13 @@ class LabelTransferVAE(CountVAE):
 
         Raises:
             CellvaeInputError: a model without calibration (train it first), and the errors of :meth:`predict`.
+
+        Warns:
+            UserWarning: more than :data:`UNKNOWN_WARN_FRACTION` (25 %) of at least
+                :data:`UNKNOWN_WARN_MIN_CELLS` predicted cells are flagged unknown, against about
+                ``1 - unknown_quantile`` (1 %) of held-out reference cells: much of ``adata`` is unlike every
+                reference label, or it differs technically from the reference (sequencing depth, technology; module
+                docstring, *Limitation*).
         """
         self.check_trained()
         if not self.unknown_thresholds:
@@ -396,9 +408,19 @@ class LabelTransferVAE(CountVAE):
             known = codes < len(self.labels)
             labels[known] = np.asarray(self.labels, dtype=object)[codes[known]]
             conf = np.where(known, 1.0, conf)
+        flag = (score > self.unknown_thresholds["score"]) & ~known
+        n_pred = int((~known).sum())
+        if n_pred >= UNKNOWN_WARN_MIN_CELLS and flag.sum() > UNKNOWN_WARN_FRACTION * n_pred:
+            expected = 1.0 - float(self.unknown_thresholds.get("quantile", 0.99))
+            warnings.warn(
+                f"{flag.sum() / n_pred:.0%} of the {n_pred} predicted cells are flagged unknown, against about "
+                f"{expected:.0%} of held-out reference cells. Either much of these cells is unlike every reference "
+                "label, or they differ technically from the reference (sequencing depth, technology), which raises "
+                "every cell's unknown_score. Compare the flagged fraction per predicted label (a new cell type "
+                "concentrates in a few labels, a technical shift spreads over all of them), and if it is high "
+                "everywhere, rank the cells by unknown_score instead of reading the flag.", UserWarning, stacklevel=2)
         return pd.DataFrame({"predicted_label": pd.Categorical(labels, categories=self.labels),
-                             "label_confidence": conf, "unknown_score": score,
-                             "unknown": (score > self.unknown_thresholds["score"]) & ~known,
+                             "label_confidence": conf, "unknown_score": score, "unknown": flag,
                              "label_known": known}, index=adata_.obs_names)
 
     def reference_latent(self) -> tuple[np.ndarray, np.ndarray]:
