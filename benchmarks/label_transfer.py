@@ -324,6 +324,30 @@ def _save(path: Path, rows: list[dict], meta: dict) -> None:
     atomic_write_text(path.with_suffix(".md"), report(payload))
 
 
+def _per_split_verdicts(rows: list[dict], splits_: list[str], key: str, better: int) -> str:
+    """For each split, the seeds where both cellvae and scANVI have ``key``; their differences (cellvae − scANVI)
+    with a 95 % t-interval: the counts of splits whose interval lies wholly on the better side, wholly on the worse
+    side, or contains 0 (ties included), and the worse ones by name."""
+    worse, good, neither = [], 0, 0
+    for s in splits_:
+        vals = {t: {r["seed"]: r.get(key) for r in rows if r["tool"] == t and r["split"] == s
+                    and r.get(key) is not None} for t in ("cellvae", "scvi")}
+        m, hw, n = paired_t_ci([vals["cellvae"][k] - vals["scvi"][k] for k in sorted(vals["cellvae"])
+                                if k in vals["scvi"]])
+        if n < 2 or hw is None:
+            neither += 1
+            continue
+        lo, hi = m - hw, m + hw
+        if (lo > 0) if better > 0 else (hi < 0):
+            good += 1
+        elif (hi < 0) if better > 0 else (lo > 0):
+            worse.append(f"{s} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        else:
+            neither += 1
+    return (f"95 % CI over seeds wholly better on {good}, containing 0 on {neither}, wholly worse on {len(worse)}"
+            + (f" ({'; '.join(worse)})" if worse else ""))
+
+
 def report(payload: dict) -> str:
     import numpy as np
 
@@ -377,6 +401,8 @@ def report(payload: dict) -> str:
         lines.append(f"- {lab}: cellvae {'≥' if better > 0 else '≤'} scANVI on {ok} of {n} splits; mean paired "
                      f"difference (cellvae − scANVI) {m:+.4f}" + (f" ± {hw:.4f} (95 % CI over splits)" if hw else "")
                      if n else f"- {lab}: no paired splits yet")
+        if key in ("balanced_accuracy", "ece") and n:
+            lines.append(f"  - per split, paired by seed: {_per_split_verdicts(rows, both, key, better)}")
     au = [val("cellvae", s, "unknown_auroc") for s in splits_ if val("cellvae", s, "unknown_auroc") is not None]
     au_s = [val("scvi", s, "unknown_auroc") for s in splits_ if val("scvi", s, "unknown_auroc") is not None]
     au_k = [val("knn", s, "unknown_auroc") for s in splits_ if val("knn", s, "unknown_auroc") is not None]
