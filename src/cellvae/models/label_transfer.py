@@ -389,9 +389,9 @@ class LabelTransferVAE(CountVAE):
         Warns:
             UserWarning: more than :data:`UNKNOWN_WARN_FRACTION` (25 %) of at least
                 :data:`UNKNOWN_WARN_MIN_CELLS` predicted cells are flagged unknown, against about
-                ``1 - unknown_quantile`` (1 %) of held-out reference cells: much of ``adata`` is unlike every
-                reference label, or it differs technically from the reference (sequencing depth, technology; module
-                docstring, *Limitation*).
+                ``1 - unknown_quantile`` (1 %) of held-out reference cells: many cells of ``adata`` are unlike
+                every reference label, or it differs technically from the reference (sequencing depth, technology;
+                module docstring, *Limitation*).
         """
         self.check_trained()
         if not self.unknown_thresholds:
@@ -414,7 +414,7 @@ class LabelTransferVAE(CountVAE):
             expected = 1.0 - float(self.unknown_thresholds.get("quantile", 0.99))
             warnings.warn(
                 f"{flag.sum() / n_pred:.0%} of the {n_pred} predicted cells are flagged unknown, against about "
-                f"{expected:.0%} of held-out reference cells. Either much of these cells is unlike every reference "
+                f"{expected:.0%} of held-out reference cells. Either many of these cells are unlike every reference "
                 "label, or they differ technically from the reference (sequencing depth, technology), which raises "
                 "every cell's unknown_score. Compare the flagged fraction per predicted label (a new cell type "
                 "concentrates in a few labels, a technical shift spreads over all of them), and if it is high "
