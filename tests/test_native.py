@@ -82,6 +82,41 @@ def test_fused_likelihood_equals_distribution_classes(zinb, per_batch, layout):
 @pytest.mark.parametrize("layout", ["csr", "dense"])
 @pytest.mark.parametrize("per_batch", [0, 3])
 @pytest.mark.parametrize("zinb", [True, False])
+def test_deep_counts_per_theta_terms_equal_the_per_count_path(zinb, per_batch, layout):
+    """Deep data (most counts above the product form, some above the log-factorial table): a minibatch whose large
+    counts outnumber the theta entries takes lgamma / digamma of theta once per gene; each cell alone does not. Both
+    give the same per-cell log-likelihood and gradients, and match the distribution classes."""
+    x, logits, lib, lt, rows, zi = _case(zinb, per_batch)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.poisson(torch.rand(x.shape, generator=gen) * 400.0 + 1.0, generator=gen)
+    x[0, :3] = torch.tensor([4096.0, 4097.0, 5e4])  # the last table entry, the first past it, far past it
+    x[1, :2] = 0.0
+    inputs = [logits, lib, lt] + ([zi] if zinb else [])
+    xin = x.to_sparse_csr() if layout == "csr" else x
+    got = softmax_count_log_prob_sum(xin, logits, lib, lt, zi, rows)
+    assert "Native" in type(got.grad_fn).__name__
+    g_got = torch.autograd.grad(got.sum(), inputs)
+    for i in (0, 1, 5):  # one cell per call: fewer large counts than theta entries, the per-count path
+        xi = x[i:i + 1].to_sparse_csr() if layout == "csr" else x[i:i + 1]
+        one = softmax_count_log_prob_sum(xi, logits[i:i + 1], lib[i:i + 1], lt, zi[i:i + 1] if zinb else None,
+                                         rows[i:i + 1] if per_batch else None)
+        assert torch.allclose(one.detach(), got.detach()[i:i + 1], rtol=1e-6, atol=0.0)
+        g_one = torch.autograd.grad(one.sum(), [logits, lib] + ([zi] if zinb else []))
+        for a, b in zip(g_one, [g_got[0], g_got[1]] + ([g_got[3]] if zinb else [])):
+            assert torch.allclose(a[i:i + 1], b[i:i + 1], rtol=1e-6, atol=1e-7)
+    mu = (lib + torch.log_softmax(logits, -1)).exp()
+    theta = (lt[rows] if per_batch else lt).exp()
+    dist = ZeroInflatedNegativeBinomial(mu, theta, zi) if zinb else NegativeBinomial(mu, theta)
+    want = dist.log_prob(x).sum(-1)
+    g_want = torch.autograd.grad(want.sum(), inputs)
+    assert _rel(got.detach(), want.detach()) < 1e-5
+    for a, b in zip(g_got, g_want):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+@pytest.mark.parametrize("per_batch", [0, 3])
+@pytest.mark.parametrize("zinb", [True, False])
 def test_output_layers_folded_into_the_kernel_equal_autograd(zinb, per_batch, layout):
     """linear_softmax_count_log_prob_sum (the decoder's output layers inside the kernel's autograd function) gives
     the values and gradients of nn.functional.linear followed by the fused likelihood, with unequal per-cell

@@ -193,6 +193,21 @@ static inline double count_term(double x, double theta, double *dT) {
     return lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0);
 }
 
+#define FACT_MAX 4096 /* lgamma(x + 1) of counts up to this from a table filled once (large_factorial) */
+
+static double large_factorial[FACT_MAX + 1];
+static int large_factorial_ready = 0;
+
+static inline double log_fact(double x) { return x <= FACT_MAX ? large_factorial[(int)x] : lgamma(x + 1.0); }
+
+/* count_term for x > SMALL_COUNT with lgamma(theta) and digamma(theta) given (computed once per theta row and gene
+ * by cv_nb_loglik when many counts are large): the same double arithmetic as count_term, so the same result. */
+static inline double count_term_large(double x, double theta, double lg_theta, double dg_theta, double *dT) {
+    if (theta > 1e8) return count_term(x, theta, dT);
+    *dT = theta * (digamma_pos(x + theta) - dg_theta);
+    return lgamma(x + theta) - lg_theta - log_fact(x);
+}
+
 #define TABLE_COUNT 8     /* counts up to this come from a per-(theta row, gene) table built once per call */
 #define TABLE_MAX_ROWS 16 /* ... when theta has at most this many rows (genes x batches) */
 
@@ -306,6 +321,7 @@ typedef struct {
     const float *a, *loglib, *theta, *log_theta, *zi, *xv, *xdense, *tab, *dtab;
     const int64_t *theta_rows, *crow, *col;
     float *ll, *ga, *gth, *gzi, *glib, *scratch;
+    const double *lg_theta, *dg_theta; /* (R, G) lgamma(theta), digamma(theta), or NULL */
     int use_table;
 } nb_ctx;
 
@@ -349,6 +365,8 @@ static void nb_rows(void *p, int64_t i0, int64_t i1, int t) {
                 const int64_t at = (int64_t)xg * G + g;
                 T = tabr[at];
                 dT = dtabr[at];
+            } else if (c->lg_theta && xg > SMALL_COUNT) {
+                T = count_term_large(xg, th[g], c->lg_theta[r * G + g], c->dg_theta[r * G + g], &dT);
             } else {
                 T = count_term(xg, th[g], &dT);
             }
@@ -372,9 +390,32 @@ void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *
         for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
         log_factorial_ready = 1;
     }
+    /* Deep data (many counts above SMALL_COUNT): lgamma and digamma of each theta once, not per count. Only when
+     * the large counts outnumber the theta entries (so sparse, shallow data pays nothing); without memory, the
+     * per-count path. */
+    double *lg = NULL;
+    if (use_table) {
+        int64_t n_large = 0;
+        const int64_t m = xdense ? n * G : crow[n];
+        const float *v = xdense ? xdense : xv;
+        for (int64_t k = 0; k < m; ++k) n_large += v[k] > SMALL_COUNT;
+        if (n_large > R * G) lg = (double *)malloc(sizeof(double) * (size_t)(2 * R * G));
+    }
+    if (lg) {
+        if (!large_factorial_ready) {
+            for (int k = 0; k <= FACT_MAX; ++k) large_factorial[k] = lgamma(k + 1.0);
+            large_factorial_ready = 1;
+        }
+        for (int64_t j = 0; j < R * G; ++j) {
+            const double th = theta[j];
+            lg[j] = lgamma(th);
+            lg[R * G + j] = digamma_pos(th);
+        }
+    }
     nb_ctx c = {G, a, loglib, theta, log_theta, zi, xv, xdense, tab, dtab, theta_rows, crow, col,
-                ll, ga, gth, gzi, glib, work, use_table};
+                ll, ga, gth, gzi, glib, work, lg, lg ? lg + R * G : NULL, use_table};
     parallel_range(threads_for(T, (double)n * G * (ga ? 24.0 : 12.0)), n, 1, nb_rows, &c);
+    free(lg);
 }
 
 /* 16 floats as one vector (GCC / clang vector extension; the compiler maps it to the widest registers the target
