@@ -8,7 +8,9 @@
  *    with every derivative the training step needs, in one pass over the (n, G) parameters. The element-wise
  *    algebra is that of cellvae.distributions._NBSparse (d = log mu - log theta, A = log NB(0) = -theta
  *    softplus(d)); the lgamma terms of the non-zero counts, lgamma(x + theta) - lgamma(theta) - lgamma(x + 1),
- *    come from a product of (theta + j) for small counts and from lgamma / digamma above.
+ *    come from a table per theta and gene (counts up to 8), a product of (theta + j) (up to 32) and lgamma /
+ *    digamma above; on deep minibatches lgamma(theta) and digamma(theta) are taken once per theta entry and
+ *    lgamma(x + 1) from a log-factorial table (count_term_large), with the same arithmetic.
  *    References: Lopez et al. 2018 (Nat. Methods 15:1053), Methods; the ZINB form of scvi-tools'
  *    log_zinb_positive.
  * 2. cv_csr_linear / cv_csr_linear_wgrad: y = X W^T + b and dW^T = X^T g for a CSR matrix X of counts
