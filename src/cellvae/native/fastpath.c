@@ -9,8 +9,8 @@
  *    algebra is that of cellvae.distributions._NBSparse (d = log mu - log theta, A = log NB(0) = -theta
  *    softplus(d)); the lgamma terms of the non-zero counts, lgamma(x + theta) - lgamma(theta) - lgamma(x + 1),
  *    come from a table per theta and gene (counts up to 8), a product of (theta + j) (up to 32) and lgamma /
- *    digamma above; on deep minibatches lgamma(theta) and digamma(theta) are taken once per theta entry and
- *    lgamma(x + 1) from a log-factorial table (count_term_large), with the same arithmetic.
+ *    digamma above, lgamma(x + 1) from a log-factorial table up to 4096; on deep minibatches lgamma(theta) and
+ *    digamma(theta) are taken once per theta entry (count_term_large), with the same arithmetic.
  *    References: Lopez et al. 2018 (Nat. Methods 15:1053), Methods; the ZINB form of scvi-tools'
  *    log_zinb_positive.
  * 2. cv_csr_linear / cv_csr_linear_wgrad: y = X W^T + b and dW^T = X^T g for a CSR matrix X of counts
@@ -162,9 +162,20 @@ static double digamma_pos(double y) {
 }
 
 #define SMALL_COUNT 32 /* counts up to this use the product of (theta + j); lgamma / digamma above */
+#define FACT_MAX 4096   /* lgamma(x + 1) of counts up to this from log_factorial */
 
-static double log_factorial[SMALL_COUNT + 1];
+static double log_factorial[FACT_MAX + 1]; /* log_factorial[k] = lgamma(k + 1), filled once (ensure_log_factorial) */
 static int log_factorial_ready = 0;
+
+static void ensure_log_factorial(void) {
+    if (!log_factorial_ready) {
+        for (int k = 0; k <= FACT_MAX; ++k) log_factorial[k] = lgamma(k + 1.0);
+        log_factorial_ready = 1;
+    }
+}
+
+/* lgamma(x + 1) of an integer count x >= 0: the table up to FACT_MAX (the same values), lgamma above. */
+static inline double log_fact(double x) { return x <= FACT_MAX ? log_factorial[(int)x] : lgamma(x + 1.0); }
 
 /* T = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) for an integer count x >= 1 and
  * *dT = d T / d log theta = theta (digamma(x + theta) - digamma(theta)). For x <= SMALL_COUNT,
@@ -189,18 +200,11 @@ static inline double count_term(double x, double theta, double *dT) {
         const double s1 = x * (x - 1.0) / 2.0, s2 = (x - 1.0) * x * (2.0 * x - 1.0) / 6.0, s3 = s1 * s1;
         const double u = 1.0 / theta;
         *dT = x - u * (s1 - u * (s2 - u * s3));
-        return x * log(theta) + u * (s1 - u * (s2 / 2.0 - u * s3 / 3.0)) - lgamma(x + 1.0);
+        return x * log(theta) + u * (s1 - u * (s2 / 2.0 - u * s3 / 3.0)) - log_fact(x);
     }
     *dT = theta * (digamma_pos(x + theta) - digamma_pos(theta));
-    return lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0);
+    return lgamma(x + theta) - lgamma(theta) - log_fact(x);
 }
-
-#define FACT_MAX 4096 /* lgamma(x + 1) of counts up to this from a table filled once (large_factorial) */
-
-static double large_factorial[FACT_MAX + 1];
-static int large_factorial_ready = 0;
-
-static inline double log_fact(double x) { return x <= FACT_MAX ? large_factorial[(int)x] : lgamma(x + 1.0); }
 
 /* count_term for x > SMALL_COUNT with lgamma(theta) and digamma(theta) given (computed once per theta row and gene
  * by cv_nb_loglik when many counts are large): the same double arithmetic as count_term, so the same result. */
@@ -388,10 +392,7 @@ void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *
     const int use_table = R <= TABLE_MAX_ROWS;
     float *tab = work + 2 * G * T, *dtab = tab + R * (TABLE_COUNT + 1) * G;
     if (use_table) build_count_table(R, G, theta, tab, dtab);
-    if (!log_factorial_ready) {
-        for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
-        log_factorial_ready = 1;
-    }
+    ensure_log_factorial();
     /* Deep data (many counts above SMALL_COUNT): lgamma and digamma of each theta once, not per count. Only when
      * the large counts outnumber the theta entries (so sparse, shallow data pays nothing); without memory, the
      * per-count path. */
@@ -404,10 +405,6 @@ void cv_nb_loglik(int64_t n, int64_t G, int64_t R, const float *a, const float *
         if (n_large > R * G) lg = (double *)malloc(sizeof(double) * (size_t)(2 * R * G));
     }
     if (lg) {
-        if (!large_factorial_ready) {
-            for (int k = 0; k <= FACT_MAX; ++k) large_factorial[k] = lgamma(k + 1.0);
-            large_factorial_ready = 1;
-        }
         for (int64_t j = 0; j < R * G; ++j) {
             const double th = theta[j];
             lg[j] = lgamma(th);
@@ -750,13 +747,6 @@ static inline double softplus_sig(double x, double *sig) {
     const double e = exp(-fabs(x)), inv = 1.0 / (1.0 + e);
     *sig = x >= 0.0 ? inv : e * inv;
     return (x > 0.0 ? x : 0.0) + log1p(e);
-}
-
-static void ensure_log_factorial(void) {
-    if (!log_factorial_ready) {
-        for (int k = 0; k <= SMALL_COUNT; ++k) log_factorial[k] = lgamma(k + 1.0);
-        log_factorial_ready = 1;
-    }
 }
 
 int32_t cv_protein_mixture(int64_t n, int64_t P, int64_t R, int64_t nb, const float *y, const float *heads,
