@@ -18,6 +18,13 @@ x epochs / seconds) and the held-out ELBO (nats per cell, one z sample). The 1-m
 and after each pair; pairs with load > ``--quiet-load`` (1.0) at either end are marked and left out of the medians
 (when a dataset has no quiet pair, the median of all pairs is shown in brackets).
 
+The load average counts the benchmark's own threads, so a 2-thread or default-thread run puts it near 2 by itself
+and such pairs are never quiet by that rule. Each run therefore also records the CPU time that *other* processes
+used during it: the busy CPU time of the whole machine (``/proc/stat``: all states but idle and iowait) minus the
+CPU time of the run's child process and of this process, divided by the run's wall time (``other_cpus``, in CPUs:
+0 on an idle machine, 2 when other work fills both CPUs). The report gives, beside the load rule's medians, the
+medians over pairs whose runs all had ``other_cpus`` <= ``--quiet-other`` (0.1 CPUs): quiet by other work.
+
 ``--mode ttq``: time to scvi-tools' default-trained held-out ELBO. scvi-tools trains at its defaults (epoch heuristic
 ``min(400, round(20000 / n * 400))``, 400-epoch KL warm-up, no early stopping) and its held-out ELBO is the target;
 in the same run cellvae trains at its defaults with ``max_epochs`` = 12.5 %, 25 %, 50 % and 100 % of its own
@@ -58,6 +65,18 @@ TTQ_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 def _loadavg() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (``/proc/stat``: all states but idle and iowait), or None
+    where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest time is inside user
 
 
 def speed_epochs(n_train: int) -> int:
@@ -133,6 +152,7 @@ def _child(task: dict) -> dict:
         out.update(version=cellvae.__version__, threads_used=m.history.get("n_threads"),
                    n_internal=len(m.train_indices), default_max_epochs=cellvae.settings.default_max_epochs(n))
     n_int = out["n_internal"]
+    out["child_cpu_seconds"] = time.process_time()  # the whole child process so far: imports, data, training
     out.update(seconds=sec, epochs=epochs, cells_per_second=n_int * epochs / sec, heldout_elbo=elbo)
     return out
 
@@ -165,14 +185,19 @@ def report(payload: dict, quiet_load: float) -> str:
              f"dates {', '.join(dates)}); {payload['meta'].get('machine')}", "",
              "- protocol: the docstring of `benchmarks/throughput.py`; a pair is quiet when the 1-minute load average "
              f"is <= {quiet_load} before and after it; medians over quiet pairs (brackets: no quiet pair, median of "
-             "all pairs)", ""]
+             "all pairs); a pair is quiet by other work when both runs had other processes' CPU use "
+             f"(`other_cpus`) <= {payload['meta'].get('quiet_other', 0.1)} CPUs (pairs recorded before this measure "
+             "have none: -)", ""]
     sp = [r for r in rows if r["mode"] == "speed" and not r.get("error")]
     if sp:
         lines += ["## Cells per second at equal settings", "",
                   "| dataset | threads | epochs | cellvae cells/s | scvi-tools cells/s | ratio | quiet pairs | "
-                  "held-out ELBO cellvae | scvi-tools | diff % | loads (start→end) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "held-out ELBO cellvae | scvi-tools | diff % | loads (start→end) | other CPUs (max of pair) | "
+                  "quiet by other work | ratio, quiet by other work |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        quiet_other = payload["meta"].get("quiet_other", 0.1)
         ratios: dict[str, list[float]] = {}
+        ratios_other: dict[str, list[float]] = {}
         every: dict[str, list[float]] = {}  # the table's ratio of every dataset, quiet pairs or not
         commits_of: dict[str, set] = {}
         for ds in sorted({r["dataset"] for r in sp}):
@@ -199,15 +224,28 @@ def report(payload: dict, quiet_load: float) -> str:
                 loads = "; ".join(f"{min(p['cellvae']['load_start'], p['scvi']['load_start']):.2f}→"
                                   f"{max(p['cellvae']['load_end'], p['scvi']['load_end']):.2f}" for p in pairs)
                 fmt = (lambda v: f"{v}") if quiet else (lambda v: f"[{v}]")
+                others = [max(p["cellvae"].get("other_cpus", math.inf), p["scvi"].get("other_cpus", math.inf))
+                          for p in pairs]
+                quiet_o = [p for p, o in zip(pairs, others) if o <= quiet_other]
+                if quiet_o:
+                    ratio_o = (statistics.median(p["cellvae"]["cells_per_second"] for p in quiet_o)
+                               / statistics.median(p["scvi"]["cells_per_second"] for p in quiet_o))
+                    ratios_other.setdefault(th, []).append(ratio_o)
+                other_txt = "; ".join("-" if math.isinf(o) else f"{o:.2f}" for o in others)
                 lines.append(f"| {ds} | {th} (used: cellvae {pairs[0]['cellvae'].get('threads_used')}, scvi "
                              f"{pairs[0]['scvi'].get('threads_used')}) | {pairs[0]['cellvae']['epochs']} | "
                              f"{fmt(f'{c:,.0f}')} | {fmt(f'{s:,.0f}')} | {fmt(f'{ratio:.2f}x')} | "
                              f"{len(quiet)}/{len(pairs)} | {ec:.1f} | {es:.1f} | {100 * (ec - es) / abs(es):+.2f} | "
-                             f"{loads} |")
+                             f"{loads} | {other_txt} | {len(quiet_o)}/{len(pairs)} | "
+                             f"{f'{ratio_o:.2f}x' if quiet_o else '-'} |")
         lines.append("")
         for th, rs in ratios.items():
             lines.append(f"- threads {th}: ratio over datasets with quiet pairs: min {min(rs):.2f}x, median "
                          f"{statistics.median(rs):.2f}x, geometric mean "
+                         f"{math.exp(sum(math.log(x) for x in rs) / len(rs)):.2f}x ({len(rs)} datasets)")
+        for th, rs in ratios_other.items():
+            lines.append(f"- threads {th}: ratio over datasets with pairs quiet by other work (other CPUs <= "
+                         f"{quiet_other}): min {min(rs):.2f}x, median {statistics.median(rs):.2f}x, geometric mean "
                          f"{math.exp(sum(math.log(x) for x in rs) / len(rs)):.2f}x ({len(rs)} datasets)")
         for th, rs in every.items():
             lines.append(f"- threads {th}: ratio over all datasets (the table's medians, quiet pairs or not): min "
@@ -250,12 +288,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", nargs="+", default=["1", "2", "default"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quiet-load", type=float, default=1.0)
+    p.add_argument("--quiet-other", type=float, default=0.1)
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--json", default=str(RESULTS / "throughput.json"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     path = Path(args.json)
-    meta = {"machine": machine_description(), "quiet_load": args.quiet_load}
+    meta = {"machine": machine_description(), "quiet_load": args.quiet_load, "quiet_other": args.quiet_other}
     if args.report_only:
         _save(path, [], json.loads(path.read_text())["meta"] if path.exists() else meta)
         print(path.with_suffix(".md").read_text())
@@ -265,14 +304,19 @@ def main(argv=None) -> int:
     def run(task: dict) -> dict:
         row = {**task, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "load_start": _loadavg()}
+        busy0, own0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
         try:
             row.update(_run(task))
         except Exception as e:  # noqa: BLE001 - recorded
             row["error"] = repr(e)
+        busy1, own1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
         row["load_end"] = _loadavg()
+        if busy0 is not None and busy1 is not None and "child_cpu_seconds" in row:
+            other = (busy1 - busy0) - row["child_cpu_seconds"] - (own1 - own0)
+            row["other_cpus"] = round(max(0.0, other) / (wall1 - wall0), 3)
         print(json.dumps({k: row.get(k) for k in ("dataset", "tool", "threads", "round", "budget", "epochs",
                                                   "seconds", "cells_per_second", "heldout_elbo", "load_start",
-                                                  "load_end", "error")}), flush=True)
+                                                  "load_end", "other_cpus", "error")}), flush=True)
         return row
 
     for ds in args.datasets:
