@@ -119,3 +119,48 @@ def test_fit_linear_decoder_reports_top_genes(tmp_path, small_h5ad):
     assert "Gene loadings per latent dimension" in html
     top = load["Z_1"].sort_values(ascending=False).index[0]
     assert top in html
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_latent_skip_heads_read_hidden_and_z_and_the_fused_loss_equals_reference(kang_small, likelihood, tmp_path):
+    """``latent_skip`` (totalVI's RNA decoder): the output heads read [hidden, z]; the fused training likelihood
+    gives the reference path's reconstruction loss; the setting is saved with the model."""
+    torch.manual_seed(0)
+    fast = CountVAE(kang_small, gene_likelihood=likelihood, n_latent=3, n_hidden=16, latent_skip=True)
+    slow = CountVAE(kang_small, gene_likelihood=likelihood, n_latent=3, n_hidden=16, latent_skip=True,
+                    use_fast_likelihood=False)
+    slow.module.load_state_dict(fast.module.state_dict())
+    dec = fast.module.decoder
+    assert dec.scale_decoder.in_features == 16 + 3 and dec.dropout_decoder.in_features == 16 + 3
+    assert fast.module.fused_loss is not None and slow.module.fused_loss is None
+    x, cat, cont = next(iter(fast.prepared_data().iterate(torch.arange(32), 32)))
+    for mod in (fast.module, slow.module):
+        mod.eval()
+    torch.manual_seed(1)
+    a = fast.module(x, cat, cont).reconstruction_loss
+    torch.manual_seed(1)
+    b = slow.module(x.to_dense() if x.layout != torch.strided else x, cat, cont).reconstruction_loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # a z direction reaches the logits through the skip weights alone when the hidden path is cut
+    z = torch.zeros(2, 3)
+    z[1, 0] = 1.0
+    with torch.no_grad():
+        dec.px_decoder.requires_grad_(False)
+        h = dec.hidden(z)
+        assert h.shape == (2, 19)
+        torch.testing.assert_close(h[:, 16:], z)
+    if likelihood == "nb":
+        return
+    fast.train(max_epochs=1, progress_bar=False)
+    fast.save(tmp_path / "skip")
+    again = CountVAE.load(tmp_path / "skip", adata=kang_small)
+    assert again.module.decoder.latent_skip and again.settings.latent_skip is True
+    np.testing.assert_allclose(again.get_latent_representation(), fast.get_latent_representation(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_latent_skip_is_refused_with_the_linear_decoder(kang_small):
+    from cellvae import CellvaeInputError
+
+    with pytest.raises(CellvaeInputError, match="latent_skip"):
+        CountVAE(kang_small, decoder="linear", latent_skip=True)

@@ -204,6 +204,10 @@ class ModelSettings:
             Bioinformatics 36:3418; scvi-tools' ``LinearSCVI``): the logits of rho are a linear map of z (with batch
             norm), so each latent dimension has interpretable gene loadings (:meth:`cellvae.CountVAE.get_loadings`,
             :class:`cellvae.LinearCountVAE`); the encoder keeps ``n_layers``. Not with ``dispersion="gene-cell"``.
+        latent_skip: with the nonlinear decoder, its output heads (gene logits, zero-inflation and per-cell
+            dispersion) read the last hidden layer and z side by side, so z also reaches the logits linearly: the
+            RNA decoder of totalVI (Gayoso et al. 2021, Nat Methods 18:272; scvi-tools' ``DecoderTOTALVI``
+            concatenates ``[px, z]`` before ``px_scale_decoder``). False (scVI's decoder) by default.
         classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
             classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
             Kingma et al. 2014, Eq. 9). ``class_weighting``: ``"balanced"`` weighs each labelled cell's
@@ -242,6 +246,7 @@ class ModelSettings:
         "--decoder", "nonlinear: scVI's decoder; linear: LDVAE (Svensson et al. 2020), a linear map from the latent "
         "space to the genes' log expression, whose loadings the report lists (top genes per latent dimension).",
         choices=DECODERS))
+    latent_skip: bool = False
     classification_ratio: float = field(default=50.0, metadata={"min": 0.0})
     class_weighting: str = field(default="balanced", metadata={"choices": ("balanced", "none")})
 
@@ -252,6 +257,10 @@ class ModelSettings:
         if self.decoder == "linear" and self.dispersion == "gene-cell":
             raise CellvaeInputError("decoder='linear' (LDVAE) has no per-cell dispersion head: use dispersion='gene' "
                                     "or 'gene-batch' (--dispersion), or decoder='nonlinear'.")
+        if self.decoder == "linear" and self.latent_skip:
+            raise CellvaeInputError("latent_skip=True adds z to the inputs of the nonlinear decoder's output heads; "
+                                    "the linear decoder (LDVAE) already maps z linearly: use decoder='nonlinear' or "
+                                    "latent_skip=False.")
 
 
 def default_max_epochs(n_cells: int) -> int:

@@ -440,6 +440,8 @@ class DecoderSCVI(nn.Module):
         n_in: latent dimension.
         n_out: genes.
         gene_cell_dispersion: add a head returning log theta per cell and gene.
+        latent_skip: the heads read ``[hidden, z]`` (n_cells, n_hidden + n_in) instead of the hidden layer alone
+            (totalVI's RNA decoder, Gayoso et al. 2021).
         softmax: if False, the first output is the raw linear output (a Gaussian mean on log1p data).
         Other arguments as :class:`FCLayers`.
 
@@ -459,16 +461,19 @@ class DecoderSCVI(nn.Module):
         inject_covariates: bool = True,
         gene_cell_dispersion: bool = False,
         softmax: bool = True,
+        latent_skip: bool = False,
     ):
         super().__init__()
         self.softmax = softmax
+        self.latent_skip = bool(latent_skip)
         self.px_decoder = FCLayers(
             n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, 0.0,
             use_batch_norm, use_layer_norm, inject_covariates,
         )
-        self.scale_decoder = nn.Linear(n_hidden, n_out)
-        self.dropout_decoder = nn.Linear(n_hidden, n_out)
-        self.dispersion_decoder = nn.Linear(n_hidden, n_out) if gene_cell_dispersion else None
+        n_head = n_hidden + (n_in if self.latent_skip else 0)
+        self.scale_decoder = nn.Linear(n_head, n_out)
+        self.dropout_decoder = nn.Linear(n_head, n_out)
+        self.dispersion_decoder = nn.Linear(n_head, n_out) if gene_cell_dispersion else None
 
     def forward(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         logits, log_theta, zi_logits = self.forward_logits(z, cat, cont)
@@ -477,8 +482,10 @@ class DecoderSCVI(nn.Module):
 
     def hidden(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None):
         """(n_cells, n_hidden) last hidden layer, the input of the output heads (``scale_decoder`` gives the
-        logits, ``dropout_decoder`` the zero-inflation logits, ``dispersion_decoder`` log theta)."""
-        return self.px_decoder(z, cat, cont)
+        logits, ``dropout_decoder`` the zero-inflation logits, ``dispersion_decoder`` log theta); with
+        ``latent_skip``, (n_cells, n_hidden + n_latent): the hidden layer, then z."""
+        h = self.px_decoder(z, cat, cont)
+        return torch.cat([h, z], dim=-1) if self.latent_skip else h
 
     def forward_logits(self, z: torch.Tensor, cat: torch.Tensor | None = None, cont: torch.Tensor | None = None,
                        zero_inflation: bool = True):
