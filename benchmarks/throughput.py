@@ -68,15 +68,12 @@ def _loadavg() -> float:
 
 
 def _busy_cpu_seconds() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (``/proc/stat``: all states but idle and iowait), or None
-    where there is no ``/proc/stat``."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest time is inside user
+    """Busy CPU seconds of the whole machine since boot (``cellvae.train.threads.cpu_times``: all states but idle
+    and iowait), or None where there is no ``/proc/stat``."""
+    from cellvae.train.threads import cpu_times
+
+    t = cpu_times()
+    return None if t is None else t[0] - t[1]
 
 
 def speed_epochs(n_train: int) -> int:

@@ -12,26 +12,38 @@ import time
 
 import torch
 
-__all__ = ['default_n_threads', 'torch_threads', 'thread_candidates', 'ThreadTrial']
+__all__ = ['default_n_threads', 'torch_threads', 'thread_candidates', 'ThreadTrial', 'cpu_times']
 
 IDLE_SAMPLE_SECONDS = 0.2  # how long default_n_threads watches the CPUs (Linux /proc/stat)
 IDLE_REUSE_SECONDS = 10.0  # a measurement is reused by the calls within this time
 _last_idle: list = []
 
 
-def _idle_cpus(seconds: float = IDLE_SAMPLE_SECONDS) -> float | None:
-    """Idle CPUs (a count, e.g. 1.9 of 2) over ``seconds`` from ``/proc/stat``, or None where it cannot be read."""
-    def sample():
+def cpu_times() -> tuple[float, float] | None:
+    """``(total, idle)`` CPU seconds of the whole machine since boot, summed over its CPUs, from the first line of
+    Linux's ``/proc/stat``: total = user + nice + system + idle + iowait + irq + softirq + steal (guest time is
+    inside user), idle = idle + iowait. Busy time is ``total - idle``. None where ``/proc/stat`` cannot be read or
+    parsed (other systems); raises nothing."""
+    try:
         with open("/proc/stat") as fh:
             v = [int(x) for x in fh.readline().split()[1:]]
-        return sum(v[:8]), v[3] + (v[4] if len(v) > 4 else 0)  # total (without guest time), idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
+        total, idle = sum(v[:8]), v[3] + (v[4] if len(v) > 4 else 0)
     except (OSError, ValueError, IndexError):
         return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return total / tick, idle / tick
+
+
+def _idle_cpus(seconds: float = IDLE_SAMPLE_SECONDS) -> float | None:
+    """Idle CPUs (a count, e.g. 1.9 of 2) over ``seconds`` from ``/proc/stat``, or None where it cannot be read."""
+    first = cpu_times()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = cpu_times()
+    if second is None:
+        return None
+    (t0, i0), (t1, i1) = first, second
     if t1 <= t0:
         return None
     return (i1 - i0) / (t1 - t0) * (os.cpu_count() or 1)
