@@ -19,7 +19,7 @@ def test_lr_at_values():
     assert lr_at(10_000, 100, cos) == pytest.approx(2e-3 * COSINE_FLOOR)  # past the end: the floor
     assert np.all(np.diff([lr_at(s, 100, cos) for s in range(101)]) < 0)
     assert lr_at(3, 0, cos) == 2e-3  # no steps: the peak
-    with pytest.raises(CellvaeInputError, match="lr_schedule must be one of constant, cosine; got 'linear'"):
+    with pytest.raises(CellvaeInputError, match="lr_schedule must be one of constant, cosine, plateau; got 'linear'"):
         lr_at(0, 10, TrainingPlan(lr_schedule="linear"))  # refused when the settings are made
 
 
@@ -42,5 +42,5 @@ def test_adam_gets_the_scheduled_rate_every_step(zeisel_small, optimizer_lrs):
 
 
 def test_unknown_schedule_is_refused_before_training(zeisel_small):
-    with pytest.raises(CellvaeInputError, match="lr_schedule.*constant, cosine"):
+    with pytest.raises(CellvaeInputError, match="lr_schedule.*constant, cosine, plateau"):
         CountVAE(zeisel_small, n_hidden=32, n_latent=5).train(max_epochs=2, lr_schedule="step", progress_bar=False)

@@ -39,7 +39,7 @@ DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 NORM_CHOICES = ("both", "encoder", "decoder", "none")
 ENCODER_INPUTS = ("log1p", "log1p_cp10k", "log1p_mean")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 DISPERSION_LR_DECAYS = ("none", "warmup")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -283,7 +283,12 @@ class TrainSettings:
             ``COSINE_FLOOR * lr`` at the last step of ``max_epochs`` (Loshchilov & Hutter 2017, SGDR, eq. 5;
             :func:`cellvae.train.schedule.lr_at`). With ``lr=2e-3`` it reached a given validation ELBO in fewer
             epochs on some datasets, but its best validation ELBO was 0.30 % lower on average over five datasets
-            (``benchmarks/results/lr_schedule.md``), hence the default.
+            (``benchmarks/results/lr_schedule.md``), hence the default. ``"plateau"``: ``lr`` times ``lr_factor``
+            each time the validation ELBO has not improved for more than ``lr_patience`` epochs, down to ``lr_min``
+            (scvi-tools' ``reduce_lr_on_plateau``, TOTALVI's default; :func:`cellvae.train.schedule.
+            plateau_reductions`); it needs validation cells (``train_size < 1``).
+        lr_factor, lr_patience, lr_min: the ``"plateau"`` schedule's cut (0.6), bad epochs before a cut (30) and
+            lowest learning rate (0), scvi-tools' defaults; the other schedules ignore them.
         n_epochs_kl_warmup: epochs over which the KL weight of z rises linearly (per step) from 0 to ``beta``. None:
             ``max(1, min(400, max_epochs // 2))``, so full weight is reached by the middle of the run whatever its
             length (scvi-tools' fixed 400 epochs never complete in a shorter run); a model class can lower the cap
@@ -338,8 +343,12 @@ class TrainSettings:
     weight_decay: float = field(default=1e-6, metadata={"min": 0.0})
     eps: float = field(default=0.01, metadata={"min": 0.0, "min_open": True})
     lr_schedule: str = field(default="constant", metadata=_opt(
-        "--lr-schedule", "constant: --lr throughout; cosine: from --lr down to --lr/100 at the last epoch.",
+        "--lr-schedule", "constant: --lr throughout; cosine: from --lr down to --lr/100 at the last epoch; plateau: "
+        "--lr times 0.6 after 30 epochs without a better validation ELBO (scvi-tools' reduce_lr_on_plateau).",
         choices=LR_SCHEDULES))
+    lr_factor: float = field(default=0.6, metadata={"min": 0.0, "min_open": True, "max": 1.0})
+    lr_patience: int = field(default=30, metadata={"min": 0})
+    lr_min: float = field(default=0.0, metadata={"min": 0.0})
     n_epochs_kl_warmup: int | None = field(default=None, metadata={"min": 0})
     early_stopping: bool = field(default=True, metadata=_opt("--early-stopping", secondary="--no-early-stopping"))
     early_stopping_patience: int = field(default=45, metadata={"min": 1})

@@ -38,7 +38,7 @@ from .distributed import (allreduce_grads, average_buffers, broadcast_module, is
 from .evaluate import evaluate_elbo, sparse_minibatches
 from .device import DeviceData, skip_nonfinite_step
 from .optim import _regroup_old_state, _transpose_old_states, grads_finite, make_optimizer, set_lr
-from .schedule import dispersion_decay_steps, dispersion_lr_multiplier_at, lr_at
+from .schedule import dispersion_decay_steps, dispersion_lr_multiplier_at, lr_at, plateau_reductions
 from .threads import ThreadTrial, thread_candidates, torch_threads
 
 __all__ = ["kl_weight_at", "train_module", "HISTORY_KEYS"]
@@ -50,7 +50,7 @@ _RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps"
                 "accelerator", "fused_optimizer", "decoder_bias_init", "dispersion_init")
 # Settings added to TrainSettings after checkpoints were first written, with the value that reproduces the behaviour
 # of a cellvae that did not know them (a checkpoint without the key was trained that way).
-_RESUME_LEGACY = {"dispersion_lr_decay": "none"}
+_RESUME_LEGACY = {"dispersion_lr_decay": "none", "lr_factor": 0.6, "lr_patience": 30, "lr_min": 0.0}
 _FORCE_SYNC_FREE = False  # tests: the accelerator's synchronisation-free step on the CPU (tests/test_device.py)
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
@@ -178,6 +178,10 @@ class _Run:
         self.train_t = shard_indices(self.train_all, plan.seed)
         self.val_t = shard_indices(torch.as_tensor(np.asarray(val_idx), dtype=torch.int64), plan.seed)
         self.has_val = len(val_idx) > 0
+        if plan.lr_schedule == "plateau" and not self.has_val:
+            raise CellvaeInputError("lr_schedule='plateau' cuts the learning rate when the validation ELBO stops "
+                                    "improving, and this run has no validation cells: use train_size < 1, or "
+                                    "lr_schedule='constant'.")
         if self.has_val and len(self.val_t) == 0:
             raise CellvaeInputError(f"{len(val_idx)} validation cells for {self.n_ranks} processes: each process "
                                     "needs at least one. Use a larger train/validation split (train_size) or fewer "
@@ -195,6 +199,7 @@ class _Run:
         self.history: dict = {k: [] for k in HISTORY_KEYS}
         self.best_elbo, self.best_state, self.best_epoch, self.bad_epochs = -math.inf, None, -1, 0
         self.step_count, self.start_epoch, self.stopped_early = 0, 0, False
+        self.lr_reductions = 0  # cuts of the "plateau" schedule so far (replayed from the history on resume)
         self.train_seconds, self.n_skipped = 0.0, 0
         if ck is not None:
             self._resume(ck)
@@ -242,6 +247,12 @@ class _Run:
         self.stopped_early = bool(ck["stopped_early"])
         self.train_seconds = float(ck["train_seconds"])
         self.n_skipped = int(ck["n_skipped_steps"])
+        self.update_lr_reductions()
+
+    def update_lr_reductions(self) -> None:
+        """The ``"plateau"`` schedule's cuts after the recorded validation ELBOs (:func:`plateau_reductions`)."""
+        if self.plan.lr_schedule == "plateau":
+            self.lr_reductions = plateau_reductions(self.history["validation_elbo"], self.plan.lr_patience)
 
     def checkpoint(self, epoch_done: int, finished: bool, failed: str | None = None) -> None:
         """Write the checkpoint (rank 0, with a checkpoint directory)."""
@@ -332,7 +343,7 @@ class _Run:
             opt.param_groups[1]["lr_multiplier"] = dispersion_lr_multiplier_at(self.step_count,
                                                                                self.dispersion_decay_steps, plan)
         if plan.lr_schedule != "constant" or decay:
-            set_lr(opt, lr_at(self.step_count, self.lr_steps, plan))
+            set_lr(opt, lr_at(self.step_count, self.lr_steps, plan, self.lr_reductions))
         if plan.check_finite:
             _copy_all(self.buffer_backup, self.buffers)
         out = self.module(x, cat, cont, kl_weight=kl_w)
@@ -403,6 +414,7 @@ class _Run:
             score = validation_score(self.module, ev)
             if "classification_loss" in ev:
                 h.setdefault("validation_classification_loss", []).append(ev["classification_loss"])
+            self.update_lr_reductions()
         h["seconds"].append(time.perf_counter() - t0)
         postfix = {"train_elbo": f"{h['train_elbo'][-1]:.1f}"}
         if self.has_val:
@@ -508,7 +520,7 @@ def _check_resume(ck: dict, plan: TrainSettings, train_t, val_t, meta: dict, war
     if int(ck.get("warmup_steps", warmup_steps)) != warmup_steps:
         changed.append(f"KL warm-up steps: {ck['warmup_steps']} -> {warmup_steps} (set n_epochs_kl_warmup to keep "
                        "it when changing max_epochs)")
-    if plan.lr_schedule != "constant" and int(ck.get("lr_steps", lr_steps)) != lr_steps:
+    if plan.lr_schedule == "cosine" and int(ck.get("lr_steps", lr_steps)) != lr_steps:
         changed.append(f"learning-rate schedule steps: {ck['lr_steps']} -> {lr_steps} (the {plan.lr_schedule} "
                        "schedule ends at max_epochs)")
     if changed:
