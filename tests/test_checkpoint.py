@@ -33,13 +33,16 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"{k} differs")
 
 
-@pytest.mark.parametrize("lr_schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("lr_schedule", ["cosine", "constant", "plateau"])
 def test_resume_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch, lr_schedule):
     """A 6-epoch run that fails after its epoch-3 checkpoint, resumed: the same weights (bit for bit on CPU),
-    history and best epoch as 6 epochs straight; the cosine learning rate continues where it was."""
+    history and best epoch as 6 epochs straight; the cosine learning rate continues where it was, and the plateau
+    schedule's cut after epoch 3 (decided by the validation ELBOs of epochs 1-3, before the crash) is kept."""
     import cellvae.train.checkpoint as train_mod
 
     kw = dict(TRAIN, lr_schedule=lr_schedule, checkpoint_every=3)
+    if lr_schedule == "plateau":  # a high rate whose validation ELBO falls at epoch 3: a cut from epoch 4 on
+        kw.update(lr=3e-2, lr_patience=0)
     straight = CountVAE(zeisel_small, **SMALL).train(max_epochs=6, **kw)
     calls = []
 
@@ -62,6 +65,8 @@ def test_resume_equals_uninterrupted(tmp_path, zeisel_small, monkeypatch, lr_sch
         assert r[key] == h[key], key
     if lr_schedule == "cosine":
         assert h["lr"][0] < 1e-3 and 1e-5 < h["lr"][-1] < 1.5e-5 and np.all(np.diff(h["lr"]) < 0)
+    elif lr_schedule == "plateau":
+        assert h["lr"][:4] == pytest.approx([3e-2, 3e-2, 3e-2, 3e-2 * 0.6], rel=1e-12)
     else:
         assert h["lr"] == [1e-3] * 6
     assert r["best_epoch"] == h["best_epoch"] and r["n_skipped_steps"] == 0
