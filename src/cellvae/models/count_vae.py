@@ -223,8 +223,8 @@ class CountVAE(AnnDataModel):
                 default and why: ``max_epochs`` (None: ``min(400, round(20000 / n_cells * 400))``),
                 ``batch_size=128``, ``train_size=0.9`` (the rest is the seeded validation set for early stopping),
                 ``early_stopping=True``, ``early_stopping_patience=45``, ``lr=1e-3``, ``lr_schedule="constant"``
-                (``"cosine"``; ``"plateau"`` with ``lr_factor=0.6``, ``lr_patience=30``), ``n_epochs_kl_warmup`` (None: half of ``max_epochs``, at most 400, or at most the class's
-                :attr:`KL_WARMUP_CAP`),
+                (``"cosine"``; ``"plateau"`` with ``lr_factor=0.6``, ``lr_patience=30``), ``n_epochs_kl_warmup``
+                (None: half of ``max_epochs``, at most 400, or at most the class's :attr:`KL_WARMUP_CAP`),
                 ``decoder_bias_init="frequency"``, ``dispersion_init="random"``, ``dispersion_lr_multiplier=30``
                 falling to 1 over ``dispersion_lr_decay=1000`` steps,
                 ``seed=0``, ``progress_bar``, ``n_threads``, ``checkpoint_every=10``, ``max_bad_steps=20``,
