@@ -57,7 +57,7 @@ def outcomes(tmp_path_factory):
 def test_every_tutorial_is_listed():
     names = [p.stem for p in TUTORIALS]
     assert names == ["t1_quickstart", "t2_de_perturbation", "t3_integration", "t4_generation_anomaly", "t5_images",
-                     "t6_label_transfer"]
+                     "t6_label_transfer", "t7_citeseq"]
     for p in TUTORIALS:
         text = p.read_text()
         assert text.startswith("# %% [markdown]") and "CELLVAE_TUTORIAL_FAST" in text  # jupytext percent format
