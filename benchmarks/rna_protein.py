@@ -25,7 +25,9 @@ Measured on the held-out cells, with one estimator applied to both tools' module
 On all cells: KMeans and Leiden ARI/NMI of the latent means against the labels (:func:`cellvae.metrics.evaluate_latent`),
 and the protein denoising: AUROC of the foreground probability ``1 - pi`` of each marker between the cell types
 that express it and those that do not (:data:`MARKERS`; e.g. CD19 in B cells against T cells, CD3 in T cells against
-B cells, every human marker against the spiked-in mouse cells of CBMC). Speed: training wall time, epochs and
+B cells, every human marker against the spiked-in mouse cells of CBMC), beside the same AUROC of the raw ADT counts
+and of their per-cell CLR, as a reference without a model (:func:`reference_aurocs`, computed from the data when the
+report is written). Speed: training wall time, epochs and
 training cells per second; NaN-skipped steps (cellvae's ``history['n_skipped_steps']``; scvi-tools has no such
 guard: the count of non-finite training losses is reported instead).
 
@@ -335,6 +337,35 @@ def _fmt(v, d):
     return "-" if v is None else f"{v:.{d}f}"
 
 
+_REFERENCE_CACHE: dict = {}
+
+
+def reference_aurocs(dataset: str, data_dir: str | None = None) -> dict:
+    """The marker AUROCs of the protein counts themselves, without a model, as a reference for the foreground
+    probability: ``{"raw ADT counts": {protein: auroc}, "CLR of ADT counts": {...}}`` (CLR per cell:
+    ``log1p(y) - mean over proteins of log1p(y)``). Empty when the dataset's file is not in ``data_dir``."""
+    import numpy as np
+    import pandas as pd
+
+    if dataset in _REFERENCE_CACHE:
+        return _REFERENCE_CACHE[dataset]
+    path = Path(data_dir or default_data_dir()) / DATASETS[dataset][0]
+    if not path.exists():
+        return {}
+    import anndata as ad
+
+    a = ad.read_h5ad(path)
+    prot = a.obsm["protein_expression"]
+    y = np.log1p(np.asarray(prot, dtype=np.float64))
+    clr = pd.DataFrame(y - y.mean(axis=1, keepdims=True), columns=prot.columns)
+    labels = a.obs[DATASETS[dataset][1]].to_numpy()
+    raw = pd.DataFrame(np.asarray(prot, dtype=np.float64), columns=prot.columns)
+    out = {"raw ADT counts (no model)": marker_aurocs(raw, labels, dataset),
+           "CLR of ADT counts (no model)": marker_aurocs(clr, labels, dataset)}
+    _REFERENCE_CACHE[dataset] = out
+    return out
+
+
 def render(rows: list[dict], meta: dict) -> str:
     import numpy as np
 
@@ -388,13 +419,18 @@ def render(rows: list[dict], meta: dict) -> str:
                            f"{len(ratio)} |")
             out.append("")
             markers = list(MARKERS[ds])
-            out += ["Marker foreground AUROC (mean over seeds):", "",
-                    "| tool | " + " | ".join(markers) + " |", "|---|" + "---|" * len(markers)]
+            out += ["Marker foreground AUROC (mean over seeds), and the same AUROC of the protein counts themselves:", "",
+                    "| tool | " + " | ".join(markers) + " | mean |", "|---|" + "---|" * (len(markers) + 1)]
             for t in TOOLS:
                 vals = [np.mean([r["marker_auroc"].get(mk) for r in drows if r["tool"] == t
                                  and r.get("marker_auroc", {}).get(mk) is not None] or [np.nan]) for mk in markers]
+                vals.append(np.nanmean(vals) if not np.all(np.isnan(vals)) else np.nan)
                 out.append(f"| {TOOL_LABEL[t]} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in vals)
                            + " |")
+            for name, au in reference_aurocs(ds).items():  # the same AUROC of the counts themselves
+                vals = [au.get(mk, np.nan) for mk in markers]
+                vals.append(np.nanmean(vals))
+                out.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" for v in vals) + " |")
             out.append("")
     out += ["## Markers", "", "Positive types against negative types (other types are left out of each AUROC):", ""]
     for ds, mk in MARKERS.items():
