@@ -419,7 +419,8 @@ def render(rows: list[dict], meta: dict) -> str:
                            f"{len(ratio)} |")
             out.append("")
             markers = list(MARKERS[ds])
-            out += ["Marker foreground AUROC (mean over seeds), and the same AUROC of the protein counts themselves:", "",
+            out += ["Marker foreground AUROC (mean over seeds), and the same AUROC of the protein counts themselves:",
+                    "",
                     "| tool | " + " | ".join(markers) + " | mean |", "|---|" + "---|" * (len(markers) + 1)]
             for t in TOOLS:
                 vals = [np.mean([r["marker_auroc"].get(mk) for r in drows if r["tool"] == t
