@@ -369,7 +369,8 @@ def reference_aurocs(dataset: str, data_dir: str | None = None) -> dict:
 def render(rows: list[dict], meta: dict) -> str:
     import numpy as np
 
-    out = ["# cellvae RNAProteinVAE vs scvi-tools TOTALVI (issue 25)", "",
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"# cellvae RNAProteinVAE vs scvi-tools TOTALVI (issue 25), seeds {', '.join(map(str, seeds))}", "",
            "Written by `benchmarks/rna_protein.py` (see its docstring for the protocol). Held-out numbers are on the "
            "10 % of cells neither tool trained on; one estimator evaluates both tools' modules. Differences are "
            "cellvae minus TOTALVI, paired by seed, with a t-based 95 % interval.", ""]
