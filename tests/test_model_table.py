@@ -159,3 +159,28 @@ def test_latent_skip_is_refused_with_the_linear_decoder(kang_small):
 
     with pytest.raises(CellvaeInputError, match="latent_skip"):
         CountVAE(kang_small, decoder="linear", latent_skip=True)
+
+
+def test_dropout_rate_decoder_drops_decoder_units_in_training_only(kang_small, tmp_path):
+    """``dropout_rate_decoder`` (TOTALVI's 0.2): the decoder's hidden layer varies between forward passes in training
+    mode and not in evaluation mode; 0 (the default) adds no dropout; it is saved with the model and 1 is refused."""
+    from cellvae import CellvaeInputError
+
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    for rate, differs in ((0.0, False), (0.5, True)):
+        m = CountVAE(kang_small, gene_likelihood="nb", n_latent=3, n_hidden=16, dropout_rate_decoder=rate)
+        dec = m.module.decoder
+        dec.train()
+        with torch.no_grad():
+            a, b = dec.hidden(z), dec.hidden(z)
+        assert bool((a != b).any()) is differs
+        if differs:  # inverted dropout: dropped units are 0, kept ones scaled by 1 / (1 - rate)
+            assert 0.3 < float((a == 0).float().mean()) < 0.8
+        dec.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(dec.hidden(z), dec.hidden(z), rtol=0, atol=0)
+    m.train(max_epochs=1, progress_bar=False)
+    m.save(tmp_path / "drop")
+    assert CountVAE.load(tmp_path / "drop", adata=kang_small).settings.dropout_rate_decoder == 0.5
+    with pytest.raises(CellvaeInputError, match=r"dropout_rate_decoder must be in \[0, 1\)"):
+        CountVAE(kang_small, dropout_rate_decoder=1.0)

@@ -208,6 +208,8 @@ class ModelSettings:
             dispersion) read the last hidden layer and z side by side, so z also reaches the logits linearly: the
             RNA decoder of totalVI (Gayoso et al. 2021, Nat Methods 18:272; scvi-tools' ``DecoderTOTALVI``
             concatenates ``[px, z]`` before ``px_scale_decoder``). False (scVI's decoder) by default.
+        dropout_rate_decoder: dropout on the nonlinear decoder's hidden layers (and on the joint model's protein
+            decoder), in [0, 1). 0 (scVI's decoder) by default; scvi-tools' TOTALVI uses 0.2.
         classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
             classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
             Kingma et al. 2014, Eq. 9). ``class_weighting``: ``"balanced"`` weighs each labelled cell's
@@ -247,13 +249,15 @@ class ModelSettings:
         "space to the genes' log expression, whose loadings the report lists (top genes per latent dimension).",
         choices=DECODERS))
     latent_skip: bool = False
+    dropout_rate_decoder: float = field(default=0.0, metadata={"min": 0.0})
     classification_ratio: float = field(default=50.0, metadata={"min": 0.0})
     class_weighting: str = field(default="balanced", metadata={"choices": ("balanced", "none")})
 
     def __post_init__(self):
         _check_fields(self)
-        if self.dropout_rate >= 1.0:
-            raise CellvaeInputError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        for name in ("dropout_rate", "dropout_rate_decoder"):
+            if getattr(self, name) >= 1.0:
+                raise CellvaeInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if self.decoder == "linear" and self.dispersion == "gene-cell":
             raise CellvaeInputError("decoder='linear' (LDVAE) has no per-cell dispersion head: use dispersion='gene' "
                                     "or 'gene-batch' (--dispersion), or decoder='nonlinear'.")

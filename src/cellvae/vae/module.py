@@ -200,7 +200,7 @@ class VAEModule(nn.Module):
             self.decoder = DecoderSCVI(
                 s.n_latent, n_input, n_cats, n_continuous_cov, s.n_layers, s.n_hidden, bn_dec, ln_dec, deep,
                 gene_cell_dispersion=s.dispersion == "gene-cell", softmax=self.likelihood.models_counts,
-                latent_skip=s.latent_skip,
+                latent_skip=s.latent_skip, dropout_rate=s.dropout_rate_decoder,
             )
         self.use_fast_likelihood = s.use_fast_likelihood
         self.use_sparse_counts = s.use_sparse_counts

@@ -442,6 +442,7 @@ class DecoderSCVI(nn.Module):
         gene_cell_dispersion: add a head returning log theta per cell and gene.
         latent_skip: the heads read ``[hidden, z]`` (n_cells, n_hidden + n_in) instead of the hidden layer alone
             (totalVI's RNA decoder, Gayoso et al. 2021).
+        dropout_rate: dropout on the hidden layers (0: scVI's decoder; 0.2: totalVI's).
         softmax: if False, the first output is the raw linear output (a Gaussian mean on log1p data).
         Other arguments as :class:`FCLayers`.
 
@@ -462,12 +463,13 @@ class DecoderSCVI(nn.Module):
         gene_cell_dispersion: bool = False,
         softmax: bool = True,
         latent_skip: bool = False,
+        dropout_rate: float = 0.0,
     ):
         super().__init__()
         self.softmax = softmax
         self.latent_skip = bool(latent_skip)
         self.px_decoder = FCLayers(
-            n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, 0.0,
+            n_in, n_hidden, n_cats, n_cont, n_layers, n_hidden, dropout_rate,
             use_batch_norm, use_layer_norm, inject_covariates,
         )
         n_head = n_hidden + (n_in if self.latent_skip else 0)

@@ -140,8 +140,8 @@ class RNAProteinModule(VAEModule):
         # The encoder reads genes and proteins (the VAEModule's reads the genes only: replaced).
         self.z_encoder = Encoder(self.n_genes + P, s.n_latent, enc_cats, enc_cont, s.n_layers, s.n_hidden,
                                  s.dropout_rate, bn_enc, ln_enc, deep)
-        self.protein_decoder = FCLayers(s.n_latent, s.n_hidden, n_cats, n_continuous_cov, s.n_layers, s.n_hidden, 0.0,
-                                        bn_dec, ln_dec, deep)
+        self.protein_decoder = FCLayers(s.n_latent, s.n_hidden, n_cats, n_continuous_cov, s.n_layers, s.n_hidden,
+                                        s.dropout_rate_decoder, bn_dec, ln_dec, deep)
         h = s.n_hidden + s.n_latent  # the heads read the hidden layer and z (totalVI's skip connection)
         self.background_mean = nn.Linear(h, P)
         self.background_scale = nn.Linear(h, P)
