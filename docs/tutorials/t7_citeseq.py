@@ -115,10 +115,10 @@ pd.concat({
 
 # %%
 de = model.differential_expression(groupby="cell_type", group1="B", group2="CD4 T", n_samples=500 if FAST else 5000)
-prot = de.index.str.endswith("_protein")
+is_protein = de.index.str.endswith("_protein")
 print("proteins, B against CD4 T:")
-print(de.loc[prot, ["proba_de", "bayes_factor", "lfc_mean"]].sort_values("lfc_mean").round(2).to_string())
-de.loc[~prot, ["proba_de", "bayes_factor", "lfc_mean"]].head(8)
+print(de.loc[is_protein, ["proba_de", "bayes_factor", "lfc_mean"]].sort_values("lfc_mean").round(2).to_string())
+de.loc[~is_protein, ["proba_de", "bayes_factor", "lfc_mean"]].head(8)
 
 # %% [markdown]
 # ## MuData input

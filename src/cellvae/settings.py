@@ -40,6 +40,7 @@ ADVERSARIAL_MODES = ("confusion", "gradient_reversal")
 NORM_CHOICES = ("both", "encoder", "decoder", "none")
 ENCODER_INPUTS = ("log1p", "log1p_cp10k", "log1p_mean")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+_LR_FACTOR, _LR_PATIENCE = 0.6, 30  # the "plateau" schedule's defaults (scvi-tools' reduce_lr_on_plateau)
 DISPERSION_LR_DECAYS = ("none", "warmup")
 DECODER_BIAS_INITS = ("frequency", "default")
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -209,7 +210,9 @@ class ModelSettings:
             RNA decoder of totalVI (Gayoso et al. 2021, Nat Methods 18:272; scvi-tools' ``DecoderTOTALVI``
             concatenates ``[px, z]`` before ``px_scale_decoder``). False (scVI's decoder) by default.
         dropout_rate_decoder: dropout on the nonlinear decoder's hidden layers (and on the joint model's protein
-            decoder), in [0, 1). 0 (scVI's decoder) by default; scvi-tools' TOTALVI uses 0.2.
+            decoder), in [0, 1). 0 (scVI's decoder) by default; scvi-tools' TOTALVI uses 0.2, which in the joint
+            model raised held-out log p at default training but lowered it after 100 epochs
+            (``benchmarks/results/rna_protein_default_trials.md``).
         classification_ratio: label-transfer models only (:class:`cellvae.LabelTransferVAE`): weight of the
             classifier's cross-entropy on labelled cells added to the negative ELBO (50, as scvi-tools' SCANVI;
             Kingma et al. 2014, Eq. 9). ``class_weighting``: ``"balanced"`` weighs each labelled cell's
@@ -348,10 +351,10 @@ class TrainSettings:
     eps: float = field(default=0.01, metadata={"min": 0.0, "min_open": True})
     lr_schedule: str = field(default="constant", metadata=_opt(
         "--lr-schedule", "constant: --lr throughout; cosine: from --lr down to --lr/100 at the last epoch; plateau: "
-        "--lr times 0.6 after 30 epochs without a better validation ELBO (scvi-tools' reduce_lr_on_plateau).",
-        choices=LR_SCHEDULES))
-    lr_factor: float = field(default=0.6, metadata={"min": 0.0, "min_open": True, "max": 1.0})
-    lr_patience: int = field(default=30, metadata={"min": 0})
+        f"--lr times {_LR_FACTOR} after {_LR_PATIENCE} epochs without a better validation ELBO (scvi-tools' "
+        "reduce_lr_on_plateau).", choices=LR_SCHEDULES))
+    lr_factor: float = field(default=_LR_FACTOR, metadata={"min": 0.0, "min_open": True, "max": 1.0})
+    lr_patience: int = field(default=_LR_PATIENCE, metadata={"min": 0})
     lr_min: float = field(default=0.0, metadata={"min": 0.0})
     n_epochs_kl_warmup: int | None = field(default=None, metadata={"min": 0})
     early_stopping: bool = field(default=True, metadata=_opt("--early-stopping", secondary="--no-early-stopping"))

@@ -49,8 +49,10 @@ _RESUME_FIXED = ("batch_size", "seed", "train_size")
 _RESUME_FREE = ("progress_bar", "n_threads", "checkpoint_every", "max_bad_steps", "check_finite",
                 "accelerator", "fused_optimizer", "decoder_bias_init", "dispersion_init")
 # Settings added to TrainSettings after checkpoints were first written, with the value that reproduces the behaviour
-# of a cellvae that did not know them (a checkpoint without the key was trained that way).
-_RESUME_LEGACY = {"dispersion_lr_decay": "none", "lr_factor": 0.6, "lr_patience": 30, "lr_min": 0.0}
+# of a cellvae that did not know them (a checkpoint without the key was trained that way). The "plateau" schedule's
+# settings are new with the schedule, so an older run used none of them: their defaults.
+_RESUME_LEGACY = {"dispersion_lr_decay": "none",
+                  **{k: TrainSettings.__dataclass_fields__[k].default for k in ("lr_factor", "lr_patience", "lr_min")}}
 _FORCE_SYNC_FREE = False  # tests: the accelerator's synchronisation-free step on the CPU (tests/test_device.py)
 HISTORY_KEYS = ("epoch", "kl_weight", "lr", "train_loss", "train_elbo", "validation_elbo",
                 "validation_reconstruction_loss", "validation_kl_local", "skipped_steps", "seconds")
